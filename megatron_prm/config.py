@@ -1,0 +1,407 @@
+"""Typed run configuration: the original PRM recipe's argument names and defaults.
+
+A run is configured by one flat mapping of argument names to values, read from a JSON or YAML file
+and then overridden by ``--name value`` pairs on the command line, as in the recipe's
+``run_reward.py config.json``. Each name belongs to exactly one of the sections below; the sections
+exist to keep each module's inputs small, not to change how users spell things.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and, where known, the file."""
+
+
+def _doc(text: str, **kwargs) -> Any:
+    """A dataclass field whose help text lives in its metadata (shown by ``--help`` and the README)."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class PRMArguments:
+    """How steps are marked and labelled."""
+
+    process_reward: bool = _doc(
+        "Train on every step's label (PRM). False trains only each record's last step (ORM).",
+        default=True,
+    )
+    placeholder_token: str = _doc(
+        "Token appended after every response step; the reward is read at its position. Must "
+        "tokenize to exactly one id.",
+        default="ки",
+    )
+    reward_tokens: str = _doc(
+        "Comma-separated good and bad reward tokens; their LM-head logits form the classifier. Each "
+        "must tokenize to exactly one id.",
+        default="+,-",
+    )
+    score_threshold: float = _doc(
+        "A step is judged correct when P(good) >= this; used by step accuracy and first-error metrics.",
+        default=0.5,
+    )
+
+    def __post_init__(self) -> None:
+        tokens = self.reward_token_list
+        if len(tokens) != 2 or not all(tokens) or tokens[0] == tokens[1]:
+            raise ConfigError(
+                f"reward_tokens must name two different tokens separated by a comma (good,bad), "
+                f"got {self.reward_tokens!r}"
+            )
+        if self.placeholder_token in tokens:
+            raise ConfigError(
+                f"placeholder_token {self.placeholder_token!r} must differ from reward_tokens "
+                f"{self.reward_tokens!r}"
+            )
+        if not self.placeholder_token:
+            raise ConfigError("placeholder_token must not be empty")
+        if not 0.0 < self.score_threshold < 1.0:
+            raise ConfigError(f"score_threshold must lie in (0, 1), got {self.score_threshold}")
+
+    @property
+    def reward_token_list(self) -> list[str]:
+        """``[good, bad]``."""
+        return self.reward_tokens.split(",")
+
+
+@dataclass
+class DataArguments:
+    """Where the records are and how they become token sequences."""
+
+    train_dataset_path: str = _doc(
+        "Training records: a JSON array or JSONL of {src, tgt, responses, labels}.",
+        default="./data/train.jsonl",
+    )
+    dev_dataset_path: Optional[str] = _doc(
+        "Evaluation records in the same format; null disables evaluation.", default="./data/dev.jsonl"
+    )
+    max_seq_len: int = _doc(
+        "Longest token sequence; trailing steps that do not fit are dropped with their labels.",
+        default=4096,
+    )
+    max_prompt_len: int = _doc(
+        "Longest prompt (all turns before the response); a longer prompt keeps its end.",
+        default=2048,
+    )
+    skip_invalid: bool = _doc(
+        "Skip and count malformed records instead of stopping at the first one.", default=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len < 2:
+            raise ConfigError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
+        if not 1 <= self.max_prompt_len < self.max_seq_len:
+            raise ConfigError(
+                f"max_prompt_len ({self.max_prompt_len}) must be at least 1 and below max_seq_len "
+                f"({self.max_seq_len}) so that at least one step can follow the prompt"
+            )
+
+
+@dataclass
+class ModelArguments:
+    """The Llama/Mistral-family architecture (Hugging Face names) and the tokenizer.
+
+    Give ``model_config`` (an HF ``config.json`` or a directory holding one) or the shape fields;
+    a field given in both places must agree. Weights start from a random initialisation.
+    """
+
+    tokenizer_name_or_path: Optional[str] = _doc(
+        "A local HF tokenizer directory, a SentencePiece .model file, or "
+        "'mistral-common:tokenizer.model.v1' (the Mistral-7B v0.1 tokenizer shipped by mistral-common).",
+        default=None,
+    )
+    model_config: Optional[str] = _doc(
+        "An HF config.json (model_type llama or mistral), or a directory with one, giving the shape.",
+        default=None,
+    )
+    num_hidden_layers: Optional[int] = _doc("Transformer layers.", default=None)
+    hidden_size: Optional[int] = _doc("Hidden size.", default=None)
+    intermediate_size: Optional[int] = _doc("SwiGLU inner size.", default=None)
+    num_attention_heads: Optional[int] = _doc("Query heads.", default=None)
+    num_key_value_heads: Optional[int] = _doc(
+        "Key/value heads (grouped-query attention); default: num_attention_heads.", default=None
+    )
+    head_dim: Optional[int] = _doc("Per-head size; default hidden_size / num_attention_heads.", default=None)
+    vocab_size: Optional[int] = _doc("Vocabulary size; default: the tokenizer's.", default=None)
+    max_position_embeddings: Optional[int] = _doc("Longest position the model is built for.", default=None)
+    rope_theta: Optional[float] = _doc("RoPE base (Llama 3: 500000).", default=None)
+    rope_scaling: Optional[dict] = _doc(
+        "HF rope_scaling; only rope_type 'llama3' (Llama 3.1+) is supported.", default=None
+    )
+    rms_norm_eps: Optional[float] = _doc("RMSNorm epsilon.", default=None)
+    tie_word_embeddings: Optional[bool] = _doc("Share the input embedding and the LM head.", default=None)
+    initializer_range: Optional[float] = _doc("Std of the normal weight initialisation.", default=None)
+
+
+@dataclass
+class TrainingArguments:
+    """Optimisation, schedule, evaluation and logging."""
+
+    output_dir: str = _doc("Run directory: resolved config, logs, checkpoints.", default="./output")
+    device: str = _doc(
+        "'auto' (GPU when present, else the CPU mode), 'cuda' or 'cpu'. The CPU mode runs Megatron-Core "
+        "with gloo and is meant for tests and tiny models.",
+        default="auto",
+    )
+    seed: int = _doc("Seed of initialisation, shuffling and dropout.", default=42)
+    do_train: bool = _doc("Run training.", default=True)
+    do_eval: bool = _doc("Evaluate on dev_dataset_path (every eval_steps and at the end).", default=True)
+    learning_rate: float = _doc("Peak learning rate.", default=1e-6)
+    min_learning_rate: float = _doc("Learning rate at the end of the decay.", default=0.0)
+    lr_scheduler_type: str = _doc("'linear', 'cosine' or 'constant' decay after warmup.", default="linear")
+    warmup_steps: int = _doc("Linear warmup, in optimizer steps.", default=0)
+    weight_decay: float = _doc("Decoupled (AdamW) weight decay.", default=0.0)
+    adam_beta1: float = _doc("Adam beta1.", default=0.9)
+    adam_beta2: float = _doc("Adam beta2.", default=0.999)
+    adam_epsilon: float = _doc("Adam epsilon.", default=1e-8)
+    max_grad_norm: float = _doc("Global gradient-norm clip; 0 disables clipping.", default=1.0)
+    per_device_train_batch_size: int = _doc("Micro batch size.", default=1)
+    per_device_eval_batch_size: int = _doc("Micro batch size for evaluation.", default=1)
+    gradient_accumulation_steps: int = _doc(
+        "Microbatches per optimizer step; global batch = micro batch x this x data-parallel size.",
+        default=8,
+    )
+    num_train_epochs: float = _doc("Epochs, when max_steps is not positive.", default=3.0)
+    max_steps: int = _doc("Optimizer steps; overrides num_train_epochs when positive.", default=-1)
+    eval_steps: int = _doc("Evaluate every this many optimizer steps.", default=100)
+    save_steps: int = _doc("Save the model every this many optimizer steps (and at the end).", default=500)
+    logging_steps: int = _doc("Log loss, learning rate, grad norm and tokens/s every this many steps.", default=1)
+    bf16: bool = _doc("bfloat16 parameters and compute with fp32 master weights.", default=True)
+    fp16: bool = _doc("float16 parameters and compute with dynamic loss scaling.", default=False)
+    tensorboard_dir: Optional[str] = _doc("Write TensorBoard scalars here.", default=None)
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"device must be 'auto', 'cuda' or 'cpu', got {self.device!r}")
+        if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
+            raise ConfigError(
+                f"lr_scheduler_type must be 'linear', 'cosine' or 'constant', got {self.lr_scheduler_type!r}"
+            )
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16 and fp16 are both true; choose one")
+        if not 0.0 <= self.min_learning_rate <= self.learning_rate:
+            raise ConfigError(
+                f"min_learning_rate ({self.min_learning_rate}) must lie in [0, learning_rate "
+                f"({self.learning_rate})]"
+            )
+        positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "eval_steps", "save_steps", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must not be negative, got {self.warmup_steps}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("set max_steps or num_train_epochs to a positive value")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelArguments,
+    "data": DataArguments,
+    "prm": PRMArguments,
+    "training": TrainingArguments,
+}
+
+
+@dataclass
+class RunConfig:
+    """All arguments of a run, one dataclass per section."""
+
+    model: ModelArguments = field(default_factory=ModelArguments)
+    data: DataArguments = field(default_factory=DataArguments)
+    prm: PRMArguments = field(default_factory=PRMArguments)
+    training: TrainingArguments = field(default_factory=TrainingArguments)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """The flat ``name: value`` mapping that :func:`load_config` reads back."""
+        flat: dict[str, Any] = {}
+        for section in SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, section)))
+        return flat
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as JSON (temporary name, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_flat_dict(), indent=2, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+
+    def describe(self) -> str:
+        """Human-readable resolved config, grouped by section."""
+        lines = []
+        for section in SECTIONS:
+            lines.append(f"[{section}]")
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                lines.append(f"  {key} = {value!r}")
+        return "\n".join(lines)
+
+
+def _field_owner() -> dict[str, tuple[str, dataclasses.Field]]:
+    owner: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            assert f.name not in owner, f"argument {f.name} defined twice"
+            owner[f.name] = (section, f)
+    return owner
+
+
+ARGUMENTS = _field_owner()
+
+
+def _resolved_type(section: str, name: str) -> Any:
+    return typing.get_type_hints(SECTIONS[section])[name]
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _coerce(name: str, value: Any, tp: Any, where: str) -> Any:
+    """Convert a file or command-line value to the field's type, or raise a ConfigError."""
+    base, optional = _unwrap_optional(tp)
+    from_cli = isinstance(value, str) and base is not str
+    if value is None or (from_cli and optional and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: {name} must not be null")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+                return value.lower() in _TRUE
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                return int(value)
+            raise ValueError
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                return float(value)
+            raise ValueError
+        if base is str:
+            if isinstance(value, str):
+                return value
+            raise ValueError
+        if base is dict:
+            if isinstance(value, dict):
+                return value
+            if isinstance(value, str):
+                parsed = json.loads(value)
+                if isinstance(parsed, dict):
+                    return parsed
+            raise ValueError
+    except ValueError:
+        pass
+    kind = getattr(base, "__name__", str(base))
+    raise ConfigError(f"{where}: {name} must be {kind}{' or null' if optional else ''}, got {value!r}")
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(ARGUMENTS), n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see the argument table in README.md"
+    return ConfigError(f"{where}: unknown config key {key!r}{hint}")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a flat mapping from a JSON or YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of argument names to values")
+    return data
+
+
+def parse_overrides(argv: list[str]) -> dict[str, str]:
+    """``["--name", "value", "--flag=true"]`` -> ``{"name": "value", "flag": "true"}``.
+
+    A bare ``--flag`` followed by another ``--option`` (or nothing) means ``true``.
+    Dashes in names are read as underscores.
+    """
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"command line: expected --name value, got {token!r}")
+        name, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value = argv[i + 1]
+                i += 1
+            else:
+                value = "true"
+        overrides[name.replace("-", "_")] = value
+        i += 1
+    return overrides
+
+
+def build_config(values: dict[str, Any], where: str = "config") -> RunConfig:
+    """Build a RunConfig from a flat mapping, checking names and types."""
+    per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value in values.items():
+        if key not in ARGUMENTS:
+            raise _unknown_key_error(key, where)
+        section, f = ARGUMENTS[key]
+        per_section[section][key] = _coerce(key, value, _resolved_type(section, key), where)
+    try:
+        return RunConfig(**{s: SECTIONS[s](**kw) for s, kw in per_section.items()})
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def load_config(path: Optional[str | Path] = None, argv: Optional[list[str]] = None) -> RunConfig:
+    """File values first, then command-line overrides; unknown names are errors."""
+    values: dict[str, Any] = {}
+    where = "command line"
+    if path is not None:
+        file_values = read_config_file(path)
+        for key in file_values:
+            if key not in ARGUMENTS:
+                raise _unknown_key_error(key, str(path))
+        values.update(file_values)
+        where = f"{path} + command line"
+    overrides = parse_overrides(argv or [])
+    for key in overrides:
+        if key not in ARGUMENTS:
+            raise _unknown_key_error(key, "command line")
+    values.update(overrides)
+    return build_config(values, where)

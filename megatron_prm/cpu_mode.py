@@ -1,0 +1,108 @@
+"""Run Megatron-Core on a machine without a GPU.
+
+Megatron-Core has no CPU mode: its schedules, DDP buffers, RNG tracker and rotary embedding call
+``torch.cuda.*`` or allocate on ``device="cuda"``. :func:`enable` redirects those calls to the CPU so
+that the same training code runs on 1-4 gloo processes for tests and small demos. It is switched on by
+the launcher only where no GPU is present (``device="auto"``) or when asked for (``device="cpu"``);
+it refuses to run where CUDA is available, so it can never silently move a GPU job onto the CPU.
+
+Measured on megatron-core 0.16.1 with torch 2.13.0 (CPU build): GPTModel forward/backward, tensor and
+pipeline parallelism, DDP and the distributed optimizer all run once these calls are redirected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_enabled = False
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int names a CUDA ordinal for ``device=`` arguments.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _cpu_if_cuda(value):
+    return torch.device("cpu") if _is_cuda(value) else value
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites every CUDA device argument of a torch call to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # The distributed optimizer checks for "torch.cuda.FloatTensor" and friends.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_if_cuda(kwargs["device"])
+        if func is torch.Tensor.to:
+            args = tuple(_cpu_if_cuda(a) if isinstance(a, (str, torch.device)) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def _cpu_rng_state(*_args, **_kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(state: torch.Tensor, *_args, **_kwargs) -> None:
+    torch.set_rng_state(state)
+
+
+def _manual_seed(seed: int) -> None:
+    # Not torch.manual_seed: that calls torch.cuda.manual_seed_all, i.e. this function again.
+    torch.default_generator.manual_seed(seed)
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+def enable() -> None:
+    """Redirect CUDA calls of torch and Megatron-Core to the CPU for the rest of the process.
+
+    Must run before Megatron-Core modules are used (importing them first is fine: the patched
+    functions are looked up at call time). Idempotent.
+    """
+    global _enabled
+    if _enabled:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError(
+            "CPU mode was requested on a machine with a CUDA GPU; run with device=cuda instead."
+        )
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+    cuda.device_count = lambda: 0
+    cuda.get_rng_state = _cpu_rng_state
+    cuda.set_rng_state = _set_cpu_rng_state
+    cuda.manual_seed = _manual_seed
+    cuda.manual_seed_all = lambda seed: None  # torch.manual_seed already seeded the CPU
+    cuda.random.get_rng_state = _cpu_rng_state
+    cuda.random.set_rng_state = _set_cpu_rng_state
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+    cuda.nvtx.range_push = lambda *a, **k: None
+    cuda.nvtx.range_pop = lambda *a, **k: None
+    cuda.nvtx.range = lambda *a, **k: contextlib.nullcontext()
+
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._get_cuda_rng_state = _cpu_rng_state
+    mp_random._set_cuda_rng_state = _set_cpu_rng_state
+
+    _CudaToCpu().__enter__()  # entered for the life of the process, never exited
+    _enabled = True
+

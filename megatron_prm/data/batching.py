@@ -1,0 +1,123 @@
+"""Samples -> padded micro batches, and which samples each data-parallel rank reads at each step.
+
+The schedule is a pure function of (seed, step, data-parallel rank): every tensor- and
+pipeline-parallel rank of one model replica computes the same microbatches without communicating,
+and resuming at step k needs nothing but k. A global batch is ``micro_batch_size x num_microbatches x
+data_parallel_size`` samples; data-parallel rank r takes the r-th contiguous share of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from megatron_prm.data.samples import Sample
+
+
+@dataclass
+class MicroBatch:
+    """One padded micro batch.
+
+    ``reward_index`` holds ``(row, position)`` of every labelled placeholder; ``record_ids`` and
+    ``step_ids`` say which record and step each label belongs to (for per-record metrics).
+    """
+
+    tokens: torch.Tensor  # int64 [b, s]
+    position_ids: torch.Tensor  # int64 [b, s]
+    reward_index: torch.Tensor  # int64 [n, 2]
+    label_values: torch.Tensor  # float32 [n]
+    record_ids: torch.Tensor  # int64 [n]
+    step_ids: torch.Tensor  # int64 [n]
+    num_real_tokens: int
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        tensors = {
+            name: getattr(self, name).to(device)
+            for name in ("tokens", "position_ids", "reward_index", "label_values", "record_ids", "step_ids")
+        }
+        return MicroBatch(**tensors, num_real_tokens=self.num_real_tokens)
+
+
+def collate(samples: Sequence[Sample], pad_id: int, pad_to_multiple_of: int = 1) -> MicroBatch:
+    """Right-pad to the longest sample. Causal attention keeps padding out of every real position."""
+    if not samples:
+        raise ValueError("cannot collate an empty micro batch")
+    longest = max(len(s) for s in samples)
+    length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    tokens = torch.full((len(samples), length), pad_id, dtype=torch.int64)
+    reward_rows, reward_cols, values, record_ids, step_ids = [], [], [], [], []
+    for row, sample in enumerate(samples):
+        tokens[row, : len(sample)] = torch.from_numpy(sample.input_ids.astype(np.int64))
+        n = len(sample.label_positions)
+        reward_rows.append(np.full(n, row, dtype=np.int64))
+        reward_cols.append(sample.label_positions.astype(np.int64))
+        values.append(sample.label_values)
+        record_ids.append(np.full(n, sample.record_index, dtype=np.int64))
+        step_ids.append(sample.step_ids.astype(np.int64))
+    reward_index = torch.from_numpy(np.stack([np.concatenate(reward_rows), np.concatenate(reward_cols)], axis=1))
+    return MicroBatch(
+        tokens=tokens,
+        position_ids=torch.arange(length, dtype=torch.int64).expand(len(samples), length).contiguous(),
+        reward_index=reward_index,
+        label_values=torch.from_numpy(np.concatenate(values).astype(np.float32)),
+        record_ids=torch.from_numpy(np.concatenate(record_ids)),
+        step_ids=torch.from_numpy(np.concatenate(step_ids)),
+        num_real_tokens=sum(len(s) for s in samples),
+    )
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    micro_batch_size: int
+    num_microbatches: int
+    data_parallel_size: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.num_microbatches * self.data_parallel_size
+
+
+class TrainSchedule:
+    """Sample indices of every microbatch of every optimizer step, for one data-parallel rank.
+
+    Each epoch is a fresh permutation drawn from ``(seed, epoch)``; the last incomplete global
+    batch of an epoch is left out, as Megatron does.
+    """
+
+    def __init__(self, num_samples: int, layout: BatchLayout, data_parallel_rank: int, seed: int):
+        if num_samples < layout.global_batch_size:
+            raise ValueError(
+                f"{num_samples} training samples are fewer than one global batch of "
+                f"{layout.global_batch_size} (micro batch {layout.micro_batch_size} x "
+                f"{layout.num_microbatches} microbatches x {layout.data_parallel_size} data-parallel ranks)"
+            )
+        self.num_samples = num_samples
+        self.layout = layout
+        self.rank = data_parallel_rank
+        self.seed = seed
+        self.steps_per_epoch = num_samples // layout.global_batch_size
+
+    def global_batch(self, step: int) -> np.ndarray:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        size = self.layout.global_batch_size
+        return order[within * size : (within + 1) * size]
+
+    def microbatches(self, step: int) -> list[np.ndarray]:
+        """This rank's microbatches of optimizer step ``step`` (0-based)."""
+        per_rank = self.layout.micro_batch_size * self.layout.num_microbatches
+        mine = self.global_batch(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
+        mb = self.layout.micro_batch_size
+        return [mine[i * mb : (i + 1) * mb] for i in range(self.layout.num_microbatches)]
+
+
+def eval_microbatches(
+    lengths: Sequence[int], micro_batch_size: int, data_parallel_rank: int, data_parallel_size: int
+) -> list[np.ndarray]:
+    """Length-sorted micro batches dealt round-robin over data-parallel ranks; each sample once."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    batches = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    return batches[data_parallel_rank::data_parallel_size]

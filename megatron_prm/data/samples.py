@@ -1,0 +1,211 @@
+"""Records -> token-id samples with one label position per kept step.
+
+Sequences are assembled from token ids, never by tokenizing a joined string: ``"ки"`` alone and
+``" ки"`` inside text tokenize differently (OpenRLHF #509), so the placeholder id is appended after
+each step's ids and its position recorded. The count of placeholder ids must then equal the count of
+steps, which catches a placeholder hidden in the text.
+
+Truncation works on whole steps: a prompt longer than ``max_prompt_len`` keeps its end (after BOS),
+trailing steps that do not fit ``max_seq_len`` are dropped together with their labels, and a record
+with no step left is dropped. In ORM mode the only label sits on the last step, so a record whose
+last step does not fit is dropped rather than trained on an intermediate step.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from megatron_prm.data.records import Record, RecordError, iter_raw_records, validate_record
+from megatron_prm.tokenizer import SpecialTokenIds, Tokenizer
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """What turns a record into a sample."""
+
+    max_seq_len: int
+    max_prompt_len: int
+    process_reward: bool = True
+
+
+@dataclass
+class Sample:
+    """One tokenized record.
+
+    ``label_positions`` index the placeholder tokens whose reward logits are trained;
+    ``label_values`` hold P(good) targets (NaN where the record carries no labels, for scoring);
+    ``step_ids`` say which response step each position ends.
+    """
+
+    input_ids: np.ndarray  # int32 [T]
+    label_positions: np.ndarray  # int32 [n]
+    label_values: np.ndarray  # float32 [n]
+    step_ids: np.ndarray  # int32 [n]
+    record_index: int
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class DataReport:
+    """Counts over one pass of a data file, for ``check-data`` and the training log."""
+
+    records: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    invalid: int = 0
+    steps: int = 0
+    labelled_positions: int = 0
+    positive_sum: float = 0.0
+    tokens: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {
+            "records": self.records,
+            "kept": self.kept,
+            "truncated": self.truncated,
+            "dropped": self.dropped,
+            "invalid": self.invalid,
+            "steps": self.steps,
+            "labelled_positions": self.labelled_positions,
+            "positive_share": round(self.positive_sum / self.labelled_positions, 6)
+            if self.labelled_positions
+            else None,
+            "tokens": self.tokens,
+            "reasons": dict(sorted(self.reasons.items())),
+        }
+
+
+def prompt_ids(record: Record, tokenizer: Tokenizer) -> list[int]:
+    """BOS, then the turns in conversation order: user turns as they are, assistant turns + EOS."""
+    ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    for turn, user in enumerate(record.src):
+        ids += tokenizer.encode(user)
+        if turn < len(record.tgt):
+            ids += tokenizer.encode(record.tgt[turn])
+            if tokenizer.eos_id is not None:
+                ids.append(tokenizer.eos_id)
+    return ids
+
+
+class SampleBuilder:
+    """Turns validated records into samples and keeps the counts of what happened."""
+
+    def __init__(self, tokenizer: Tokenizer, special: SpecialTokenIds, options: SampleOptions):
+        self.tokenizer = tokenizer
+        self.special = special
+        self.options = options
+        self.report = DataReport()
+
+    def _fail_if_placeholder(self, ids: list[int], record: Record, field_name: str, path) -> None:
+        if self.special.placeholder in ids:
+            raise RecordError(
+                path,
+                record.index,
+                field_name,
+                f"contains the placeholder token (id {self.special.placeholder}); it would add an "
+                "unlabelled step marker, so the placeholder count would not match the labels",
+            )
+
+    def build(self, record: Record, path: str | Path = "<records>") -> Optional[Sample]:
+        """The sample of ``record``, or None when it is dropped (the reason is counted)."""
+        opts = self.options
+        report = self.report
+        prompt = prompt_ids(record, self.tokenizer)
+        self._fail_if_placeholder(prompt, record, "src/tgt", path)
+        truncated = False
+        if len(prompt) > opts.max_prompt_len:
+            keep_bos = int(self.tokenizer.bos_id is not None)
+            prompt = prompt[:keep_bos] + prompt[len(prompt) - (opts.max_prompt_len - keep_bos):]
+            truncated = True
+            report.reasons["prompt truncated"] += 1
+
+        ids = list(prompt)
+        positions: list[int] = []
+        for step_index, step in enumerate(record.responses):
+            step_ids = self.tokenizer.encode(step)
+            self._fail_if_placeholder(step_ids, record, f"responses[{step_index}]", path)
+            if len(ids) + len(step_ids) + 1 > opts.max_seq_len:
+                break
+            ids += step_ids
+            ids.append(self.special.placeholder)
+            positions.append(len(ids) - 1)
+
+        kept_steps = len(positions)
+        all_steps = len(record.responses)
+        if kept_steps == 0:
+            report.dropped += 1
+            report.reasons["no step fits max_seq_len"] += 1
+            return None
+        if kept_steps < all_steps:
+            if not opts.process_reward:
+                report.dropped += 1
+                report.reasons["last step does not fit (ORM)"] += 1
+                return None
+            truncated = True
+            report.reasons["steps dropped to fit max_seq_len"] += 1
+
+        placeholder_count = sum(1 for token in ids if token == self.special.placeholder)
+        assert placeholder_count == kept_steps, (placeholder_count, kept_steps)
+
+        labels = record.labels if record.labels is not None else (float("nan"),) * all_steps
+        step_ids_arr = np.arange(kept_steps, dtype=np.int32)
+        if not opts.process_reward:
+            step_ids_arr = step_ids_arr[-1:]
+        sample = Sample(
+            input_ids=np.asarray(ids, dtype=np.int32),
+            label_positions=np.asarray(positions, dtype=np.int32)[step_ids_arr],
+            label_values=np.asarray(labels[:kept_steps], dtype=np.float32)[step_ids_arr],
+            step_ids=step_ids_arr,
+            record_index=record.index,
+        )
+        report.kept += 1
+        report.truncated += int(truncated)
+        report.steps += kept_steps
+        report.labelled_positions += len(sample.label_positions)
+        report.positive_sum += float(np.nansum(sample.label_values))
+        report.tokens += len(sample)
+        return sample
+
+
+def load_samples(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    special: SpecialTokenIds,
+    options: SampleOptions,
+    reward_tokens: tuple[str, str],
+    *,
+    skip_invalid: bool = False,
+    require_labels: bool = True,
+    show_progress: bool = True,
+) -> tuple[list[Sample], DataReport]:
+    """Read, validate and tokenize every record of a file."""
+    builder = SampleBuilder(tokenizer, special, options)
+    samples: list[Sample] = []
+    raw_records: Iterable = iter_raw_records(path)
+    progress = tqdm(raw_records, desc=f"tokenizing {Path(path).name}", unit=" records", disable=not show_progress)
+    for index, line, raw in progress:
+        builder.report.records += 1
+        try:
+            record = validate_record(
+                raw, path=path, index=index, line=line, reward_tokens=reward_tokens, require_labels=require_labels
+            )
+            sample = builder.build(record, path)
+        except RecordError as err:
+            if not skip_invalid or err.index < 0:
+                raise
+            builder.report.invalid += 1
+            builder.report.reasons[f"invalid {err.field.split('[')[0]}"] += 1
+            continue
+        if sample is not None:
+            samples.append(sample)
+    return samples, builder.report

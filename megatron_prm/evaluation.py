@@ -1,0 +1,103 @@
+"""Forward-only evaluation over a held-out set, with metrics exact across data-parallel ranks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_prm.data.batching import collate, eval_microbatches
+from megatron_prm.data.samples import Sample
+from megatron_prm.forward_step import eval_forward_step
+from megatron_prm.metrics import StepPredictions, prm_metrics
+
+
+def _to_predictions(reports: list[dict]) -> tuple[StepPredictions, float]:
+    parts, loss_sum = [], 0.0
+    for report in reports:
+        loss_sum += float(report["loss_sum"])
+        parts.append(
+            StepPredictions(
+                p_good=report["p_good"].cpu().numpy(),
+                targets=report["targets"].cpu().numpy(),
+                record_ids=report["record_ids"].cpu().numpy(),
+                step_ids=report["step_ids"].cpu().numpy(),
+            )
+        )
+    return StepPredictions.concatenate(parts), loss_sum
+
+
+def predict(
+    model: list, samples: list[Sample], micro_batch_size: int, pad_id: int, device: torch.device
+) -> tuple[StepPredictions, float] | None:
+    """Every sample's step predictions and the summed loss, gathered from all data-parallel ranks.
+
+    Returns None on ranks that are not on the last pipeline stage (they hold no predictions).
+    """
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    batches = [
+        collate([samples[i] for i in indices], pad_id)
+        for indices in eval_microbatches([len(s) for s in samples], micro_batch_size, dp_rank, dp_size)
+    ]
+    for chunk in model:
+        chunk.eval()
+    reports: list[dict] = []
+    if batches:
+        with torch.no_grad():
+            reports = get_forward_backward_func()(
+                forward_step_func=eval_forward_step(device),
+                data_iterator=iter(batches),
+                model=model,
+                num_microbatches=len(batches),
+                seq_length=max(b.tokens.shape[1] for b in batches),
+                micro_batch_size=micro_batch_size,
+                forward_only=True,
+            )
+    for chunk in model:
+        chunk.train()
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    local = _to_predictions(reports)
+    gathered: list = [None] * dp_size
+    dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())
+    predictions = StepPredictions.concatenate([g[0] for g in gathered])
+    return predictions, sum(g[1] for g in gathered)
+
+
+def evaluate(
+    model: list,
+    samples: list[Sample],
+    micro_batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    threshold: float,
+    process_reward: bool,
+) -> dict | None:
+    """Loss and PRM metrics over ``samples``; None on ranks without predictions."""
+    result = predict(model, samples, micro_batch_size, pad_id, device)
+    if result is None:
+        return None
+    predictions, loss_sum = result
+    metrics = prm_metrics(predictions, threshold, process_reward)
+    metrics["loss"] = loss_sum / max(len(predictions.p_good), 1)
+    return metrics
+
+
+def majority_is_good(samples: list[Sample]) -> bool:
+    """Whether most labelled training steps are good (the majority-class baseline's constant)."""
+    values = np.concatenate([s.label_values for s in samples]) if samples else np.zeros(0)
+    return bool((values >= 0.5).mean() >= 0.5) if values.size else True
+
+
+def labelled_steps(samples: list[Sample]) -> StepPredictions:
+    """The targets of every labelled step of ``samples`` (P(good) left at 0, to be filled by a predictor)."""
+    targets = [s.label_values for s in samples]
+    return StepPredictions(
+        p_good=np.zeros(sum(t.size for t in targets)),
+        targets=np.concatenate(targets) if targets else np.zeros(0),
+        record_ids=np.concatenate([np.full(s.label_values.size, s.record_index) for s in samples]) if samples else np.zeros(0),
+        step_ids=np.concatenate([s.step_ids for s in samples]) if samples else np.zeros(0),
+    )

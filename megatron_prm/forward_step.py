@@ -1,0 +1,47 @@
+"""The custom forward step handed to Megatron-Core's ``get_forward_backward_func``."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+
+from megatron_prm.data.batching import MicroBatch
+from megatron_prm.loss import prm_loss, step_losses
+
+
+def _run_model(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
+    return model(batch.tokens, batch.position_ids, attention_mask=None, reward_index=batch.reward_index)
+
+
+def make_train_forward_step(device: torch.device, threshold: float) -> Callable:
+    def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+        batch = next(data_iterator).to(device)
+        output = _run_model(model, batch)
+        return output, partial(prm_loss, batch.label_values, threshold=threshold)
+
+    return forward_step
+
+
+def _eval_loss(batch: MicroBatch, logits: torch.Tensor):
+    """Like :func:`prm_loss`, and the report also carries every step's P(good) for the metrics."""
+    losses = step_losses(logits, batch.label_values)
+    count = torch.tensor(batch.label_values.numel(), dtype=torch.int, device=logits.device)
+    report = {
+        "loss_sum": losses.sum().detach(),
+        "p_good": torch.softmax(logits.float(), dim=-1)[:, 0].detach(),
+        "targets": batch.label_values,
+        "record_ids": batch.record_ids,
+        "step_ids": batch.step_ids,
+    }
+    return losses.sum(), count, report
+
+
+def eval_forward_step(device: torch.device) -> Callable:
+    def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+        batch = next(data_iterator).to(device)
+        output = _run_model(model, batch)
+        return output, partial(_eval_loss, batch)
+
+    return forward_step

@@ -1,0 +1,159 @@
+"""Tokenizers from local files only, and the one-id check for the placeholder and reward tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+MISTRAL_COMMON_PREFIX = "mistral-common:"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded, or a special token that is not exactly one id."""
+
+
+class Tokenizer(Protocol):
+    """What the data pipeline needs from a tokenizer."""
+
+    name: str
+    bos_id: Optional[int]
+    eos_id: Optional[int]
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS/EOS."""
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        """The vocabulary pieces of ``ids`` (for error messages)."""
+
+    def fingerprint(self) -> str:
+        """A hash of the tokenizer's files: identifies it in preprocessed data and checkpoints."""
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece ``.model`` file (Llama 2, Mistral v0.1)."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        import sentencepiece
+
+        self.path = path
+        self.name = name
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        self.vocab_size = self._sp.vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self._sp.id_to_piece(i) for i in ids]
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+
+
+class HFTokenizer:
+    """A local Hugging Face tokenizer directory; never downloads, never runs remote code."""
+
+    def __init__(self, path: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.path = path
+        self.name = str(path)
+        try:
+            self._tok = AutoTokenizer.from_pretrained(
+                str(path), local_files_only=True, trust_remote_code=False
+            )
+        except Exception as err:  # noqa: BLE001 - transformers raises many kinds here
+            raise TokenizerError(f"cannot load a Hugging Face tokenizer from {path}: {err}") from err
+        self.bos_id = self._tok.bos_token_id
+        self.eos_id = self._tok.eos_token_id
+        self.vocab_size = len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return self._tok.convert_ids_to_tokens(ids)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for file in sorted(self.path.iterdir()):
+            if file.is_file() and file.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+                digest.update(file.name.encode())
+                digest.update(file.read_bytes())
+        return digest.hexdigest()[:16]
+
+
+def resolve_tokenizer_path(name_or_path: str) -> Path:
+    """The file or directory behind a tokenizer argument (``mistral-common:`` names a shipped model)."""
+    if name_or_path.startswith(MISTRAL_COMMON_PREFIX):
+        filename = name_or_path[len(MISTRAL_COMMON_PREFIX):]
+        try:
+            resource = importlib.resources.files("mistral_common") / "data" / filename
+        except ModuleNotFoundError as err:
+            raise TokenizerError(
+                f"{name_or_path}: the mistral-common package is not installed (pip install mistral-common)"
+            ) from err
+        path = Path(str(resource))
+    else:
+        path = Path(name_or_path)
+    if not path.exists():
+        raise TokenizerError(f"tokenizer not found: {path}")
+    return path
+
+
+def load_tokenizer(name_or_path: Optional[str]) -> Tokenizer:
+    """Load a SentencePiece ``.model`` file or a local HF tokenizer directory."""
+    if not name_or_path:
+        raise TokenizerError("tokenizer_name_or_path is not set")
+    path = resolve_tokenizer_path(name_or_path)
+    if path.is_dir():
+        return HFTokenizer(path)
+    try:
+        return SentencePieceTokenizer(path, name_or_path)
+    except (OSError, RuntimeError) as err:
+        raise TokenizerError(f"{path} is neither a tokenizer directory nor a SentencePiece model: {err}") from err
+
+
+@dataclass(frozen=True)
+class SpecialTokenIds:
+    """The placeholder id and the good/bad reward ids, each a single vocabulary entry."""
+
+    placeholder: int
+    good: int
+    bad: int
+
+    @property
+    def reward_ids(self) -> tuple[int, int]:
+        return (self.good, self.bad)
+
+
+def single_token_id(tokenizer: Tokenizer, text: str, argument: str) -> int:
+    """The one id that ``text`` encodes to; an error that shows the tokenization otherwise."""
+    ids = tokenizer.encode(text)
+    if len(ids) != 1:
+        raise TokenizerError(
+            f"{argument} {text!r} must be exactly one token with {tokenizer.name}, but it encodes to "
+            f"{len(ids)} ids {ids} (pieces {tokenizer.pieces(ids)}); choose a token the vocabulary "
+            "holds as one piece"
+        )
+    return ids[0]
+
+
+def special_token_ids(tokenizer: Tokenizer, placeholder_token: str, reward_tokens: list[str]) -> SpecialTokenIds:
+    good, bad = reward_tokens
+    ids = SpecialTokenIds(
+        placeholder=single_token_id(tokenizer, placeholder_token, "placeholder_token"),
+        good=single_token_id(tokenizer, good, "reward_tokens[0] (good)"),
+        bad=single_token_id(tokenizer, bad, "reward_tokens[1] (bad)"),
+    )
+    if len({ids.placeholder, ids.good, ids.bad}) != 3:
+        raise TokenizerError(
+            f"placeholder_token and reward_tokens must map to three different ids, got {ids}"
+        )
+    return ids

@@ -1,0 +1,189 @@
+"""The training loop: forward/backward over microbatches, optimizer step, log, evaluate, save."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from tqdm import tqdm
+
+from megatron_prm.checkpoint import save_model_checkpoint
+from megatron_prm.config import RunConfig
+from megatron_prm.data.batching import BatchLayout, MicroBatch, TrainSchedule, collate
+from megatron_prm.data.samples import DataReport, Sample, SampleOptions, load_samples
+from megatron_prm.evaluation import evaluate, labelled_steps, majority_is_good
+from megatron_prm.forward_step import make_train_forward_step
+from megatron_prm.metrics import majority_baseline
+from megatron_prm.model.architecture import resolve_architecture
+from megatron_prm.model.provider import ModelBuildOptions, Precision, build_model_chunks
+from megatron_prm.run_logger import RunLogger
+from megatron_prm.runtime import Runtime, init_runtime
+from megatron_prm.tokenizer import SpecialTokenIds, Tokenizer, load_tokenizer, special_token_ids
+from megatron_prm.training_state import TrainingState, build_training_state
+
+
+@dataclass
+class PreparedData:
+    tokenizer: Tokenizer
+    special: SpecialTokenIds
+    pad_id: int
+    train: list[Sample]
+    dev: list[Sample]
+    train_report: DataReport
+    dev_report: Optional[DataReport]
+
+
+def prepare_data(config: RunConfig, show_progress: bool) -> PreparedData:
+    tokenizer = load_tokenizer(config.model.tokenizer_name_or_path)
+    special = special_token_ids(tokenizer, config.prm.placeholder_token, config.prm.reward_token_list)
+    options = SampleOptions(config.data.max_seq_len, config.data.max_prompt_len, config.prm.process_reward)
+    reward_tokens = tuple(config.prm.reward_token_list)
+
+    def load(path: str) -> tuple[list[Sample], DataReport]:
+        return load_samples(path, tokenizer, special, options, reward_tokens,
+                            skip_invalid=config.data.skip_invalid, show_progress=show_progress)
+
+    train, train_report = load(config.data.train_dataset_path)
+    dev, dev_report = [], None
+    if config.training.do_eval and config.data.dev_dataset_path:
+        dev, dev_report = load(config.data.dev_dataset_path)
+    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    return PreparedData(tokenizer, special, pad_id, train, dev, train_report, dev_report)
+
+
+def total_training_steps(config: RunConfig, steps_per_epoch: int) -> int:
+    if config.training.max_steps > 0:
+        return config.training.max_steps
+    return max(1, math.ceil(config.training.num_train_epochs * steps_per_epoch))
+
+
+def _reduce_step_report(reports: list[dict], num_real_tokens: int, device: torch.device) -> dict:
+    """Loss, accuracy and tokens of one optimizer step, summed over microbatches and data parallel."""
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    for report in reports:
+        totals[:3] += report["prm"].to(totals)
+    totals[3] = num_real_tokens
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    loss_sum, steps, correct, tokens = totals.tolist()
+    return {
+        "loss": loss_sum / steps if steps else 0.0,
+        "accuracy": correct / steps if steps else 0.0,
+        "labelled_steps": int(steps),
+        "tokens": int(tokens),
+    }
+
+
+def train_step(state: TrainingState, batches: list[MicroBatch], runtime: Runtime, threshold: float) -> dict:
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=make_train_forward_step(runtime.device, threshold),
+        data_iterator=iter(batches),
+        model=state.model,
+        num_microbatches=len(batches),
+        seq_length=max(b.tokens.shape[1] for b in batches),
+        micro_batch_size=batches[0].tokens.shape[0],
+        forward_only=False,
+    )
+    updated, grad_norm, _ = state.optimizer.step()
+    if updated:
+        state.scheduler.step(increment=1)
+    figures = {"lr": state.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
+               "skipped": not updated}
+    if parallel_state.is_pipeline_last_stage():
+        figures.update(_reduce_step_report(reports, sum(b.num_real_tokens for b in batches), runtime.device))
+    return figures
+
+
+def _format(prefix: str, step: int, total: int, figures: dict, keys: tuple[str, ...]) -> str:
+    parts = [f"{prefix} step {step}/{total}"]
+    for key in keys:
+        value = figures.get(key)
+        if value is None:
+            continue
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return " | ".join(parts)
+
+
+def run_training(config: RunConfig) -> Optional[dict]:
+    """Train (and evaluate) as configured. Returns the final eval metrics on the logging rank."""
+    args = config.training
+    runtime = init_runtime(args.device, args.seed)
+    logger = RunLogger(runtime.is_logging_rank, args.output_dir, args.tensorboard_dir)
+    logger.message("resolved config:\n" + config.describe())
+    if runtime.rank == 0:
+        config.save(Path(args.output_dir) / "config.json")
+
+    data = prepare_data(config, show_progress=runtime.is_logging_rank)
+    logger.scalars("data", 0, {"train": data.train_report.as_dict(),
+                               "dev": data.dev_report.as_dict() if data.dev_report else None},
+                   line=f"train data: {data.train_report.as_dict()}"
+                   + (f"\ndev data: {data.dev_report.as_dict()}" if data.dev_report else ""))
+
+    arch = resolve_architecture(config.model, data.tokenizer.vocab_size, config.data.max_seq_len)
+    options = ModelBuildOptions(
+        precision=Precision(bf16=args.bf16, fp16=args.fp16),
+        use_transformer_engine=runtime.use_transformer_engine,
+        use_cpu_initialization=runtime.is_cpu,
+    )
+    chunks = build_model_chunks(arch, data.special.reward_ids, config.data.max_seq_len, options)
+    layout = BatchLayout(args.per_device_train_batch_size, args.gradient_accumulation_steps, runtime.data_parallel_size)
+    schedule = TrainSchedule(len(data.train), layout, runtime.data_parallel_rank, args.seed)
+    total_steps = total_training_steps(config, schedule.steps_per_epoch)
+    state = build_training_state(chunks, args, total_steps)
+    n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    logger.message(
+        f"model: {arch.num_hidden_layers} layers, hidden {arch.hidden_size}, {n_params / 1e6:.2f}M parameters on "
+        f"this rank; {runtime.world_size} processes on {runtime.device.type}, data parallel "
+        f"{runtime.data_parallel_size}; global batch {layout.global_batch_size}; {total_steps} steps "
+        f"({schedule.steps_per_epoch} per epoch)"
+    )
+
+    def run_eval(step: int) -> Optional[dict]:
+        if not data.dev:
+            return None
+        metrics = evaluate(state.model, data.dev, args.per_device_eval_batch_size, data.pad_id, runtime.device,
+                           config.prm.score_threshold, config.prm.process_reward)
+        if metrics is not None:
+            logger.scalars("eval", step, metrics, line=_format("eval", step, total_steps, metrics, (
+                "loss", "accuracy", "neg_f1", "auroc", "first_error_f1")))
+        return metrics
+
+    final_metrics = None
+    progress = tqdm(total=total_steps, desc="training", disable=None if runtime.is_logging_rank else True)
+    step_start = time.perf_counter()
+    for step in range(1, total_steps + 1 if args.do_train else 1):
+        batches = [collate([data.train[i] for i in idx], data.pad_id) for idx in schedule.microbatches(step - 1)]
+        figures = train_step(state, batches, runtime, config.prm.score_threshold)
+        elapsed = time.perf_counter() - step_start
+        step_start = time.perf_counter()
+        progress.update(1)
+        if step % args.logging_steps == 0 and "tokens" in figures:
+            figures["step_time_s"] = elapsed
+            figures["tokens_per_s"] = figures["tokens"] / elapsed
+            figures["tokens_per_s_per_device"] = figures["tokens_per_s"] / runtime.world_size
+            logger.scalars("train", step, figures, line=_format("train", step, total_steps, figures, (
+                "loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "step_time_s")))
+        if step % args.eval_steps == 0 and step != total_steps:
+            run_eval(step)
+        if step % args.save_steps == 0 and step != total_steps:
+            save_model_checkpoint(state.model, Path(args.output_dir), step, config)
+    progress.close()
+
+    if args.do_train:
+        save_model_checkpoint(state.model, Path(args.output_dir), total_steps, config)
+    final_metrics = run_eval(total_steps)
+    if final_metrics is not None:
+        baseline = majority_baseline(labelled_steps(data.dev), majority_is_good(data.train), config.prm.process_reward)
+        final_metrics = {**final_metrics, "majority_baseline": baseline}
+    logger.close()
+    return final_metrics if runtime.is_logging_rank else None
+

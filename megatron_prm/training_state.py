@@ -1,0 +1,78 @@
+"""Model chunks wrapped for mixed precision and data parallelism, the optimizer and the LR schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import get_model_config
+
+from megatron_prm.config import ConfigError, TrainingArguments
+from megatron_prm.model.prm_model import PRMGPTModel
+
+_DECAY_STYLE = {"linear": "linear", "cosine": "cosine", "constant": "constant"}
+
+
+@dataclass
+class TrainingState:
+    model: list  # DDP-wrapped model chunks
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+
+
+def wrap_model(chunks: list[PRMGPTModel], args: TrainingArguments) -> list[DistributedDataParallel]:
+    """Float16Module for bf16/fp16, then Megatron DDP with one contiguous gradient buffer per chunk."""
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.bf16 or args.fp16,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=False,
+    )
+    wrapped = []
+    for index, chunk in enumerate(chunks):
+        module = Float16Module(config, chunk) if (args.bf16 or args.fp16) else chunk
+        # Only the first chunk buckets its gradients, as in Megatron-LM's get_model.
+        wrapped.append(DistributedDataParallel(config, ddp_config, module, disable_bucketing=index > 0))
+    return wrapped
+
+
+def build_training_state(chunks: list[PRMGPTModel], args: TrainingArguments, total_steps: int) -> TrainingState:
+    if args.warmup_steps >= total_steps:
+        raise ConfigError(f"warmup_steps ({args.warmup_steps}) must be below the number of training steps ({total_steps})")
+    model = wrap_model(chunks, args)
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.learning_rate,
+        min_lr=args.min_learning_rate,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_epsilon,
+        clip_grad=args.max_grad_norm,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        params_dtype=chunks[0].config.params_dtype,
+        use_distributed_optimizer=False,
+    )
+    optimizer = get_megatron_optimizer(optimizer_config, model)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if args.warmup_steps else args.learning_rate,
+        max_lr=args.learning_rate,
+        min_lr=args.min_learning_rate,
+        lr_warmup_steps=args.warmup_steps,
+        lr_decay_steps=total_steps,
+        lr_decay_style=_DECAY_STYLE[args.lr_scheduler_type],
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=total_steps,
+        wd_incr_style="constant",
+    )
+    config = get_model_config(model[0])
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    return TrainingState(model=model, optimizer=optimizer, scheduler=scheduler)
