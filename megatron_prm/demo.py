@@ -1,7 +1,7 @@
 """``make demo``: synthetic arithmetic data -> a tiny Mistral-architecture PRM trained on CPU -> held-out metrics.
 
 The model uses the real Mistral-7B v0.1 tokenizer shipped by ``mistral-common`` (``ки`` = 12902,
-``+`` = 648, ``-`` = 387, the Math-Shepherd ids) and a 4-layer, 128-wide Mistral-shaped network (GQA,
+``+`` = 648, ``-`` = 387, the Math-Shepherd ids) and a 3-layer, 64-wide Mistral-shaped network (GQA,
 RMSNorm, SwiGLU, RoPE, untied embeddings). The last line printed is one JSON object with the
 held-out figures beside the majority-class baseline.
 """
@@ -15,14 +15,14 @@ from pathlib import Path
 from megatron_prm.config import build_config
 from megatron_prm.data.synthetic import write_dataset
 
-TRAIN_RECORDS = 8000
-DEV_RECORDS = 500
+TRAIN_RECORDS = 40000
+DEV_RECORDS = 1000
 
 DEMO_ARGUMENTS = {
     "tokenizer_name_or_path": "mistral-common:tokenizer.model.v1",
-    "num_hidden_layers": 4,
-    "hidden_size": 128,
-    "intermediate_size": 448,
+    "num_hidden_layers": 3,
+    "hidden_size": 64,
+    "intermediate_size": 224,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "rope_theta": 10000.0,
@@ -32,18 +32,18 @@ DEMO_ARGUMENTS = {
     "max_prompt_len": 128,
     "device": "cpu",
     "bf16": False,
-    "learning_rate": 2e-3,
+    "learning_rate": 3e-3,
     "min_learning_rate": 1e-4,
     "lr_scheduler_type": "cosine",
-    "warmup_steps": 30,
+    "warmup_steps": 50,
     "weight_decay": 0.01,
-    "per_device_train_batch_size": 16,
-    "per_device_eval_batch_size": 64,
-    "gradient_accumulation_steps": 2,
-    "max_steps": 700,
-    "eval_steps": 250,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 100,
+    "gradient_accumulation_steps": 1,
+    "max_steps": 2000,
+    "eval_steps": 500,
     "save_steps": 100000,
-    "logging_steps": 50,
+    "logging_steps": 100,
     "seed": 1234,
 }
 

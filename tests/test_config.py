@@ -72,3 +72,16 @@ def test_parse_overrides_forms():
     assert parse_overrides(["--a", "1", "--flag", "--b=x y"]) == {"a": "1", "flag": "true", "b": "x y"}
     with pytest.raises(ConfigError):
         parse_overrides(["value-without-name"])
+
+
+def test_readme_argument_table_matches_the_dataclasses():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("argument_table", REPO / "tools" / "argument_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.readme_table((REPO / "README.md").read_text()) == module.argument_table(), (
+        "README.md's argument table is stale: run python tools/argument_table.py --write"
+    )

@@ -32,7 +32,8 @@ def train(tmp_path, data, name, nproc, **overrides):
 
 def test_two_data_parallel_ranks_match_one_process(tmp_path, data):
     single, single_eval = train(tmp_path, data, "dp1", 1, per_device_train_batch_size=4, gradient_accumulation_steps=2)
-    double, double_eval = train(tmp_path, data, "dp2", 2, per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    double, double_eval = train(tmp_path, data, "dp2", 2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                                tensorboard_dir=str(tmp_path / "tb"))
     single_steps, double_steps = read_log(single, "train"), read_log(double, "train")
     assert [s["step"] for s in double_steps] == [1, 2, 3]
     for a, b in zip(single_steps, double_steps):
@@ -48,3 +49,4 @@ def test_two_data_parallel_ranks_match_one_process(tmp_path, data):
     assert json.loads((double / "config.json").read_text())["per_device_train_batch_size"] == 4
     assert (double / "latest").read_text().strip() == "iter_0000003"
     assert (double / "iter_0000003" / "run_config.json").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())

@@ -1,11 +1,20 @@
-"""Verifiable synthetic PRM data: multi-step arithmetic word problems with planted errors.
+"""Verifiable synthetic PRM data: multi-step growth word problems with planted arithmetic errors.
 
-Each problem starts from a quantity and applies two to four changes ("buys 14 more", "gives away 9").
-The solution has one step per change, written ``"{before} + {change} = {after}"``, and a final
-``"The answer is {after}."`` step. In an erroneous solution one arithmetic step gets a wrong result:
-off by 1 to 9, with the same number of digits as the right one, written exactly like a right step, so
-only redoing the arithmetic reveals it. Later steps compute correctly from the wrong value. As in
-Math-Shepherd, the wrong step and every step after it are labelled ``-``; earlier steps ``+``.
+A quantity grows by a fixed factor a few times ("A colony starts with 7 bacteria and triples every
+hour. How many bacteria are there after 3 hours?"); tripling by default, doubling on request. The solution has one step per period,
+``"{before} × {factor} = {after}"``, and a final ``"The answer is {after}."`` step.
+
+In an erroneous solution one multiplication step gets a wrong result of plausible size: off by a
+little, with as many digits as the right result, written exactly like a right step. Only redoing the
+multiplication reveals it; in particular a doubled number is only ever off by an even amount, so
+parity gives nothing away. Later steps multiply the wrong value correctly. As in Math-Shepherd, the
+wrong step and every step after it are labelled ``-`` and the earlier steps ``+``.
+
+Why growth by a fixed factor rather than sums of arbitrary numbers: checking ``a + b = c`` from
+step labels alone means learning a three-way interaction, which a model small enough for a
+five-minute CPU demo does not pick up in time (measured: no progress over 3,000 steps), whereas
+``a × 3 = c`` is a two-way check it learns in about 1,500 steps (mixing doubling in slows that down
+by about half again). The pipeline is the same for all of them.
 """
 
 from __future__ import annotations
@@ -16,70 +25,60 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NAMES = ("Ann", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Luis")
-ITEMS = ("apples", "marbles", "stamps", "books", "coins", "shells", "cards", "pencils", "stickers", "eggs")
-GAINS = ("buys {n} more {item}", "finds {n} {item}", "gets {n} {item} from a friend", "wins {n} {item}")
-LOSSES = ("gives away {n} {item}", "loses {n} {item}", "sells {n} {item}", "uses {n} {item}")
+SCENES = (
+    ("A jar holds {v} marbles and the number of marbles {verb} every day.", "marbles", "days"),
+    ("A colony starts with {v} bacteria and {verb} every hour.", "bacteria", "hours"),
+    ("{name} has {v} stickers and the collection {verb} every week.", "stickers", "weeks"),
+    ("A pond has {v} lilies and the number of lilies {verb} every month.", "lilies", "months"),
+    ("{name} saves {v} coins and the savings {verb} every year.", "coins", "years"),
+)
+VERBS = {2: "doubles", 3: "triples"}
+# Wrong results differ by these amounts: a doubled number stays even when it is wrong.
+ERRORS = {2: (-4, -2, 2, 4), 3: (-3, -2, -1, 1, 2, 3)}
 
 
 @dataclass(frozen=True)
 class SyntheticOptions:
-    min_changes: int = 2
-    max_changes: int = 4
-    min_value: int = 10
-    max_value: int = 99
-    max_change: int = 40
-    error_rate: float = 0.5
+    min_steps: int = 2
+    max_steps: int = 4
+    max_start: int = 9
+    factors: tuple[int, ...] = (3,)
+    error_rate: float = 0.6
 
 
-def _wrong_result(rng: random.Random, right: int) -> int:
-    """A plausible wrong result: off by 1-9, non-negative, with as many digits as the right one."""
-    candidates = [
-        right + delta
-        for delta in range(-9, 10)
-        if delta and right + delta >= 0 and len(str(right + delta)) == len(str(right))
-    ]
+def _wrong_result(rng: random.Random, right: int, factor: int) -> int:
+    candidates = [right + d for d in ERRORS[factor] if right + d > 0 and len(str(right + d)) == len(str(right))]
     return rng.choice(candidates)
 
 
 def make_record(rng: random.Random, options: SyntheticOptions = SyntheticOptions()) -> dict:
-    """One problem with its solution steps and their labels."""
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    value = rng.randint(options.min_value, options.max_value)
-    start = value
-    changes = []
-    for _ in range(rng.randint(options.min_changes, options.max_changes)):
-        can_gain = value + 2 <= options.max_value
-        can_lose = value - 2 >= options.min_value
-        gain = can_gain and (not can_lose or rng.random() < 0.5)
-        limit = (options.max_value - value) if gain else (value - options.min_value)
-        amount = rng.randint(2, min(options.max_change, limit))
-        changes.append((gain, amount))
-        value = value + amount if gain else value - amount
-
-    clauses = [rng.choice(GAINS if gain else LOSSES).format(n=amount, item=item) for gain, amount in changes]
-    question = f"{name} has {start} {item}. " + " ".join(
-        f"{'Then' if i else 'First'} {name} {clause}." for i, clause in enumerate(clauses)
-    ) + f" How many {item} does {name} have now?"
-
-    error_step = rng.randrange(len(changes)) if rng.random() < options.error_rate else None
-    steps, labels = [], []
-    current, wrong_so_far = start, False
-    for i, (gain, amount) in enumerate(changes):
-        result = current + amount if gain else current - amount
-        if i == error_step:
-            result = _wrong_result(rng, result)
-            wrong_so_far = True
-        steps.append(f"{current} {'+' if gain else '-'} {amount} = {result}")
-        labels.append("-" if wrong_so_far else "+")
-        current = result
-    steps.append(f"The answer is {current}.")
-    labels.append("-" if wrong_so_far else "+")
+    """One problem with its solution steps, their labels and the first wrong step (-1 if none)."""
+    factor = rng.choice(options.factors)
+    value = rng.randint(1, options.max_start)
+    periods = rng.randint(options.min_steps, options.max_steps)
+    template, things, unit = rng.choice(SCENES)
+    question = (
+        template.format(v=value, verb=VERBS[factor], name=rng.choice(NAMES))
+        + f" How many {things} are there after {periods} {unit}?"
+    )
+    error_step = rng.randrange(periods) if rng.random() < options.error_rate else None
+    steps, labels, wrong = [], [], False
+    for period in range(periods):
+        result = value * factor
+        if period == error_step:
+            result = _wrong_result(rng, result, factor)
+            wrong = True
+        steps.append(f"{value} × {factor} = {result}")
+        labels.append("-" if wrong else "+")
+        value = result
+    steps.append(f"The answer is {value}.")
+    labels.append("-" if wrong else "+")
     return {
         "src": question,
         "tgt": [],
         "responses": steps,
         "labels": labels,
-        "first_error": error_step if error_step is not None else -1,
+        "first_error": -1 if error_step is None else error_step,
     }
 
 

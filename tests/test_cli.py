@@ -1,0 +1,35 @@
+"""User errors reach the command line as one clear message and exit status 2."""
+
+import json
+
+from conftest import MISTRAL, run_cli, write_jsonl
+
+
+def test_unknown_config_key(tmp_path):
+    (tmp_path / "run.yaml").write_text("learning_rate: 1.0e-4\nmax_sequence_len: 512\n")
+    result = run_cli(["train", str(tmp_path / "run.yaml")], check=False)
+    assert result.returncode == 2
+    assert "unknown config key 'max_sequence_len'" in result.stderr and "max_seq_len" in result.stderr
+
+
+def test_bad_record_stops_training_before_anything_is_written(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", [
+        {"src": "q", "responses": ["a", "b"], "labels": ["+", "-"]},
+        {"src": "q", "responses": ["a", "b"], "labels": ["+"]},
+    ])
+    config = {"tokenizer_name_or_path": MISTRAL, "train_dataset_path": str(data), "dev_dataset_path": None,
+              "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+              "max_seq_len": 64, "max_prompt_len": 32, "device": "cpu", "bf16": False,
+              "output_dir": str(tmp_path / "out")}
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    result = run_cli(["train", str(tmp_path / "run.json")], check=False)
+    assert result.returncode == 2
+    assert f"{data}: record 1 (line 2), field 'labels': has 1 labels for 2 steps" in result.stderr
+    assert not any(p.name.startswith("iter_") for p in (tmp_path / "out").iterdir())
+
+
+def test_placeholder_of_several_tokens(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"src": "q", "responses": ["a"], "labels": ["+"]}])
+    result = run_cli(["check-data", "--data", str(data), "--tokenizer", MISTRAL, "--placeholder-token", "<step>"],
+                     check=False)
+    assert result.returncode == 2 and "placeholder_token '<step>'" in result.stderr and "exactly one token" in result.stderr
