@@ -80,11 +80,12 @@ class DataArguments:
     """Where the records are and how they become token sequences."""
 
     train_dataset_path: str = _doc(
-        "Training records: a JSON array or JSONL of {src, tgt, responses, labels}.",
+        "Training records: a JSON array or JSONL of {src, tgt, responses, labels}, or the prefix of a "
+        "store written by `megatron-prm preprocess`.",
         default="./data/train.jsonl",
     )
     dev_dataset_path: Optional[str] = _doc(
-        "Evaluation records in the same format; null disables evaluation.", default="./data/dev.jsonl"
+        "Evaluation records, in either form; null disables evaluation.", default="./data/dev.jsonl"
     )
     max_seq_len: int = _doc(
         "Longest token sequence; trailing steps that do not fit are dropped with their labels.",
@@ -97,8 +98,19 @@ class DataArguments:
     skip_invalid: bool = _doc(
         "Skip and count malformed records instead of stopping at the first one.", default=False
     )
+    lazy: bool = _doc(
+        "Stream the training JSONL, tokenizing on the fly, instead of loading it: for data larger than "
+        "memory. No global shuffle (see shuffle_buffer_size); needs max_steps.",
+        default=False,
+    )
+    shuffle_buffer_size: int = _doc("With lazy: samples each reader shuffles among.", default=10000)
+    dataloader_num_workers: int = _doc(
+        "With lazy: DataLoader worker processes that tokenize (0: in the training process).", default=0
+    )
 
     def __post_init__(self) -> None:
+        if self.shuffle_buffer_size < 1 or self.dataloader_num_workers < 0:
+            raise ConfigError("shuffle_buffer_size must be at least 1 and dataloader_num_workers at least 0")
         if self.max_seq_len < 2:
             raise ConfigError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
         if not 1 <= self.max_prompt_len < self.max_seq_len:

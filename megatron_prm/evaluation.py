@@ -9,7 +9,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_prm.data.batching import collate, eval_microbatches
-from megatron_prm.data.samples import Sample
+from megatron_prm.data.pipeline import SampleSource
 from megatron_prm.forward_step import eval_forward_step
 from megatron_prm.metrics import StepPredictions, prm_metrics
 
@@ -30,7 +30,7 @@ def _to_predictions(reports: list[dict]) -> tuple[StepPredictions, float]:
 
 
 def predict(
-    model: list, samples: list[Sample], micro_batch_size: int, pad_id: int, device: torch.device
+    model: list, samples: SampleSource, micro_batch_size: int, pad_id: int, device: torch.device
 ) -> tuple[StepPredictions, float] | None:
     """Every sample's step predictions and the summed loss, gathered from all data-parallel ranks.
 
@@ -39,8 +39,8 @@ def predict(
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     batches = [
-        collate([samples[i] for i in indices], pad_id)
-        for indices in eval_microbatches([len(s) for s in samples], micro_batch_size, dp_rank, dp_size)
+        collate([samples[int(i)] for i in indices], pad_id)
+        for indices in eval_microbatches(samples.lengths, micro_batch_size, dp_rank, dp_size)
     ]
     for chunk in model:
         chunk.eval()
@@ -69,7 +69,7 @@ def predict(
 
 def evaluate(
     model: list,
-    samples: list[Sample],
+    samples: SampleSource,
     micro_batch_size: int,
     pad_id: int,
     device: torch.device,
@@ -86,14 +86,9 @@ def evaluate(
     return metrics
 
 
-def majority_is_good(samples: list[Sample]) -> bool:
-    """Whether most labelled training steps are good (the majority-class baseline's constant)."""
-    values = np.concatenate([s.label_values for s in samples]) if samples else np.zeros(0)
-    return bool((values >= 0.5).mean() >= 0.5) if values.size else True
-
-
-def labelled_steps(samples: list[Sample]) -> StepPredictions:
-    """The targets of every labelled step of ``samples`` (P(good) left at 0, to be filled by a predictor)."""
+def labelled_steps(source: SampleSource) -> StepPredictions:
+    """The targets of every labelled step of ``source`` (P(good) left at 0, to be filled by a predictor)."""
+    samples = [source[i] for i in range(len(source))]
     targets = [s.label_values for s in samples]
     return StepPredictions(
         p_good=np.zeros(sum(t.size for t in targets)),

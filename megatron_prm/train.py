@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -16,51 +15,22 @@ from tqdm import tqdm
 
 from megatron_prm.checkpoint import save_model_checkpoint
 from megatron_prm.config import RunConfig
-from megatron_prm.data.batching import BatchLayout, MicroBatch, TrainSchedule, collate
-from megatron_prm.data.samples import DataReport, Sample, SampleOptions, load_samples
-from megatron_prm.evaluation import evaluate, labelled_steps, majority_is_good
+from megatron_prm.data.batching import BatchLayout, MicroBatch, collate
+from megatron_prm.data.pipeline import prepare_data
+from megatron_prm.evaluation import evaluate, labelled_steps
 from megatron_prm.forward_step import make_train_forward_step
 from megatron_prm.metrics import majority_baseline
 from megatron_prm.model.architecture import resolve_architecture
 from megatron_prm.model.provider import ModelBuildOptions, Precision, build_model_chunks
 from megatron_prm.run_logger import RunLogger
 from megatron_prm.runtime import Runtime, init_runtime
-from megatron_prm.tokenizer import SpecialTokenIds, Tokenizer, load_tokenizer, special_token_ids
 from megatron_prm.training_state import TrainingState, build_training_state
 
 
-@dataclass
-class PreparedData:
-    tokenizer: Tokenizer
-    special: SpecialTokenIds
-    pad_id: int
-    train: list[Sample]
-    dev: list[Sample]
-    train_report: DataReport
-    dev_report: Optional[DataReport]
-
-
-def prepare_data(config: RunConfig, show_progress: bool) -> PreparedData:
-    tokenizer = load_tokenizer(config.model.tokenizer_name_or_path)
-    special = special_token_ids(tokenizer, config.prm.placeholder_token, config.prm.reward_token_list)
-    options = SampleOptions(config.data.max_seq_len, config.data.max_prompt_len, config.prm.process_reward)
-    reward_tokens = tuple(config.prm.reward_token_list)
-
-    def load(path: str) -> tuple[list[Sample], DataReport]:
-        return load_samples(path, tokenizer, special, options, reward_tokens,
-                            skip_invalid=config.data.skip_invalid, show_progress=show_progress)
-
-    train, train_report = load(config.data.train_dataset_path)
-    dev, dev_report = [], None
-    if config.training.do_eval and config.data.dev_dataset_path:
-        dev, dev_report = load(config.data.dev_dataset_path)
-    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    return PreparedData(tokenizer, special, pad_id, train, dev, train_report, dev_report)
-
-
-def total_training_steps(config: RunConfig, steps_per_epoch: int) -> int:
+def total_training_steps(config: RunConfig, steps_per_epoch: Optional[int]) -> int:
     if config.training.max_steps > 0:
         return config.training.max_steps
+    assert steps_per_epoch is not None, "a streamed data set needs max_steps"
     return max(1, math.ceil(config.training.num_train_epochs * steps_per_epoch))
 
 
@@ -122,29 +92,26 @@ def run_training(config: RunConfig) -> Optional[dict]:
     if runtime.rank == 0:
         config.save(Path(args.output_dir) / "config.json")
 
-    data = prepare_data(config, show_progress=runtime.is_logging_rank)
-    logger.scalars("data", 0, {"train": data.train_report.as_dict(),
-                               "dev": data.dev_report.as_dict() if data.dev_report else None},
-                   line=f"train data: {data.train_report.as_dict()}"
-                   + (f"\ndev data: {data.dev_report.as_dict()}" if data.dev_report else ""))
+    layout = BatchLayout(args.per_device_train_batch_size, args.gradient_accumulation_steps, runtime.data_parallel_size)
+    data = prepare_data(config, layout, runtime.data_parallel_rank, show_progress=runtime.is_logging_rank)
+    logger.scalars("data", 0, data.reports,
+                   line="\n".join(f"{name} data: {report}" for name, report in data.reports.items()))
 
-    arch = resolve_architecture(config.model, data.tokenizer.vocab_size, config.data.max_seq_len)
+    arch = resolve_architecture(config.model, data.tokenizer.tokenizer.vocab_size, config.data.max_seq_len)
     options = ModelBuildOptions(
         precision=Precision(bf16=args.bf16, fp16=args.fp16),
         use_transformer_engine=runtime.use_transformer_engine,
         use_cpu_initialization=runtime.is_cpu,
     )
-    chunks = build_model_chunks(arch, data.special.reward_ids, config.data.max_seq_len, options)
-    layout = BatchLayout(args.per_device_train_batch_size, args.gradient_accumulation_steps, runtime.data_parallel_size)
-    schedule = TrainSchedule(len(data.train), layout, runtime.data_parallel_rank, args.seed)
-    total_steps = total_training_steps(config, schedule.steps_per_epoch)
+    chunks = build_model_chunks(arch, data.tokenizer.special.reward_ids, config.data.max_seq_len, options)
+    total_steps = total_training_steps(config, data.train.steps_per_epoch)
     state = build_training_state(chunks, args, total_steps)
     n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
     logger.message(
         f"model: {arch.num_hidden_layers} layers, hidden {arch.hidden_size}, {n_params / 1e6:.2f}M parameters on "
         f"this rank; {runtime.world_size} processes on {runtime.device.type}, data parallel "
         f"{runtime.data_parallel_size}; global batch {layout.global_batch_size}; {total_steps} steps "
-        f"({schedule.steps_per_epoch} per epoch)"
+        f"({data.train.steps_per_epoch or 'streamed, unknown'} per epoch)"
     )
 
     def run_eval(step: int) -> Optional[dict]:
@@ -161,7 +128,7 @@ def run_training(config: RunConfig) -> Optional[dict]:
     progress = tqdm(total=total_steps, desc="training", disable=None if runtime.is_logging_rank else True)
     step_start = time.perf_counter()
     for step in range(1, total_steps + 1 if args.do_train else 1):
-        batches = [collate([data.train[i] for i in idx], data.pad_id) for idx in schedule.microbatches(step - 1)]
+        batches = [collate(samples, data.pad_id) for samples in data.train.microbatches(step - 1)]
         figures = train_step(state, batches, runtime, config.prm.score_threshold)
         elapsed = time.perf_counter() - step_start
         step_start = time.perf_counter()
@@ -181,8 +148,9 @@ def run_training(config: RunConfig) -> Optional[dict]:
     if args.do_train:
         save_model_checkpoint(state.model, Path(args.output_dir), total_steps, config)
     final_metrics = run_eval(total_steps)
-    if final_metrics is not None:
-        baseline = majority_baseline(labelled_steps(data.dev), majority_is_good(data.train), config.prm.process_reward)
+    if final_metrics is not None and data.train_source is not None:
+        majority_good = data.train_source.good_share() >= 0.5
+        baseline = majority_baseline(labelled_steps(data.dev), majority_good, config.prm.process_reward)
         final_metrics = {**final_metrics, "majority_baseline": baseline}
     logger.close()
     return final_metrics if runtime.is_logging_rank else None

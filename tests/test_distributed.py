@@ -31,9 +31,13 @@ def train(tmp_path, data, name, nproc, **overrides):
 
 
 def test_two_data_parallel_ranks_match_one_process(tmp_path, data):
+    """One process reads the JSONL; two data-parallel ranks read a preprocessed store of it."""
     single, single_eval = train(tmp_path, data, "dp1", 1, per_device_train_batch_size=4, gradient_accumulation_steps=2)
-    double, double_eval = train(tmp_path, data, "dp2", 2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                                tensorboard_dir=str(tmp_path / "tb"))
+    store = tmp_path / "store" / "train"
+    run_cli(["preprocess", "--data", str(data[0]), "--tokenizer", MISTRAL, "--output-prefix", str(store),
+             "--max-seq-len", str(TINY["max_seq_len"]), "--max-prompt-len", str(TINY["max_prompt_len"])])
+    double, double_eval = train(tmp_path, (store, data[1]), "dp2", 2, per_device_train_batch_size=4,
+                                gradient_accumulation_steps=1, tensorboard_dir=str(tmp_path / "tb"))
     single_steps, double_steps = read_log(single, "train"), read_log(double, "train")
     assert [s["step"] for s in double_steps] == [1, 2, 3]
     for a, b in zip(single_steps, double_steps):

@@ -99,10 +99,17 @@ class TrainSchedule:
         self.rank = data_parallel_rank
         self.seed = seed
         self.steps_per_epoch = num_samples // layout.global_batch_size
+        self._epoch_order: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            indices = np.arange(self.num_samples, dtype=np.int32 if self.num_samples < 2**31 else np.int64)
+            self._epoch_order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(indices))
+        return self._epoch_order[1]
 
     def global_batch(self, step: int) -> np.ndarray:
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        order = self._order(epoch)
         size = self.layout.global_batch_size
         return order[within * size : (within + 1) * size]
 

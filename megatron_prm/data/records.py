@@ -25,8 +25,13 @@ class RecordError(ValueError):
         self.index = index
         self.field = field_name
         self.problem = problem
+        self.line = line
         where = f"{path}: record {index}" + (f" (line {line})" if line is not None else "")
         super().__init__(f"{where}, field {field_name!r}: {problem}")
+
+    def __reduce__(self):
+        # Rebuilt from its parts when it crosses from a worker process.
+        return (RecordError, (self.path, self.index, self.field, self.problem, self.line))
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,11 @@ def open_text(path: str | Path):
 
 
 def iter_raw_records(path: str | Path) -> Iterator[tuple[int, Optional[int], Any]]:
-    """Yield ``(record index, line number or None, parsed JSON value)`` from a JSON array or JSONL file."""
+    """Yield ``(record index, first line or None, parsed JSON value)`` from a data file.
+
+    Reads a JSON array, JSONL, or a stream of (pretty-printed) JSON objects one after another, as
+    PRM800K's example files are. Lines are read one at a time, so a JSONL file is never held whole.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -70,16 +79,32 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[int, Optional[int], Any
             for index, item in enumerate(items):
                 yield index, None, item
             return
-        index = 0
-        for line_no, line in enumerate(handle, start=1):
+        yield from _iter_json_stream(handle, path)
+
+
+def _iter_json_stream(handle, path: Path) -> Iterator[tuple[int, int, Any]]:
+    """JSON values one after another: one per line, or spread over lines (a new top-level ``{`` at
+    the start of a line ends a value that has not parsed, which is then reported as malformed)."""
+    index, buffer, start_line = 0, "", 0
+    for line_no, line in enumerate(handle, start=1):
+        if not buffer:
             if not line.strip():
                 continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(path, index, "<line>", f"not valid JSON: {err.msg}", line_no) from err
-            yield index, line_no, item
-            index += 1
+            start_line = line_no
+        elif line.startswith(("{", "[")):
+            raise RecordError(path, index, "<line>", "not valid JSON", start_line)
+        buffer += line
+        try:
+            item = json.loads(buffer)
+        except json.JSONDecodeError as err:
+            if err.msg.startswith("Extra data"):
+                raise RecordError(path, index, "<line>", f"not valid JSON: {err.msg}", start_line) from err
+            continue
+        yield index, start_line, item
+        index += 1
+        buffer = ""
+    if buffer.strip():
+        raise RecordError(path, index, "<line>", "not valid JSON (unterminated)", start_line)
 
 
 def _turns(value: Any, name: str, fail) -> tuple[str, ...]:

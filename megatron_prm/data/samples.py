@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -67,6 +67,12 @@ class DataReport:
     positive_sum: float = 0.0
     tokens: int = 0
     reasons: Counter = field(default_factory=Counter)
+
+    def merge(self, other: "DataReport") -> None:
+        for name in ("records", "kept", "truncated", "dropped", "invalid", "steps", "labelled_positions",
+                     "positive_sum", "tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.reasons.update(other.reasons)
 
     def as_dict(self) -> dict:
         return {
@@ -177,23 +183,17 @@ class SampleBuilder:
         return sample
 
 
-def load_samples(
+def samples_from_raw(
+    raw_records: Iterable[tuple[int, Optional[int], object]],
+    builder: SampleBuilder,
     path: str | Path,
-    tokenizer: Tokenizer,
-    special: SpecialTokenIds,
-    options: SampleOptions,
     reward_tokens: tuple[str, str],
     *,
     skip_invalid: bool = False,
     require_labels: bool = True,
-    show_progress: bool = True,
-) -> tuple[list[Sample], DataReport]:
-    """Read, validate and tokenize every record of a file."""
-    builder = SampleBuilder(tokenizer, special, options)
-    samples: list[Sample] = []
-    raw_records: Iterable = iter_raw_records(path)
-    progress = tqdm(raw_records, desc=f"tokenizing {Path(path).name}", unit=" records", disable=not show_progress)
-    for index, line, raw in progress:
+) -> Iterator[Sample]:
+    """Validate and tokenize raw records; counts go to ``builder.report``."""
+    for index, line, raw in raw_records:
         builder.report.records += 1
         try:
             record = validate_record(
@@ -207,5 +207,23 @@ def load_samples(
             builder.report.reasons[f"invalid {err.field.split('[')[0]}"] += 1
             continue
         if sample is not None:
-            samples.append(sample)
+            yield sample
+
+
+def load_samples(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    special: SpecialTokenIds,
+    options: SampleOptions,
+    reward_tokens: tuple[str, str],
+    *,
+    skip_invalid: bool = False,
+    require_labels: bool = True,
+    show_progress: bool = True,
+) -> tuple[list[Sample], DataReport]:
+    """Read, validate and tokenize every record of a file."""
+    builder = SampleBuilder(tokenizer, special, options)
+    raw = tqdm(iter_raw_records(path), desc=f"tokenizing {Path(path).name}", unit=" records", disable=not show_progress)
+    samples = list(samples_from_raw(raw, builder, path, reward_tokens, skip_invalid=skip_invalid,
+                                    require_labels=require_labels))
     return samples, builder.report

@@ -1,0 +1,127 @@
+"""``megatron-prm preprocess``: tokenize a data file once, in parallel worker processes, into a store."""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from tqdm import tqdm
+
+from megatron_prm.data.records import iter_raw_records
+from megatron_prm.data.samples import DataReport, Sample, SampleBuilder, SampleOptions, samples_from_raw
+from megatron_prm.data.store import StoreIdentity, TokenStoreWriter
+from megatron_prm.tokenizer import SpecialTokenIds, Tokenizer, load_tokenizer, special_token_ids
+
+
+@dataclass(frozen=True)
+class TokenizeJob:
+    """Everything a worker process needs to turn raw records into samples."""
+
+    data_path: str
+    tokenizer: str
+    placeholder_token: str
+    reward_tokens: tuple[str, str]
+    options: SampleOptions
+    skip_invalid: bool
+
+
+def store_identity(tokenizer: Tokenizer, special: SpecialTokenIds, job: TokenizeJob) -> StoreIdentity:
+    return StoreIdentity(
+        tokenizer_fingerprint=tokenizer.fingerprint(),
+        vocab_size=tokenizer.vocab_size,
+        placeholder_token=job.placeholder_token,
+        placeholder_id=special.placeholder,
+        reward_tokens=",".join(job.reward_tokens),
+        reward_ids=special.reward_ids,
+        max_seq_len=job.options.max_seq_len,
+        max_prompt_len=job.options.max_prompt_len,
+        process_reward=job.options.process_reward,
+    )
+
+
+class RecordTokenizer:
+    """A process's tokenizer and special ids for one job, loaded once."""
+
+    def __init__(self, job: TokenizeJob):
+        self.job = job
+        self.tokenizer = load_tokenizer(job.tokenizer)
+        self.special = special_token_ids(self.tokenizer, job.placeholder_token, list(job.reward_tokens))
+
+    def stream(self, raw_records) -> Iterator[Sample]:
+        builder = SampleBuilder(self.tokenizer, self.special, self.job.options)
+        return samples_from_raw(raw_records, builder, self.job.data_path, self.job.reward_tokens,
+                                skip_invalid=self.job.skip_invalid)
+
+    def __call__(self, chunk: list) -> tuple[list[Sample], DataReport]:
+        """Samples of a chunk of raw records, and the counts of that chunk."""
+        builder = SampleBuilder(self.tokenizer, self.special, self.job.options)
+        samples = list(samples_from_raw(chunk, builder, self.job.data_path, self.job.reward_tokens,
+                                        skip_invalid=self.job.skip_invalid))
+        return samples, builder.report
+
+
+_worker: Optional[RecordTokenizer] = None
+
+
+def _init_worker(job: TokenizeJob) -> None:
+    global _worker
+    _worker = RecordTokenizer(job)
+
+
+def _tokenize_in_worker(chunk: list) -> tuple[list[Sample], DataReport]:
+    assert _worker is not None
+    return _worker(chunk)
+
+
+def _chunks(items: Iterator, size: int) -> Iterator[list]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def preprocess(job: TokenizeJob, output_prefix: str | Path, workers: int = 1, chunk_size: int = 500,
+               show_progress: bool = True) -> dict:
+    """Tokenize ``job.data_path`` into the store at ``output_prefix``; returns the sidecar's content.
+
+    Workers tokenize chunks of records; the results are written in file order, so the store is the
+    same whatever the number of workers.
+    """
+    local = RecordTokenizer(job)  # also checks the tokenizer and special tokens before any worker starts
+    identity = store_identity(local.tokenizer, local.special, job)
+    writer = TokenStoreWriter(output_prefix, local.tokenizer.vocab_size)
+    report = DataReport()
+    started = time.perf_counter()
+    pool = None
+    try:
+        chunks = _chunks(iter(iter_raw_records(job.data_path)), chunk_size)
+        if workers > 1:
+            # spawn, not fork: a forked Rust (HF) tokenizer that the parent has used can deadlock.
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(job,))
+            results = pool.imap(_tokenize_in_worker, chunks)
+        else:
+            results = map(local, chunks)
+        progress = tqdm(desc=f"preprocessing {Path(job.data_path).name}", unit=" records", disable=not show_progress)
+        for samples, part in results:
+            writer.add_all(samples)
+            report.merge(part)
+            progress.update(part.records)
+        progress.close()
+        elapsed = time.perf_counter() - started
+        return writer.finish(identity, {
+            "source": str(job.data_path),
+            "tokenizer": job.tokenizer,
+            "report": report.as_dict(),
+            "workers": workers,
+            "seconds": round(elapsed, 3),
+            "records_per_second": round(report.records / elapsed, 1) if elapsed > 0 else None,
+        })
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
