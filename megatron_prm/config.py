@@ -122,12 +122,18 @@ class DataArguments:
 
 @dataclass
 class ModelArguments:
-    """The Llama/Mistral-family architecture (Hugging Face names) and the tokenizer.
+    """The Llama/Mistral-family architecture (Hugging Face names), the starting weights and the tokenizer.
 
-    Give ``model_config`` (an HF ``config.json`` or a directory holding one) or the shape fields;
-    a field given in both places must agree. Weights start from a random initialisation.
+    The shape comes from ``model_name_or_path`` (a checkpoint), ``model_config`` (an HF ``config.json``)
+    or the shape fields; a field given in two places must agree. Without ``model_name_or_path`` the
+    weights start from a random initialisation.
     """
 
+    model_name_or_path: Optional[str] = _doc(
+        "A megatron-prm checkpoint (an iter_XXXXXXX directory, or a run directory whose `latest` names one) "
+        "to start from: its weights, in any parallel layout, and its architecture.",
+        default=None,
+    )
     tokenizer_name_or_path: Optional[str] = _doc(
         "A local HF tokenizer directory, a SentencePiece .model file, or "
         "'mistral-common:tokenizer.model.v1' (the Mistral-7B v0.1 tokenizer shipped by mistral-common).",
@@ -154,6 +160,66 @@ class ModelArguments:
     rms_norm_eps: Optional[float] = _doc("RMSNorm epsilon.", default=None)
     tie_word_embeddings: Optional[bool] = _doc("Share the input embedding and the LM head.", default=None)
     initializer_range: Optional[float] = _doc("Std of the normal weight initialisation.", default=None)
+
+
+@dataclass
+class ParallelArguments:
+    """How the model and the work are split over processes, and what is recomputed."""
+
+    tensor_parallel_degree: int = _doc("Tensor-parallel size (splits heads, FFN and vocabulary).", default=1)
+    pipeline_parallel_degree: int = _doc("Pipeline-parallel size (splits the layers).", default=1)
+    virtual_pp_degree: int = _doc(
+        "Model chunks per pipeline rank (interleaved schedule); needs pipeline_parallel_degree > 1.", default=1
+    )
+    sequence_parallel: bool = _doc(
+        "Split norms, dropout and activations along the sequence over the tensor-parallel ranks.", default=False
+    )
+    sharding: str = _doc(
+        "'' or 'stage1' / 'stage2': Megatron's distributed optimizer (optimizer state and gradient "
+        "reduction sharded over data parallel). 'stage3' (parameter sharding) is not supported.",
+        default="",
+    )
+    sharding_parallel_degree: int = _doc(
+        "Ranks the optimizer state is sharded over: -1 or the data-parallel size (derived from the "
+        "world size: world / (tensor x pipeline)).",
+        default=-1,
+    )
+    recompute: bool = _doc("Recompute activations in the backward pass instead of storing them.", default=False)
+    recompute_granularity: str = _doc(
+        "'full': whole layers (see recompute_method); 'full_attn': the attention block; 'core_attn': "
+        "the attention core (softmax(QK)V).",
+        default="full",
+    )
+    recompute_method: str = _doc(
+        "With full recompute: 'uniform' (every group of recompute_num_layers layers) or 'block' (the "
+        "first recompute_num_layers layers of each pipeline stage).",
+        default="uniform",
+    )
+    recompute_num_layers: int = _doc("Layers per recompute group (uniform) or recomputed layers (block).", default=1)
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_degree", "pipeline_parallel_degree", "virtual_pp_degree", "recompute_num_layers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.sharding not in ("", "stage1", "stage2", "stage3"):
+            raise ConfigError(f"sharding must be '', 'stage1', 'stage2' or 'stage3', got {self.sharding!r}")
+        if self.sharding == "stage3":
+            raise ConfigError(
+                "sharding=stage3 (parameter sharding) is not supported; use stage1 (Megatron's distributed "
+                "optimizer) with tensor/pipeline parallelism for models that do not fit"
+            )
+        if self.recompute_granularity not in ("full", "full_attn", "core_attn"):
+            raise ConfigError(
+                f"recompute_granularity must be 'full', 'full_attn' or 'core_attn', got {self.recompute_granularity!r}"
+            )
+        if self.recompute_method not in ("uniform", "block"):
+            raise ConfigError(f"recompute_method must be 'uniform' or 'block', got {self.recompute_method!r}")
+        if self.virtual_pp_degree > 1 and self.pipeline_parallel_degree == 1:
+            raise ConfigError("virtual_pp_degree > 1 needs pipeline_parallel_degree > 1")
+
+    @property
+    def use_distributed_optimizer(self) -> bool:
+        return self.sharding in ("stage1", "stage2")
 
 
 @dataclass
@@ -191,6 +257,19 @@ class TrainingArguments:
     logging_steps: int = _doc("Log loss, learning rate, grad norm and tokens/s every this many steps.", default=1)
     bf16: bool = _doc("bfloat16 parameters and compute with fp32 master weights.", default=True)
     fp16: bool = _doc("float16 parameters and compute with dynamic loss scaling.", default=False)
+    fp16_opt_level: str = _doc(
+        "With fp16: 'O2' float16 throughout with fp32 master weights (Megatron's mixed precision); 'O1' "
+        "keeps the residual stream, softmax and gradient reduction in fp32.",
+        default="O2",
+    )
+    scale_loss: float = _doc("Initial dynamic loss scale for fp16.", default=32768.0)
+    fp8: Optional[str] = _doc(
+        "Transformer Engine FP8 format, 'e4m3' or 'hybrid' (needs TE on a GPU); null disables FP8.", default=None
+    )
+    fp8_recipe: str = _doc("Transformer Engine FP8 recipe: 'delayed', 'tensorwise', 'mxfp8' or 'blockwise'.",
+                           default="delayed")
+    fp8_amax_history_len: int = _doc("FP8 delayed scaling: amax history length.", default=1024)
+    fp8_amax_compute_algo: str = _doc("FP8 delayed scaling: 'max' or 'most_recent'.", default="max")
     tensorboard_dir: Optional[str] = _doc("Write TensorBoard scalars here.", default=None)
 
     def __post_init__(self) -> None:
@@ -202,6 +281,12 @@ class TrainingArguments:
             )
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both true; choose one")
+        if self.fp16_opt_level not in ("O1", "O2"):
+            raise ConfigError(f"fp16_opt_level must be 'O1' or 'O2', got {self.fp16_opt_level!r}")
+        if self.fp8 not in (None, "e4m3", "hybrid"):
+            raise ConfigError(f"fp8 must be null, 'e4m3' or 'hybrid', got {self.fp8!r}")
+        if self.fp8 and not (self.bf16 or self.fp16):
+            raise ConfigError("fp8 needs bf16 or fp16 for the operations that stay in higher precision")
         if not 0.0 <= self.min_learning_rate <= self.learning_rate:
             raise ConfigError(
                 f"min_learning_rate ({self.min_learning_rate}) must lie in [0, learning_rate "
@@ -222,6 +307,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelArguments,
     "data": DataArguments,
     "prm": PRMArguments,
+    "parallel": ParallelArguments,
     "training": TrainingArguments,
 }
 
@@ -233,6 +319,7 @@ class RunConfig:
     model: ModelArguments = field(default_factory=ModelArguments)
     data: DataArguments = field(default_factory=DataArguments)
     prm: PRMArguments = field(default_factory=PRMArguments)
+    parallel: ParallelArguments = field(default_factory=ParallelArguments)
     training: TrainingArguments = field(default_factory=TrainingArguments)
 
     def to_flat_dict(self) -> dict[str, Any]:
@@ -291,8 +378,7 @@ _FALSE = {"false", "0", "no", "off"}
 def _coerce(name: str, value: Any, tp: Any, where: str) -> Any:
     """Convert a file or command-line value to the field's type, or raise a ConfigError."""
     base, optional = _unwrap_optional(tp)
-    from_cli = isinstance(value, str) and base is not str
-    if value is None or (from_cli and optional and value.lower() in ("none", "null")):
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
         raise ConfigError(f"{where}: {name} must not be null")

@@ -13,6 +13,7 @@ pipeline parallelism, DDP and the distributed optimizer all run once these calls
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -63,6 +64,22 @@ def _manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
 
 
+def _in_backward_too(method):
+    """Run a custom autograd Function's backward under the redirection as well.
+
+    The autograd engine does not carry torch-function modes into ``backward``, and Megatron's
+    activation recompute re-runs forward code there (e.g. ``get_default_causal_mask`` allocates on
+    ``device="cuda"``).
+    """
+
+    @functools.wraps(method)
+    def wrapped(self, *args):
+        with _CudaToCpu():
+            return method(self, *args)
+
+    return wrapped
+
+
 def is_enabled() -> bool:
     return _enabled
 
@@ -102,6 +119,11 @@ def enable() -> None:
 
     mp_random._get_cuda_rng_state = _cpu_rng_state
     mp_random._set_cuda_rng_state = _set_cpu_rng_state
+
+    from torch.autograd.function import BackwardCFunction
+
+    BackwardCFunction.apply = _in_backward_too(BackwardCFunction.apply)
+    BackwardCFunction.apply_boxed = _in_backward_too(BackwardCFunction.apply_boxed)
 
     _CudaToCpu().__enter__()  # entered for the life of the process, never exited
     _enabled = True

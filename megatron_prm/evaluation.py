@@ -6,11 +6,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_prm.data.batching import collate, eval_microbatches
+from megatron_prm.data.batching import Collator, eval_microbatches, without_labels
 from megatron_prm.data.pipeline import SampleSource
-from megatron_prm.forward_step import eval_forward_step
+from megatron_prm.forward_step import eval_forward_step, run_schedule
 from megatron_prm.metrics import StepPredictions, prm_metrics
 
 
@@ -30,32 +29,29 @@ def _to_predictions(reports: list[dict]) -> tuple[StepPredictions, float]:
 
 
 def predict(
-    model: list, samples: SampleSource, micro_batch_size: int, pad_id: int, device: torch.device
+    model: list, samples: SampleSource, micro_batch_size: int, collator: Collator, device: torch.device,
 ) -> tuple[StepPredictions, float] | None:
     """Every sample's step predictions and the summed loss, gathered from all data-parallel ranks.
 
-    Returns None on ranks that are not on the last pipeline stage (they hold no predictions).
+    Micro batches are length-sorted. Without pipeline parallelism one schedule runs them all; with it,
+    each schedule runs a group of similar lengths padded to one shape (the interleaved schedule also
+    gets label-free micro batches up to a multiple of the pipeline size). Returns None on ranks that
+    are not on the last pipeline stage (they hold no predictions).
     """
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    batches = [
-        collate([samples[int(i)] for i in indices], pad_id)
-        for indices in eval_microbatches(samples.lengths, micro_batch_size, dp_rank, dp_size)
-    ]
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    plan = eval_microbatches(samples.lengths, micro_batch_size, dp_rank, dp_size)
+    group = len(plan) if pp == 1 else 4 * pp
     for chunk in model:
         chunk.eval()
     reports: list[dict] = []
-    if batches:
-        with torch.no_grad():
-            reports = get_forward_backward_func()(
-                forward_step_func=eval_forward_step(device),
-                data_iterator=iter(batches),
-                model=model,
-                num_microbatches=len(batches),
-                seq_length=max(b.tokens.shape[1] for b in batches),
-                micro_batch_size=micro_batch_size,
-                forward_only=True,
-            )
+    with torch.no_grad():
+        for start in range(0, len(plan), max(group, 1)):
+            batches = collator([[samples[int(i)] for i in indices] for indices in plan[start:start + group]])
+            if len(model) > 1:
+                batches += [without_labels(batches[0])] * (-len(batches) % pp)
+            reports += run_schedule(model, eval_forward_step(device), batches, forward_only=True)
     for chunk in model:
         chunk.train()
     if not parallel_state.is_pipeline_last_stage():
@@ -71,13 +67,13 @@ def evaluate(
     model: list,
     samples: SampleSource,
     micro_batch_size: int,
-    pad_id: int,
+    collator: Collator,
     device: torch.device,
     threshold: float,
     process_reward: bool,
 ) -> dict | None:
     """Loss and PRM metrics over ``samples``; None on ranks without predictions."""
-    result = predict(model, samples, micro_batch_size, pad_id, device)
+    result = predict(model, samples, micro_batch_size, collator, device)
     if result is None:
         return None
     predictions, loss_sum = result

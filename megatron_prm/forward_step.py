@@ -6,6 +6,8 @@ from functools import partial
 from typing import Callable, Iterator
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_prm.data.batching import MicroBatch
 from megatron_prm.loss import prm_loss, step_losses
@@ -45,3 +47,23 @@ def eval_forward_step(device: torch.device) -> Callable:
         return output, partial(_eval_loss, batch)
 
     return forward_step
+
+
+def run_schedule(model: list, forward_step_func: Callable, batches: list[MicroBatch], forward_only: bool) -> list:
+    """Megatron's forward/backward schedule over ``batches``; returns the loss reports (last stage only).
+
+    Every model chunk (virtual pipeline stage) reads the same microbatches through its own iterator.
+    Under pipeline parallelism the stages exchange activations of one fixed shape, so the batches
+    must then all have the same length (see :func:`pad_to_length`).
+    """
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        assert len({tuple(b.tokens.shape) for b in batches}) == 1, "pipeline microbatches must share one shape"
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=[iter(batches) for _ in model] if len(model) > 1 else iter(batches),
+        model=model,
+        num_microbatches=len(batches),
+        seq_length=max(b.tokens.shape[1] for b in batches),
+        micro_batch_size=max(b.tokens.shape[0] for b in batches),
+        forward_only=forward_only,
+    )

@@ -12,13 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_prm import cpu_mode
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    virtual_pipeline_parallel_size: int | None = None
+from megatron_prm.layout import ParallelLayout
 
 
 @dataclass(frozen=True)
@@ -99,8 +93,14 @@ def init_runtime(device: str, seed: int, layout: ParallelLayout = ParallelLayout
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor_parallel_size,
         pipeline_model_parallel_size=layout.pipeline_parallel_size,
-        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_parallel_size,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_parallel_size
+        if layout.virtual_pipeline_parallel_size > 1 else None,
     )
+    if parallel_state.get_data_parallel_world_size() != layout.data_parallel_size:
+        raise RuntimeError(
+            f"{dist.get_world_size()} processes do not make the data-parallel size {layout.data_parallel_size} "
+            "the layout was resolved for"
+        )
     seed_everything(seed)
     return Runtime(
         device=torch_device,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -10,18 +11,19 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
-from megatron_prm.checkpoint import save_model_checkpoint
+from megatron_prm.checkpoint import load_model_weights, save_model_checkpoint
 from megatron_prm.config import RunConfig
-from megatron_prm.data.batching import BatchLayout, MicroBatch, collate
-from megatron_prm.data.pipeline import prepare_data
+from megatron_prm.data.batching import BatchLayout, Collator, MicroBatch
+from megatron_prm.data.pipeline import prepare_data, tokenize_job
+from megatron_prm.data.preprocess import RecordTokenizer
+from megatron_prm.layout import resolve_layout
 from megatron_prm.evaluation import evaluate, labelled_steps
-from megatron_prm.forward_step import make_train_forward_step
+from megatron_prm.forward_step import make_train_forward_step, run_schedule
 from megatron_prm.metrics import majority_baseline
 from megatron_prm.model.architecture import resolve_architecture
-from megatron_prm.model.provider import ModelBuildOptions, Precision, build_model_chunks
+from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
 from megatron_prm.run_logger import RunLogger
 from megatron_prm.runtime import Runtime, init_runtime
 from megatron_prm.training_state import TrainingState, build_training_state
@@ -54,20 +56,14 @@ def train_step(state: TrainingState, batches: list[MicroBatch], runtime: Runtime
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    reports = get_forward_backward_func()(
-        forward_step_func=make_train_forward_step(runtime.device, threshold),
-        data_iterator=iter(batches),
-        model=state.model,
-        num_microbatches=len(batches),
-        seq_length=max(b.tokens.shape[1] for b in batches),
-        micro_batch_size=batches[0].tokens.shape[0],
-        forward_only=False,
-    )
+    reports = run_schedule(state.model, make_train_forward_step(runtime.device, threshold), batches, forward_only=False)
+    learning_rate = state.optimizer.param_groups[0]["lr"]  # the rate this step applies
     updated, grad_norm, _ = state.optimizer.step()
     if updated:
         state.scheduler.step(increment=1)
-    figures = {"lr": state.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
-               "skipped": not updated}
+    figures = {"lr": learning_rate, "grad_norm": float(grad_norm or 0.0), "skipped": not updated}
+    if state.model[0].config.fp16:
+        figures["loss_scale"] = float(state.optimizer.get_loss_scale())
     if parallel_state.is_pipeline_last_stage():
         figures.update(_reduce_step_report(reports, sum(b.num_real_tokens for b in batches), runtime.device))
     return figures
@@ -86,49 +82,55 @@ def _format(prefix: str, step: int, total: int, figures: dict, keys: tuple[str, 
 def run_training(config: RunConfig) -> Optional[dict]:
     """Train (and evaluate) as configured. Returns the final eval metrics on the logging rank."""
     args = config.training
-    runtime = init_runtime(args.device, args.seed)
+    tokenizer = RecordTokenizer(tokenize_job(config, config.data.train_dataset_path))
+    arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len)
+    layout, layout_notes = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), arch)
+    runtime = init_runtime(args.device, args.seed, layout)
     logger = RunLogger(runtime.is_logging_rank, args.output_dir, args.tensorboard_dir)
     logger.message("resolved config:\n" + config.describe())
+    for note in layout_notes:
+        logger.message(f"note: {note}")
     if runtime.rank == 0:
         config.save(Path(args.output_dir) / "config.json")
 
-    layout = BatchLayout(args.per_device_train_batch_size, args.gradient_accumulation_steps, runtime.data_parallel_size)
-    data = prepare_data(config, layout, runtime.data_parallel_rank, show_progress=runtime.is_logging_rank)
+    batch_layout = BatchLayout(args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                               layout.data_parallel_size)
+    data = prepare_data(config, tokenizer, batch_layout, runtime.data_parallel_rank,
+                        show_progress=runtime.is_logging_rank)
     logger.scalars("data", 0, data.reports,
                    line="\n".join(f"{name} data: {report}" for name, report in data.reports.items()))
 
-    arch = resolve_architecture(config.model, data.tokenizer.tokenizer.vocab_size, config.data.max_seq_len)
-    options = ModelBuildOptions(
-        precision=Precision(bf16=args.bf16, fp16=args.fp16),
-        use_transformer_engine=runtime.use_transformer_engine,
-        use_cpu_initialization=runtime.is_cpu,
-    )
-    chunks = build_model_chunks(arch, data.tokenizer.special.reward_ids, config.data.max_seq_len, options)
+    options = ModelBuildOptions.from_config(config, layout, runtime.use_transformer_engine, runtime.is_cpu)
+    chunks = build_model_chunks(arch, tokenizer.special.reward_ids, config.data.max_seq_len, options)
+    if config.model.model_name_or_path:
+        load_model_weights(chunks, config.model.model_name_or_path)
     total_steps = total_training_steps(config, data.train.steps_per_epoch)
-    state = build_training_state(chunks, args, total_steps)
+    state = build_training_state(chunks, args, total_steps, layout.distributed_optimizer)
     n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
     logger.message(
         f"model: {arch.num_hidden_layers} layers, hidden {arch.hidden_size}, {n_params / 1e6:.2f}M parameters on "
-        f"this rank; {runtime.world_size} processes on {runtime.device.type}, data parallel "
-        f"{runtime.data_parallel_size}; global batch {layout.global_batch_size}; {total_steps} steps "
+        f"this rank; {runtime.world_size} processes on {runtime.device.type}: tensor {layout.tensor_parallel_size} x "
+        f"pipeline {layout.pipeline_parallel_size} (virtual {layout.virtual_pipeline_parallel_size}) x data "
+        f"{layout.data_parallel_size}; global batch {batch_layout.global_batch_size}; {total_steps} steps "
         f"({data.train.steps_per_epoch or 'streamed, unknown'} per epoch)"
     )
 
+    collator = Collator(data.pad_id, layout.sequence_multiple, uniform_length=layout.pipeline_parallel_size > 1)
+
     def run_eval(step: int) -> Optional[dict]:
-        if not data.dev:
+        if data.dev is None:
             return None
-        metrics = evaluate(state.model, data.dev, args.per_device_eval_batch_size, data.pad_id, runtime.device,
+        metrics = evaluate(state.model, data.dev, args.per_device_eval_batch_size, collator, runtime.device,
                            config.prm.score_threshold, config.prm.process_reward)
         if metrics is not None:
             logger.scalars("eval", step, metrics, line=_format("eval", step, total_steps, metrics, (
                 "loss", "accuracy", "neg_f1", "auroc", "first_error_f1")))
         return metrics
 
-    final_metrics = None
     progress = tqdm(total=total_steps, desc="training", disable=None if runtime.is_logging_rank else True)
     step_start = time.perf_counter()
     for step in range(1, total_steps + 1 if args.do_train else 1):
-        batches = [collate(samples, data.pad_id) for samples in data.train.microbatches(step - 1)]
+        batches = collator(data.train.microbatches(step - 1))
         figures = train_step(state, batches, runtime, config.prm.score_threshold)
         elapsed = time.perf_counter() - step_start
         step_start = time.perf_counter()
@@ -142,11 +144,11 @@ def run_training(config: RunConfig) -> Optional[dict]:
         if step % args.eval_steps == 0 and step != total_steps:
             run_eval(step)
         if step % args.save_steps == 0 and step != total_steps:
-            save_model_checkpoint(state.model, Path(args.output_dir), step, config)
+            save_model_checkpoint(state.model, Path(args.output_dir), step, config, arch)
     progress.close()
 
     if args.do_train:
-        save_model_checkpoint(state.model, Path(args.output_dir), total_steps, config)
+        save_model_checkpoint(state.model, Path(args.output_dir), total_steps, config, arch)
     final_metrics = run_eval(total_steps)
     if final_metrics is not None and data.train_source is not None:
         majority_good = data.train_source.good_share() >= 0.5
@@ -154,4 +156,3 @@ def run_training(config: RunConfig) -> Optional[dict]:
         final_metrics = {**final_metrics, "majority_baseline": baseline}
     logger.close()
     return final_metrics if runtime.is_logging_rank else None
-

@@ -24,13 +24,13 @@ class TrainingState:
     scheduler: OptimizerParamScheduler
 
 
-def wrap_model(chunks: list[PRMGPTModel], args: TrainingArguments) -> list[DistributedDataParallel]:
+def wrap_model(chunks: list[PRMGPTModel], args: TrainingArguments, distributed_optimizer: bool) -> list[DistributedDataParallel]:
     """Float16Module for bf16/fp16, then Megatron DDP with one contiguous gradient buffer per chunk."""
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.bf16 or args.fp16,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=distributed_optimizer,
     )
     wrapped = []
     for index, chunk in enumerate(chunks):
@@ -40,10 +40,12 @@ def wrap_model(chunks: list[PRMGPTModel], args: TrainingArguments) -> list[Distr
     return wrapped
 
 
-def build_training_state(chunks: list[PRMGPTModel], args: TrainingArguments, total_steps: int) -> TrainingState:
+def build_training_state(chunks: list[PRMGPTModel], args: TrainingArguments, total_steps: int,
+                         distributed_optimizer: bool = False) -> TrainingState:
+    """Megatron DDP, the (distributed) Adam optimizer with loss scaling for fp16, and the LR schedule."""
     if args.warmup_steps >= total_steps:
         raise ConfigError(f"warmup_steps ({args.warmup_steps}) must be below the number of training steps ({total_steps})")
-    model = wrap_model(chunks, args)
+    model = wrap_model(chunks, args, distributed_optimizer)
     optimizer_config = OptimizerConfig(
         optimizer="adam",
         lr=args.learning_rate,
@@ -56,7 +58,8 @@ def build_training_state(chunks: list[PRMGPTModel], args: TrainingArguments, tot
         bf16=args.bf16,
         fp16=args.fp16,
         params_dtype=chunks[0].config.params_dtype,
-        use_distributed_optimizer=False,
+        initial_loss_scale=args.scale_loss,
+        use_distributed_optimizer=distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(optimizer_config, model)
     scheduler = OptimizerParamScheduler(

@@ -69,6 +69,46 @@ def collate(samples: Sequence[Sample], pad_id: int, pad_to_multiple_of: int = 1)
     )
 
 
+def pad_to_length(batch: MicroBatch, length: int, pad_id: int) -> MicroBatch:
+    """``batch`` right-padded to ``length`` tokens (pipeline stages exchange fixed shapes)."""
+    rows, current = batch.tokens.shape
+    if current == length:
+        return batch
+    tokens = torch.full((rows, length), pad_id, dtype=batch.tokens.dtype)
+    tokens[:, :current] = batch.tokens
+    positions = torch.arange(length, dtype=torch.int64).expand(rows, length).contiguous()
+    return MicroBatch(tokens, positions, batch.reward_index, batch.label_values, batch.record_ids, batch.step_ids,
+                      batch.num_real_tokens)
+
+
+def without_labels(batch: MicroBatch) -> MicroBatch:
+    """The same tokens with no labelled step: a microbatch that only fills a pipeline schedule."""
+    empty = torch.zeros(0, dtype=torch.int64)
+    return MicroBatch(batch.tokens, batch.position_ids, torch.zeros(0, 2, dtype=torch.int64),
+                      torch.zeros(0, dtype=torch.float32), empty, empty, 0)
+
+
+@dataclass(frozen=True)
+class Collator:
+    """Samples -> micro batches for one schedule call.
+
+    ``multiple``: sequence lengths are padded to it (tensor parallel size under sequence
+    parallelism). ``uniform_length``: all micro batches of the call get one length (pipeline stages
+    exchange fixed shapes).
+    """
+
+    pad_id: int
+    multiple: int = 1
+    uniform_length: bool = False
+
+    def __call__(self, groups: Sequence[Sequence[Sample]]) -> list[MicroBatch]:
+        batches = [collate(group, self.pad_id, self.multiple) for group in groups]
+        if self.uniform_length and batches:
+            length = max(b.tokens.shape[1] for b in batches)
+            batches = [pad_to_length(b, length, self.pad_id) for b in batches]
+        return batches
+
+
 @dataclass(frozen=True)
 class BatchLayout:
     micro_batch_size: int

@@ -102,8 +102,8 @@ def open_source(config: RunConfig, path: str, tokenizer: RecordTokenizer, show_p
     return InMemorySamples(samples), report.as_dict()
 
 
-def prepare_data(config: RunConfig, layout: BatchLayout, data_parallel_rank: int, show_progress: bool) -> PreparedData:
-    tokenizer = RecordTokenizer(tokenize_job(config, config.data.train_dataset_path))
+def prepare_data(config: RunConfig, tokenizer: RecordTokenizer, layout: BatchLayout, data_parallel_rank: int,
+                 show_progress: bool) -> PreparedData:
     reports: dict = {}
     train_source: Optional[SampleSource] = None
     if config.data.lazy:

@@ -97,7 +97,7 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ConfigError(f"model_config: no config.json at {path}")
+        raise ConfigError(f"no config.json at {path}")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -120,9 +120,16 @@ def resolve_architecture(
     """Merge ``model_config`` and the explicit fields; a field set in both must agree."""
     values: dict[str, Any] = {}
     where = "model arguments"
-    if args.model_config:
-        where = str(args.model_config)
-        hf = read_hf_config(args.model_config)
+    if args.model_config and args.model_name_or_path:
+        raise ConfigError("model_config and model_name_or_path both give the architecture; set one")
+    source = args.model_config or (Path(args.model_name_or_path) if args.model_name_or_path else None)
+    if source is not None:
+        if args.model_name_or_path:
+            from megatron_prm.checkpoint import MODEL_CONFIG_NAME, resolve_checkpoint
+
+            source = resolve_checkpoint(source) / MODEL_CONFIG_NAME
+        where = str(source)
+        hf = read_hf_config(source)
         values = {k: hf[k] for k in _SHAPE_FIELDS if hf.get(k) is not None}
         window = hf.get("sliding_window")
         if window is not None and window < max_seq_len:

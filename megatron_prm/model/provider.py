@@ -1,8 +1,10 @@
-"""Build the Megatron-Core model chunks of this rank from a resolved architecture."""
+"""Build this rank's Megatron-Core model chunks from a resolved architecture and parallel layout."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +15,18 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
+from megatron_prm.config import ConfigError, RunConfig
+from megatron_prm.layout import ParallelLayout
 from megatron_prm.model.architecture import LlamaArchitecture
+from megatron_prm.model.norm import RMSNorm
 from megatron_prm.model.prm_model import PRMGPTModel
+from megatron_prm.model.recompute import RecomputedSelfAttention
 
 # Megatron pads the vocabulary so that every tensor-parallel shard has a multiple of this many rows.
 VOCAB_DIVISIBLE_BY = 128
@@ -25,10 +36,27 @@ VOCAB_DIVISIBLE_BY = 128
 class Precision:
     bf16: bool = False
     fp16: bool = False
+    fp16_opt_level: str = "O2"
+    fp8: Optional[str] = None
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
 
     @property
     def params_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
+    @property
+    def fp32_residual(self) -> bool:
+        """fp16 O1 keeps the residual stream (and gradient reduction) in fp32."""
+        return self.fp16 and self.fp16_opt_level == "O1"
+
+
+@dataclass(frozen=True)
+class Recompute:
+    granularity: str = "full"  # full | full_attn | core_attn
+    method: str = "uniform"
+    num_layers: int = 1
 
 
 @dataclass(frozen=True)
@@ -36,10 +64,25 @@ class ModelBuildOptions:
     """How this process builds its share of the model."""
 
     precision: Precision = Precision()
+    layout: ParallelLayout = field(default_factory=ParallelLayout)
+    recompute: Optional[Recompute] = None
     use_transformer_engine: bool = False
     use_cpu_initialization: bool = False
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
+
+    @classmethod
+    def from_config(cls, config: RunConfig, layout: ParallelLayout, use_transformer_engine: bool,
+                    use_cpu_initialization: bool) -> "ModelBuildOptions":
+        t, p = config.training, config.parallel
+        if t.fp8 and not use_transformer_engine:
+            raise ConfigError("fp8 needs Transformer Engine on a GPU; it is not available here")
+        return cls(
+            precision=Precision(t.bf16, t.fp16, t.fp16_opt_level, t.fp8, t.fp8_recipe, t.fp8_amax_history_len,
+                                t.fp8_amax_compute_algo),
+            layout=layout,
+            recompute=Recompute(p.recompute_granularity, p.recompute_method, p.recompute_num_layers) if p.recompute else None,
+            use_transformer_engine=use_transformer_engine,
+            use_cpu_initialization=use_cpu_initialization,
+        )
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
@@ -47,9 +90,28 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def _recompute_settings(recompute: Optional[Recompute]) -> dict:
+    if recompute is None or recompute.granularity == "full_attn":  # full_attn lives in the layer spec
+        return {}
+    if recompute.granularity == "core_attn":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    return {"recompute_granularity": "full", "recompute_method": recompute.method,
+            "recompute_num_layers": recompute.num_layers}
+
+
+def _fp8_settings(precision: Precision) -> dict:
+    if not precision.fp8:
+        return {}
+    return {"fp8": precision.fp8, "fp8_recipe": precision.fp8_recipe,
+            "fp8_amax_history_len": precision.fp8_amax_history_len,
+            "fp8_amax_compute_algo": precision.fp8_amax_compute_algo}
+
+
 def transformer_config(arch: LlamaArchitecture, options: ModelBuildOptions) -> TransformerConfig:
     """Megatron's TransformerConfig for a Llama/Mistral-family model (RMSNorm, SwiGLU, RoPE, GQA)."""
     te = options.use_transformer_engine
+    layout = options.layout
+    precision = options.precision
     return TransformerConfig(
         num_layers=arch.num_hidden_layers,
         hidden_size=arch.hidden_size,
@@ -66,12 +128,17 @@ def transformer_config(arch: LlamaArchitecture, options: ModelBuildOptions) -> T
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=arch.initializer_range,
-        bf16=options.precision.bf16,
-        fp16=options.precision.fp16,
-        params_dtype=options.precision.params_dtype,
-        pipeline_dtype=options.precision.params_dtype,
-        tensor_model_parallel_size=options.tensor_parallel_size,
-        pipeline_model_parallel_size=options.pipeline_parallel_size,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        params_dtype=precision.params_dtype,
+        pipeline_dtype=precision.params_dtype,
+        fp32_residual_connection=precision.fp32_residual,
+        tensor_model_parallel_size=layout.tensor_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_parallel_size,
+        virtual_pipeline_model_parallel_size=(
+            layout.virtual_pipeline_parallel_size if layout.virtual_pipeline_parallel_size > 1 else None
+        ),
+        sequence_parallel=layout.sequence_parallel,
         use_cpu_initialization=options.use_cpu_initialization,
         # The loss function returns (sum, count); Megatron divides by the global count.
         calculate_per_token_loss=True,
@@ -82,13 +149,39 @@ def transformer_config(arch: LlamaArchitecture, options: ModelBuildOptions) -> T
         apply_rope_fusion=te,
         persist_layer_norm=False,
         gradient_accumulation_fusion=te,
+        # Megatron-LM's choice for the interleaved schedule (Megatron-Core's default differs): with
+        # batched p2p and two pipeline ranks, a rank's "previous" and "next" stage are the same peer
+        # and its activation and gradient messages get paired the wrong way round.
+        overlap_p2p_comm=layout.virtual_pipeline_parallel_size > 1,
+        batch_p2p_comm=layout.virtual_pipeline_parallel_size == 1,
+        **_recompute_settings(options.recompute),
+        **_fp8_settings(precision),
     )
 
 
-def layer_spec(use_transformer_engine: bool) -> ModuleSpec:
-    if use_transformer_engine:
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+def layer_spec(config: TransformerConfig, options: ModelBuildOptions, vp_stage: Optional[int]) -> ModuleSpec:
+    """The transformer block of one model chunk.
+
+    With Transformer Engine: TE's layer spec (fused norm + linear, fused attention, FP8). Without: the
+    local spec with :class:`RMSNorm`, which supports sequence parallelism. ``full_attn`` recompute swaps
+    in :class:`RecomputedSelfAttention`.
+    """
+    if options.use_transformer_engine:
+        layer = get_gpt_layer_with_transformer_engine_spec()
+        final_norm = None
+    else:
+        layer = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+        layer.submodules.input_layernorm = RMSNorm
+        layer.submodules.pre_mlp_layernorm = RMSNorm
+        final_norm = RMSNorm
+    if options.recompute is not None and options.recompute.granularity == "full_attn":
+        layer = copy.deepcopy(layer)
+        layer.submodules.self_attention.module = RecomputedSelfAttention
+    if final_norm is None:
+        return layer
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return ModuleSpec(module=TransformerBlock,
+                      submodules=TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=final_norm))
 
 
 def _apply_rope_scaling(model: PRMGPTModel, arch: LlamaArchitecture) -> None:
@@ -118,22 +211,22 @@ def build_model_chunks(
 ) -> list[PRMGPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), not yet wrapped for DDP."""
     config = transformer_config(arch, options)
-    spec = layer_spec(options.use_transformer_engine)
-    vocab = padded_vocab_size(arch.vocab_size, options.tensor_parallel_size)
+    vocab = padded_vocab_size(arch.vocab_size, options.layout.tensor_parallel_size)
     chunks = []
-    vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+    vp_size = options.layout.virtual_pipeline_parallel_size
     for vp_stage in range(vp_size):
+        stage = vp_stage if vp_size > 1 else None
         model = PRMGPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=layer_spec(config, options, stage),
             vocab_size=vocab,
             max_sequence_length=max(max_seq_len, arch.max_position_embeddings),
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             share_embeddings_and_output_weights=arch.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=arch.rope_theta,
-            vp_stage=vp_stage if vp_size > 1 else None,
+            vp_stage=stage,
             reward_token_ids=reward_token_ids,
         )
         _apply_rope_scaling(model, arch)

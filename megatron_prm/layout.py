@@ -1,0 +1,71 @@
+"""The parallel layout of a run, derived from the world size and checked before anything is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_prm.config import ConfigError, RunConfig
+from megatron_prm.model.architecture import LlamaArchitecture
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    virtual_pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    @property
+    def sequence_multiple(self) -> int:
+        """Every packed or padded sequence length must be a multiple of this."""
+        return self.tensor_parallel_size if self.sequence_parallel else 1
+
+
+def resolve_layout(config: RunConfig, world_size: int, arch: LlamaArchitecture) -> tuple[ParallelLayout, list[str]]:
+    """The layout, and notes on settings that were adjusted; a ConfigError naming the clashing numbers."""
+    p = config.parallel
+    tp, pp, vpp = p.tensor_parallel_degree, p.pipeline_parallel_degree, p.virtual_pp_degree
+    problems, notes = [], []
+    if world_size % (tp * pp):
+        problems.append(
+            f"the world size {world_size} is not divisible by tensor_parallel_degree {tp} x "
+            f"pipeline_parallel_degree {pp} = {tp * pp}"
+        )
+    dp = max(world_size // (tp * pp), 1)
+    if arch.num_hidden_layers % (pp * vpp):
+        problems.append(
+            f"num_hidden_layers {arch.num_hidden_layers} is not divisible by pipeline_parallel_degree {pp} x "
+            f"virtual_pp_degree {vpp} = {pp * vpp}"
+        )
+    if arch.num_attention_heads % tp:
+        problems.append(f"num_attention_heads {arch.num_attention_heads} is not divisible by tensor_parallel_degree {tp}")
+    if arch.num_key_value_heads % tp:
+        problems.append(
+            f"num_key_value_heads (query groups) {arch.num_key_value_heads} is not divisible by tensor_parallel_degree {tp}"
+        )
+    if arch.intermediate_size % tp:
+        problems.append(f"intermediate_size {arch.intermediate_size} is not divisible by tensor_parallel_degree {tp}")
+    accumulation = config.training.gradient_accumulation_steps
+    if pp > 1 and vpp > 1 and accumulation % pp:
+        problems.append(
+            f"the interleaved pipeline schedule needs gradient_accumulation_steps ({accumulation}) to be a "
+            f"multiple of pipeline_parallel_degree {pp}"
+        )
+    if p.sharding_parallel_degree not in (-1, dp) and not problems:
+        problems.append(
+            f"sharding_parallel_degree {p.sharding_parallel_degree} must be -1 or the data-parallel size {dp} "
+            f"(world size {world_size} / (tensor {tp} x pipeline {pp}))"
+        )
+    if problems:
+        raise ConfigError("impossible parallel layout: " + "; ".join(problems))
+    sequence_parallel = p.sequence_parallel
+    if sequence_parallel and tp == 1:
+        sequence_parallel = False
+        notes.append("sequence_parallel is off: it needs tensor_parallel_degree > 1")
+    return ParallelLayout(tp, pp, vpp, dp, sequence_parallel, p.use_distributed_optimizer), notes
