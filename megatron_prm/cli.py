@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Optional
 
 from megatron_prm.config import ConfigError, load_config
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    # Megatron-Core warns on import wherever Apex / Transformer Engine are absent (always, on CPU).
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "train":

@@ -98,6 +98,17 @@ class DataArguments:
     skip_invalid: bool = _doc(
         "Skip and count malformed records instead of stopping at the first one.", default=False
     )
+    zero_padding: bool = _doc(
+        "Pack samples in arrival order into rows of max_seq_len tokens, fed as THD sequences (no "
+        "attention across samples); per_device_train_batch_size then counts rows and must be 1.",
+        default=False,
+    )
+    greedy_zero_padding: bool = _doc(
+        "Pack with best-fit decreasing over buffers of packing_buffer_size samples (fuller rows than "
+        "zero_padding); the rows are then shuffled.",
+        default=False,
+    )
+    packing_buffer_size: int = _doc("Samples per best-fit-decreasing buffer (greedy_zero_padding).", default=1000)
     lazy: bool = _doc(
         "Stream the training JSONL, tokenizing on the fly, instead of loading it: for data larger than "
         "memory. No global shuffle (see shuffle_buffer_size); needs max_steps.",
@@ -108,7 +119,15 @@ class DataArguments:
         "With lazy: DataLoader worker processes that tokenize (0: in the training process).", default=0
     )
 
+    @property
+    def packing_mode(self) -> Optional[str]:
+        if self.greedy_zero_padding:
+            return "greedy_zero_padding"
+        return "zero_padding" if self.zero_padding else None
+
     def __post_init__(self) -> None:
+        if self.packing_buffer_size < 1:
+            raise ConfigError(f"packing_buffer_size must be at least 1, got {self.packing_buffer_size}")
         if self.shuffle_buffer_size < 1 or self.dataloader_num_workers < 0:
             raise ConfigError("shuffle_buffer_size must be at least 1 and dataloader_num_workers at least 0")
         if self.max_seq_len < 2:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_prm.data.batching import Collator, eval_microbatches, without_labels
-from megatron_prm.data.pipeline import SampleSource
+from megatron_prm.data.batching import Collator, without_labels
+from megatron_prm.data.pipeline import Packing, SampleSource, eval_plan
 from megatron_prm.forward_step import eval_forward_step, run_schedule
 from megatron_prm.metrics import StepPredictions, prm_metrics
 
@@ -30,6 +32,7 @@ def _to_predictions(reports: list[dict]) -> tuple[StepPredictions, float]:
 
 def predict(
     model: list, samples: SampleSource, micro_batch_size: int, collator: Collator, device: torch.device,
+    packing: Optional[Packing] = None,
 ) -> tuple[StepPredictions, float] | None:
     """Every sample's step predictions and the summed loss, gathered from all data-parallel ranks.
 
@@ -41,14 +44,14 @@ def predict(
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    plan = eval_microbatches(samples.lengths, micro_batch_size, dp_rank, dp_size)
+    plan = eval_plan(samples, micro_batch_size, packing, dp_rank, dp_size)
     group = len(plan) if pp == 1 else 4 * pp
     for chunk in model:
         chunk.eval()
     reports: list[dict] = []
     with torch.no_grad():
         for start in range(0, len(plan), max(group, 1)):
-            batches = collator([[samples[int(i)] for i in indices] for indices in plan[start:start + group]])
+            batches = collator([[samples[i] for i in indices] for indices in plan[start:start + group]])
             if len(model) > 1:
                 batches += [without_labels(batches[0])] * (-len(batches) % pp)
             reports += run_schedule(model, eval_forward_step(device), batches, forward_only=True)
@@ -71,9 +74,10 @@ def evaluate(
     device: torch.device,
     threshold: float,
     process_reward: bool,
+    packing: Optional[Packing] = None,
 ) -> dict | None:
     """Loss and PRM metrics over ``samples``; None on ranks without predictions."""
-    result = predict(model, samples, micro_batch_size, collator, device)
+    result = predict(model, samples, micro_batch_size, collator, device, packing)
     if result is None:
         return None
     predictions, loss_sum = result

@@ -14,7 +14,8 @@ from megatron_prm.loss import prm_loss, step_losses
 
 
 def _run_model(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
-    return model(batch.tokens, batch.position_ids, attention_mask=None, reward_index=batch.reward_index)
+    return model(batch.tokens, batch.position_ids, attention_mask=None, reward_index=batch.reward_index,
+                 packed_seq_params=batch.packed_seq_params())
 
 
 def make_train_forward_step(device: torch.device, threshold: float) -> Callable:

@@ -96,7 +96,7 @@ def run_training(config: RunConfig) -> Optional[dict]:
     batch_layout = BatchLayout(args.per_device_train_batch_size, args.gradient_accumulation_steps,
                                layout.data_parallel_size)
     data = prepare_data(config, tokenizer, batch_layout, runtime.data_parallel_rank,
-                        show_progress=runtime.is_logging_rank)
+                        show_progress=runtime.is_logging_rank, row_multiple=layout.sequence_multiple)
     logger.scalars("data", 0, data.reports,
                    line="\n".join(f"{name} data: {report}" for name, report in data.reports.items()))
 
@@ -115,13 +115,14 @@ def run_training(config: RunConfig) -> Optional[dict]:
         f"({data.train.steps_per_epoch or 'streamed, unknown'} per epoch)"
     )
 
-    collator = Collator(data.pad_id, layout.sequence_multiple, uniform_length=layout.pipeline_parallel_size > 1)
+    collator = Collator(data.pad_id, layout.sequence_multiple, uniform_length=layout.pipeline_parallel_size > 1,
+                        packing=data.packing.options if data.packing else None)
 
     def run_eval(step: int) -> Optional[dict]:
         if data.dev is None:
             return None
         metrics = evaluate(state.model, data.dev, args.per_device_eval_batch_size, collator, runtime.device,
-                           config.prm.score_threshold, config.prm.process_reward)
+                           config.prm.score_threshold, config.prm.process_reward, data.packing)
         if metrics is not None:
             logger.scalars("eval", step, metrics, line=_format("eval", step, total_steps, metrics, (
                 "loss", "accuracy", "neg_f1", "auroc", "first_error_f1")))

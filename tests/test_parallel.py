@@ -87,10 +87,32 @@ def saved_weights(checkpoint):
         shutdown()
 
 
+PACKED = {"greedy_zero_padding": True, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4}
+PACKED_CASES = {
+    "packed_tp2_sp": (2, {**PACKED, "tensor_parallel_degree": 2, "sequence_parallel": True}),
+    "packed_pp2": (2, {**PACKED, "pipeline_parallel_degree": 2}),
+    "packed_dp2": (2, {**PACKED, "gradient_accumulation_steps": 2}),
+}
+
+
+@pytest.fixture(scope="module")
+def packed_reference(workdir):
+    return train(workdir, "packed_reference", 1, **PACKED)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_layout_matches_single_process(workdir, reference, case):
     nproc, overrides = CASES[case]
-    output, metrics = train(workdir, case, nproc, **overrides)
+    assert_matches(workdir, reference, *train(workdir, case, nproc, **overrides))
+
+
+@pytest.mark.parametrize("case", list(PACKED_CASES))
+def test_packed_layout_matches_single_process(workdir, packed_reference, case):
+    nproc, overrides = PACKED_CASES[case]
+    assert_matches(workdir, packed_reference, *train(workdir, case, nproc, **overrides))
+
+
+def assert_matches(workdir, reference, output, metrics):
     expected, got = read_log(reference[0], "train"), read_log(output, "train")
     assert [s["step"] for s in got] == [1, 2, 3]
     for a, b in zip(expected, got):

@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.layout import ParallelLayout
 from megatron_prm.model.architecture import LlamaArchitecture
+from megatron_prm.model.attention import PackedSDPAttention
 from megatron_prm.model.norm import RMSNorm
 from megatron_prm.model.prm_model import PRMGPTModel
 from megatron_prm.model.recompute import RecomputedSelfAttention
@@ -162,9 +163,10 @@ def transformer_config(arch: LlamaArchitecture, options: ModelBuildOptions) -> T
 def layer_spec(config: TransformerConfig, options: ModelBuildOptions, vp_stage: Optional[int]) -> ModuleSpec:
     """The transformer block of one model chunk.
 
-    With Transformer Engine: TE's layer spec (fused norm + linear, fused attention, FP8). Without: the
-    local spec with :class:`RMSNorm`, which supports sequence parallelism. ``full_attn`` recompute swaps
-    in :class:`RecomputedSelfAttention`.
+    With Transformer Engine: TE's layer spec (fused norm + linear, fused attention, FP8; packed THD rows
+    get TE's ``padding_causal`` masks). Without: the local spec with :class:`RMSNorm`, which supports
+    sequence parallelism, and :class:`PackedSDPAttention`, which supports packed rows. ``full_attn``
+    recompute swaps in :class:`RecomputedSelfAttention`.
     """
     if options.use_transformer_engine:
         layer = get_gpt_layer_with_transformer_engine_spec()
@@ -173,6 +175,7 @@ def layer_spec(config: TransformerConfig, options: ModelBuildOptions, vp_stage: 
         layer = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
         layer.submodules.input_layernorm = RMSNorm
         layer.submodules.pre_mlp_layernorm = RMSNorm
+        layer.submodules.self_attention.submodules.core_attention = PackedSDPAttention
         final_norm = RMSNorm
     if options.recompute is not None and options.recompute.granularity == "full_attn":
         layer = copy.deepcopy(layer)
