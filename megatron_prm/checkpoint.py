@@ -1,33 +1,76 @@
-"""Model checkpoints in Megatron-Core's layout-independent ``torch_dist`` format.
+"""Checkpoints in Megatron-Core's ``torch_dist`` format: save, exact resume, resharding, best model.
 
-``output_dir/iter_XXXXXXX/`` holds the sharded model state, the run's resolved config and the model
-architecture (HF names, ``model_config.json``); the file ``output_dir/latest`` names the newest
-complete one. Model weights load into any tensor/pipeline layout: Megatron-Core's sharded state dict
-names every tensor by its global position. A checkpoint is written under a temporary name
-and renamed when every rank has finished, and ``latest`` is replaced atomically after that, so an
-interrupted save never leaves a directory that looks complete.
+``output_dir/iter_XXXXXXX/`` holds, for every rank, the model, the optimizer (Adam moments, fp32 main
+weights, loss scaler), the LR schedule, the RNG states, the training position and the resolved config,
+plus ``model_config.json`` (the architecture, HF names) and ``train_state.json`` (a readable copy of the
+position). The file ``output_dir/latest`` names the newest complete checkpoint.
+
+Crash safety: a checkpoint is written under ``iter_XXXXXXX.tmp`` and renamed only after every rank has
+finished; ``latest`` is then replaced atomically, and old checkpoints beyond ``save_total_limit`` are
+removed only after that. A process killed mid-save leaves the previous checkpoint and ``latest`` intact.
+
+Layouts: every tensor is stored under its global name and offsets, so model weights load into any
+tensor/pipeline/data-parallel layout. Optimizer state does too, except the distributed optimizer's fast
+``dp_reshardable`` format, which only reshards over data parallelism; ``unified_checkpoint: true`` saves
+it fully reshardable instead. A resume that cannot carry the optimizer state over is refused before
+anything is loaded. Nothing is unpickled beyond ``torch.load(weights_only=True)`` (the common state holds
+plain values and tensors only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
+import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
+import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
+from megatron_prm import megatron_compat
 from megatron_prm.config import ConfigError, RunConfig
-from megatron_prm.model.architecture import LlamaArchitecture
+from megatron_prm.layout import ParallelLayout
+from megatron_prm.model.architecture import LlamaArchitecture, read_hf_config
 
 LATEST = "latest"
 CONFIG_NAME = "run_config.json"
 MODEL_CONFIG_NAME = "model_config.json"
+TRAIN_STATE_NAME = "train_state.json"
+_ITER = re.compile(r"^iter_(\d{7})$")
 
 
 def checkpoint_name(step: int) -> str:
     return f"iter_{step:07d}"
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved with every checkpoint."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    best_metric: Optional[float] = None
+    best_checkpoint: Optional[str] = None
+    layout: dict = field(default_factory=dict)
+    optimizer_format: str = ""
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainState":
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
+def layout_record(layout: ParallelLayout) -> dict:
+    return {"tensor": layout.tensor_parallel_size, "pipeline": layout.pipeline_parallel_size,
+            "virtual_pipeline": layout.virtual_pipeline_parallel_size, "data": layout.data_parallel_size,
+            "distributed_optimizer": layout.distributed_optimizer}
 
 
 def model_sharded_state_dict(model: list) -> dict:
@@ -39,15 +82,70 @@ def model_sharded_state_dict(model: list) -> dict:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
+def optimizer_format(distributed_optimizer: bool, unified: bool) -> str:
+    """How the optimizer state is laid out in the checkpoint."""
+    if not distributed_optimizer:
+        return "model_space"  # per-parameter state keyed like the model: reshards freely
+    return "fully_reshardable" if unified else "dp_reshardable"
+
+
+def _optimizer_metadata(fmt: str) -> dict:
+    return {"distrib_optim_sharding_type": fmt, "chained_optim_avoid_prefix": True}
+
+
+# ----------------------------------------------------------------------------------------- RNG state
+
+
+def _rng_state() -> dict:
+    """This rank's RNG states as tensors and plain values (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(data: Optional[dict]) -> ShardedObject:
+    return ShardedObject("rng_state", data, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
 
 
-def save_model_checkpoint(model: list, output_dir: Path, step: int, config: RunConfig,
-                          arch: LlamaArchitecture) -> Path:
-    """Save the model weights of every rank; returns the checkpoint directory."""
+def _write_metadata(directory: Path, config: RunConfig, arch: LlamaArchitecture, train_state: TrainState) -> None:
+    config.save(directory / CONFIG_NAME)
+    (directory / MODEL_CONFIG_NAME).write_text(json.dumps({"model_type": "llama", **arch.to_hf_config()}, indent=2))
+    (directory / TRAIN_STATE_NAME).write_text(json.dumps(dataclasses.asdict(train_state), indent=2))
+
+
+def _publish(staging: Path, final: Path, output_dir: Path) -> None:
+    """Rank 0: make a finished checkpoint visible, then point ``latest`` at it."""
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    _write_atomically(output_dir / LATEST, final.name + "\n")
+
+
+def _save(sharded: dict, output_dir: Path, step: int, write_metadata) -> Path:
     final = output_dir / checkpoint_name(step)
     staging = output_dir / (checkpoint_name(step) + ".tmp")
     is_writer = dist.get_rank() == 0
@@ -55,17 +153,52 @@ def save_model_checkpoint(model: list, output_dir: Path, step: int, config: RunC
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(model_sharded_state_dict(model), str(staging))
+    dist_checkpointing.save(sharded, str(staging))
     dist.barrier()
     if is_writer:
-        config.save(staging / CONFIG_NAME)
-        (staging / MODEL_CONFIG_NAME).write_text(json.dumps({"model_type": "llama", **arch.to_hf_config()}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-        _write_atomically(output_dir / LATEST, final.name + "\n")
+        write_metadata(staging)
+        _publish(staging, final, output_dir)
     dist.barrier()
     return final
+
+
+def save_model_checkpoint(model: list, output_dir: Path, step: int, config: RunConfig,
+                          arch: LlamaArchitecture) -> Path:
+    """Model weights only (initial checkpoints, exports); loadable with ``model_name_or_path``."""
+    return _save(model_sharded_state_dict(model), output_dir, step,
+                 lambda d: _write_metadata(d, config, arch, TrainState(step=step)))
+
+
+def save_checkpoint(state, output_dir: Path, config: RunConfig, arch: LlamaArchitecture,
+                    train_state: TrainState, keep: Optional[int] = None) -> Path:
+    """Everything a resume needs (``state`` is the TrainingState); prunes beyond ``keep`` afterwards."""
+    model_sd = model_sharded_state_dict(state.model)
+    sharded = {
+        **model_sd,
+        "optimizer": state.optimizer.sharded_state_dict(
+            model_sd, is_loading=False, metadata=_optimizer_metadata(train_state.optimizer_format)),
+        "rng_state": _rng_sharded_object(_rng_state()),
+        "scheduler": state.scheduler.state_dict(),
+        "train_state": dataclasses.asdict(train_state),
+    }
+    final = _save(sharded, output_dir, train_state.step,
+                  lambda d: _write_metadata(d, config, arch, train_state))
+    if keep is not None and dist.get_rank() == 0:
+        prune_checkpoints(output_dir, keep, protect=train_state.best_checkpoint)
+    dist.barrier()
+    return final
+
+
+def prune_checkpoints(output_dir: Path, keep: int, protect: Optional[str] = None) -> list[str]:
+    """Remove the oldest complete checkpoints beyond ``keep`` (never ``protect``, never the newest)."""
+    complete = sorted(p.name for p in output_dir.iterdir() if p.is_dir() and _ITER.match(p.name))
+    removable = [name for name in complete[:-keep] if name != protect] if keep > 0 else []
+    for name in removable:
+        shutil.rmtree(output_dir / name)
+    return removable
+
+
+# ---------------------------------------------------------------------------------------------- load
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -78,15 +211,78 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_model_weights(chunks: list, path: str | Path) -> Path:
-    """Load the weights of a checkpoint into this rank's (unwrapped) model chunks, whatever the layout
-    it was saved under. Refuses a checkpoint whose tensors do not match the model's shapes."""
+def check_architecture(checkpoint: Path, arch: LlamaArchitecture) -> None:
+    """Refuse a checkpoint of another model shape, naming the fields that differ."""
+    saved = read_hf_config(checkpoint / MODEL_CONFIG_NAME)
+    current = arch.to_hf_config()
+    differences = [f"{k}: checkpoint {saved.get(k)!r}, model {v!r}" for k, v in current.items()
+                   if k not in ("initializer_range", "max_position_embeddings") and saved.get(k) != v]
+    if differences:
+        raise ConfigError(f"{checkpoint} holds a model of another shape ({'; '.join(differences)})")
+
+
+def load_model_weights(chunks: list, path: str | Path, arch: Optional[LlamaArchitecture] = None) -> Path:
+    """Load a checkpoint's weights into this rank's model chunks, whatever the layout it was saved
+    under."""
     checkpoint = resolve_checkpoint(path)
+    if arch is not None:
+        check_architecture(checkpoint, arch)
     requested = model_sharded_state_dict(chunks)
     try:
         loaded = dist_checkpointing.load(requested, str(checkpoint))
     except Exception as err:  # noqa: BLE001 - dist_checkpointing raises many kinds on a mismatch
         raise ConfigError(f"cannot load the model weights of {checkpoint}: {err}") from err
-    for key, chunk in zip(requested, chunks):
+    for key, chunk in zip(requested, unwrap_model(chunks)):
         chunk.load_state_dict(loaded[key])
     return checkpoint
+
+
+def read_train_state(checkpoint: Path) -> TrainState:
+    path = checkpoint / TRAIN_STATE_NAME
+    if not path.is_file():
+        raise ConfigError(f"{checkpoint} has no {TRAIN_STATE_NAME}: it holds model weights only, not a "
+                          "training state to resume (use model_name_or_path to start from its weights)")
+    return TrainState.from_dict(json.loads(path.read_text()))
+
+
+def load_checkpoint(state, path: str | Path, arch: LlamaArchitecture, layout: ParallelLayout,
+                    fmt: str) -> tuple[TrainState, Path]:
+    """Restore model, optimizer, LR schedule and (same layout only) RNG states for a resume."""
+    checkpoint = resolve_checkpoint(path)
+    check_architecture(checkpoint, arch)
+    saved = read_train_state(checkpoint)
+    if not saved.optimizer_format:
+        raise ConfigError(f"{checkpoint} holds model weights only; start from it with model_name_or_path")
+    same_layout = saved.layout == layout_record(layout)
+    if saved.optimizer_format != fmt and "dp_reshardable" in (saved.optimizer_format, fmt):
+        raise ConfigError(
+            f"{checkpoint} stores the optimizer state as {saved.optimizer_format!r} but this run uses "
+            f"{fmt!r}; resume with the same sharding setting, or start from its weights with model_name_or_path"
+        )
+    if saved.optimizer_format == "dp_reshardable" and {k: v for k, v in saved.layout.items() if k != "data"} != {
+            k: v for k, v in layout_record(layout).items() if k != "data"}:
+        raise ConfigError(
+            f"{checkpoint} stores the distributed optimizer's state in the dp_reshardable format, which only "
+            f"reshards over data parallelism: saved under {saved.layout}, this run is {layout_record(layout)}. "
+            "Save with unified_checkpoint: true to change tensor/pipeline layout, or start from its weights "
+            "with model_name_or_path"
+        )
+    model_sd = model_sharded_state_dict(state.model)
+    megatron_compat.prime_adam_state(state.optimizer)
+    requested = {
+        **model_sd,
+        "optimizer": state.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_optimizer_metadata(fmt)),
+    }
+    if same_layout:
+        requested["rng_state"] = _rng_sharded_object(None)
+    try:
+        loaded = dist_checkpointing.load(requested, str(checkpoint))
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError(f"cannot load {checkpoint}: {err}") from err
+    for key, chunk in zip(model_sd, unwrap_model(state.model)):
+        chunk.load_state_dict(loaded[key])
+    state.optimizer.load_state_dict(loaded["optimizer"])
+    state.scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"].data if hasattr(loaded["rng_state"], "data") else loaded["rng_state"])
+    return TrainState.from_dict(loaded["train_state"]), checkpoint

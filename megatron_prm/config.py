@@ -272,7 +272,32 @@ class TrainingArguments:
     num_train_epochs: float = _doc("Epochs, when max_steps is not positive.", default=3.0)
     max_steps: int = _doc("Optimizer steps; overrides num_train_epochs when positive.", default=-1)
     eval_steps: int = _doc("Evaluate every this many optimizer steps.", default=100)
-    save_steps: int = _doc("Save the model every this many optimizer steps (and at the end).", default=500)
+    save_strategy: str = _doc("'steps' (every save_steps), 'epoch' (every epoch) or 'no'; also at the end "
+                              "unless 'no'.", default="steps")
+    save_steps: int = _doc("With save_strategy steps: save a checkpoint every this many optimizer steps.",
+                           default=500)
+    save_total_limit: Optional[int] = _doc(
+        "Keep at most this many checkpoints (the best one is never removed); null keeps all.", default=None
+    )
+    unified_checkpoint: bool = _doc(
+        "Save the distributed optimizer's state fully reshardable, so a resume may change tensor/pipeline "
+        "layout (gathers it on data-parallel rank 0 when saving). Model weights reshard in any case.",
+        default=True,
+    )
+    resume_from_checkpoint: Optional[str] = _doc(
+        "Continue a run: a checkpoint directory, a run directory (its `latest`), or 'latest' for "
+        "output_dir's. Restores model, optimizer, LR schedule, RNG and the data position.",
+        default=None,
+    )
+    load_best_model_at_end: bool = _doc(
+        "Track the checkpoint with the best metric_for_best_model and load it at the end.", default=False
+    )
+    metric_for_best_model: str = _doc(
+        "Eval metric that ranks checkpoints: loss, accuracy, neg_f1, auroc, first_error_f1, ...", default="loss"
+    )
+    greater_is_better: Optional[bool] = _doc(
+        "Whether a larger metric_for_best_model is better; default: false for loss, true otherwise.", default=None
+    )
     logging_steps: int = _doc("Log loss, learning rate, grad norm and tokens/s every this many steps.", default=1)
     bf16: bool = _doc("bfloat16 parameters and compute with fp32 master weights.", default=True)
     fp16: bool = _doc("float16 parameters and compute with dynamic loss scaling.", default=False)
@@ -320,6 +345,24 @@ class TrainingArguments:
             raise ConfigError(f"warmup_steps must not be negative, got {self.warmup_steps}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set max_steps or num_train_epochs to a positive value")
+        if self.save_strategy not in ("steps", "epoch", "no"):
+            raise ConfigError(f"save_strategy must be 'steps', 'epoch' or 'no', got {self.save_strategy!r}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(f"save_total_limit must be at least 1 or null, got {self.save_total_limit}")
+        if self.load_best_model_at_end:
+            if not self.do_eval or self.save_strategy == "no":
+                raise ConfigError("load_best_model_at_end needs do_eval and a save_strategy other than 'no'")
+            if self.save_strategy == "steps" and self.save_steps % self.eval_steps:
+                raise ConfigError(
+                    f"load_best_model_at_end needs save_steps ({self.save_steps}) to be a multiple of eval_steps "
+                    f"({self.eval_steps}) so that every checkpoint has an evaluation"
+                )
+
+    @property
+    def best_is_greater(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return self.metric_for_best_model != "loss"
 
 
 SECTIONS: dict[str, type] = {

@@ -11,6 +11,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_model_config
 
+from megatron_prm import megatron_compat
 from megatron_prm.config import ConfigError, TrainingArguments
 from megatron_prm.model.prm_model import PRMGPTModel
 
@@ -61,6 +62,7 @@ def build_training_state(chunks: list[PRMGPTModel], args: TrainingArguments, tot
         initial_loss_scale=args.scale_loss,
         use_distributed_optimizer=distributed_optimizer,
     )
+    megatron_compat.apply()
     optimizer = get_megatron_optimizer(optimizer_config, model)
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -48,6 +48,10 @@ class MicroBatch:
                   for name in ("cu_seqlens", "cu_seqlens_padded")}
         return MicroBatch(**moved, num_real_tokens=self.num_real_tokens, **packed)
 
+    @property
+    def num_samples(self) -> int:
+        return self.tokens.shape[0] if self.cu_seqlens is None else len(self.cu_seqlens) - 1
+
     def packed_seq_params(self) -> Optional[PackedSeqParams]:
         """Megatron-Core's description of a packed row (THD), or None for padded rows."""
         if self.cu_seqlens is None:

@@ -133,6 +133,11 @@ class StreamedTrainBatches:
         self.next_step += 1
         return [next(self.groups) for _ in range(self.layout.num_microbatches)]
 
+    def fast_forward(self, steps: int) -> None:
+        """Skip the samples of ``steps`` steps (a resumed run re-reads the stream up to where it was)."""
+        for step in range(self.next_step, steps):
+            self.microbatches(step)
+
 
 def eval_plan(source: SampleSource, micro_batch_size: int, packing: Optional[Packing], data_parallel_rank: int,
               data_parallel_size: int) -> list[list[int]]:
