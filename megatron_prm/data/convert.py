@@ -33,13 +33,15 @@ from tqdm import tqdm
 from megatron_prm.data.records import RecordError, iter_raw_records
 
 STEP_TAG = "ки"
-FORMATS = ("math-shepherd", "processbench", "prm800k")
+FORMATS = ("math-shepherd", "processbench", "prm800k", "prmbench", "best-of-n")
 NEUTRAL_CHOICES = ("positive", "negative", "drop")
 # Keys whose absence in the first record means the file is of another format.
 _SIGNATURE = {
     "math-shepherd": ("input", "label"),
     "processbench": ("problem", "steps", "label"),
     "prm800k": ("question", "label"),
+    "prmbench": ("modified_question", "modified_process", "error_steps"),
+    "best-of-n": ("id", "problem", "candidates"),
 }
 
 
@@ -184,11 +186,55 @@ class ConversionReport:
         }
 
 
+def convert_prmbench(raw: dict) -> dict:
+    """PRMBench: the ``modified_process`` steps, ``-`` at the 1-indexed ``error_steps`` only (PRMBench
+    labels each erroneous step, not every step after the first error)."""
+    _require(raw, ("modified_question", "modified_process", "error_steps"))
+    steps, errors = raw["modified_process"], raw["error_steps"]
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
+        raise Skip("modified_process is not a non-empty list of strings")
+    if not isinstance(errors, list) or not all(isinstance(e, int) and 1 <= e <= len(steps) for e in errors):
+        raise Skip("error_steps is not a list of 1-indexed step numbers")
+    record = {
+        "src": raw["modified_question"],
+        "tgt": [],
+        "responses": [s.strip() for s in steps],
+        "labels": ["-" if i + 1 in errors else "+" for i in range(len(steps))],
+    }
+    for key in ("idx", "classification"):
+        if key in raw:
+            record[key] = raw[key]
+    return record
+
+
+def convert_best_of_n(raw: dict) -> dict | list[dict]:
+    """Grouped candidates ``{id, problem, candidates: [{steps, answer, correct}]}``: one unlabelled
+    record per candidate, with ``group``, ``answer`` and ``correct`` kept for ``evaluate``."""
+    _require(raw, ("id", "problem", "candidates"))
+    candidates = raw["candidates"]
+    if not isinstance(candidates, list) or not candidates:
+        raise Skip("candidates is not a non-empty list")
+    records = []
+    for candidate in candidates:
+        steps = candidate.get("steps") if isinstance(candidate, dict) else None
+        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
+            raise Skip("a candidate's steps is not a non-empty list of strings")
+        if not isinstance(candidate.get("correct"), bool):
+            raise Skip("a candidate's correct is not true/false")
+        records.append({"src": raw["problem"], "tgt": [], "responses": [s.strip() for s in steps],
+                        "group": raw["id"], "answer": candidate.get("answer"), "correct": candidate["correct"]})
+    return records
+
+
 def converter_for(source_format: str, neutral: str = "positive") -> Callable[[dict], dict]:
     if source_format == "math-shepherd":
         return convert_math_shepherd
     if source_format == "processbench":
         return convert_processbench
+    if source_format == "prmbench":
+        return convert_prmbench
+    if source_format == "best-of-n":
+        return convert_best_of_n
     if source_format == "prm800k":
         if neutral not in NEUTRAL_CHOICES:
             raise ValueError(f"--neutral must be one of {', '.join(NEUTRAL_CHOICES)}, got {neutral!r}")
@@ -219,9 +265,10 @@ def convert_file(
                 except Skip as reason:
                     report.skipped[str(reason)] += 1
                     continue
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                report.converted += 1
-                report.steps += len(record["responses"])
+                for converted in record if isinstance(record, list) else [record]:
+                    out.write(json.dumps(converted, ensure_ascii=False) + "\n")
+                    report.converted += 1
+                    report.steps += len(converted["responses"])
         if report.read == 0:
             raise FormatError(f"{input_path}: no records")
         tmp.replace(output_path)

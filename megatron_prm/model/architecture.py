@@ -67,6 +67,22 @@ class LlamaArchitecture:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], where: str) -> "LlamaArchitecture":
+        """The architecture an HF ``config.json`` (already read by :func:`read_hf_config`) describes."""
+        values = shape_values(config)
+        missing = [n for n in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                               "vocab_size") if n not in values]
+        if missing:
+            raise ConfigError(f"{where} lacks {', '.join(missing)}")
+        for name, default in _DEFAULTS.items():
+            values.setdefault(name, default)
+        values.setdefault("num_key_value_heads", values["num_attention_heads"])
+        values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
+        values.setdefault("max_position_embeddings", 4096)
+        scaling = values.pop("rope_scaling", None)
+        return cls(**values, rope_scaling=Llama3RopeScaling.from_hf(scaling, where) if scaling else None)
+
     def to_hf_config(self) -> dict[str, Any]:
         """The fields of an HF LlamaConfig describing this architecture."""
         config = {k: v for k, v in dataclasses.asdict(self).items() if k != "rope_scaling"}
@@ -89,6 +105,22 @@ _SHAPE_FIELDS = (
     "head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling", "rms_norm_eps",
     "tie_word_embeddings", "initializer_range",
 )
+
+
+def shape_values(config: dict[str, Any]) -> dict[str, Any]:
+    """The architecture fields an HF config sets. RoPE settings are read from both spellings:
+    ``rope_theta`` + ``rope_scaling`` (transformers 4) and ``rope_parameters`` (transformers 5)."""
+    values = {k: config[k] for k in _SHAPE_FIELDS if config.get(k) is not None}
+    parameters = config.get("rope_parameters")
+    if isinstance(parameters, dict):
+        if "rope_theta" in parameters:
+            values["rope_theta"] = parameters["rope_theta"]
+        if parameters.get("rope_type", parameters.get("type", "default")) != "default":
+            values["rope_scaling"] = {k: v for k, v in parameters.items() if k != "rope_theta"}
+    scaling = values.get("rope_scaling")
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+        del values["rope_scaling"]
+    return values
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
@@ -130,7 +162,7 @@ def resolve_architecture(
             source = resolve_checkpoint(source) / MODEL_CONFIG_NAME
         where = str(source)
         hf = read_hf_config(source)
-        values = {k: hf[k] for k in _SHAPE_FIELDS if hf.get(k) is not None}
+        values = shape_values(hf)
         window = hf.get("sliding_window")
         if window is not None and window < max_seq_len:
             raise ConfigError(

@@ -34,8 +34,13 @@ class PRMGPTModel(GPTModel):
         attention_mask: Optional[torch.Tensor] = None,
         reward_index: Optional[torch.Tensor] = None,
         packed_seq_params: Optional[PackedSeqParams] = None,
+        labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Hidden states ``[s, b, h]`` on inner pipeline stages; logits ``[n, 2]`` on the last one."""
+        """Hidden states ``[s, b, h]`` on inner pipeline stages. On the last one: with ``reward_index``,
+        the reward-token logits ``[n, 2]``; without it, the plain language model's output (what
+        GPTModel returns: full-vocabulary logits ``[s, b, vocab / TP]``, or with ``labels`` the
+        per-token cross-entropy ``[b, s]``), used to check conversions and to benchmark against LM
+        training."""
         decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, _ = self._preprocess(
             input_ids=input_ids, position_ids=position_ids, packed_seq_params=packed_seq_params
         )[:6]
@@ -50,13 +55,14 @@ class PRMGPTModel(GPTModel):
         )
         if not self.post_process:
             return hidden_states
-        if reward_index is None:
-            raise ValueError("the last pipeline stage needs reward_index")
         weight = (
             self.shared_embedding_or_output_weight()
             if self.share_embeddings_and_output_weights
             else self.output_layer.weight
         )
+        if reward_index is None:
+            logits, _ = self.output_layer(hidden_states, weight=weight)
+            return logits if labels is None else self.compute_language_model_loss(labels, logits)
         return reward_logits(
             hidden_states,
             reward_index,

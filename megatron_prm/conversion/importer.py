@@ -1,0 +1,107 @@
+"""HF Llama / Mistral checkpoint -> Megatron-Core ``torch_dist`` checkpoint, one tensor at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from megatron_prm.checkpoint import MODEL_CONFIG_NAME, TOKENIZER_DIR, TRAIN_STATE_NAME, TrainState
+from megatron_prm.config import ConfigError
+from megatron_prm.conversion.mapping import (
+    IGNORED_HF_SUFFIXES,
+    ParamRule,
+    hf_shapes,
+    megatron_shape,
+    rules_for,
+    to_megatron,
+)
+from megatron_prm.conversion.safetensors_io import CheckpointFormatError, SafetensorsReader
+from megatron_prm.conversion.staging import staged_output
+from megatron_prm.conversion.torch_dist_writer import LazyTensor, stacked, whole, write_torch_dist
+from megatron_prm.layout import model_split_problems
+from megatron_prm.model.architecture import LlamaArchitecture, read_hf_config
+from megatron_prm.model.provider import padded_vocab_size
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def check_tensors(reader: SafetensorsReader, rules: tuple[ParamRule, ...], arch: LlamaArchitecture) -> None:
+    """Every tensor the config implies is present with the implied shape, and nothing else is there."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for rule in rules:
+        for layer in range(arch.num_hidden_layers) if rule.per_layer else [None]:
+            expected.update(zip(rule.hf_names(layer), hf_shapes(rule, arch)))
+    present = reader.names()
+    problems = [f"{name} is missing" for name in sorted(expected.keys() - present)]
+    for name in sorted(expected.keys() & present):
+        found = reader.entries[name].shape
+        if found != expected[name]:
+            problems.append(f"{name} has shape {list(found)} in {reader.entries[name].file.name}, "
+                            f"the config implies {list(expected[name])}")
+    unexpected = sorted(n for n in present - expected.keys() if not n.endswith(IGNORED_HF_SUFFIXES))
+    problems += [f"{name} is not a parameter of this architecture" for name in unexpected[:5]]
+    if problems:
+        raise CheckpointFormatError(
+            f"{reader.directory}: the tensors do not match config.json "
+            f"(e.g. tie_word_embeddings={arch.tie_word_embeddings}): " + "; ".join(problems[:8]))
+
+
+def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if copied:
+        target.mkdir(exist_ok=True)
+        for name in copied:
+            shutil.copy2(source / name, target / name)
+    return copied
+
+
+def import_hf(hf_dir: Path, out_dir: Path, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+              dtype: Optional[str] = None, progress: bool = True) -> dict:
+    """Convert ``hf_dir`` into a Megatron checkpoint at ``out_dir``; returns a summary.
+
+    The checkpoint is layout-independent; ``tensor_parallel`` / ``pipeline_parallel`` are checked
+    against the model, and the vocabulary is padded as a run with that tensor-parallel size pads it.
+    """
+    config = read_hf_config(hf_dir)
+    config_path = hf_dir / "config.json"
+    arch = LlamaArchitecture.from_hf_config(config, str(config_path))
+    problems = model_split_problems(arch, tensor_parallel, pipeline_parallel)
+    if problems:
+        raise ConfigError(f"{config_path}: cannot split for --tp {tensor_parallel} --pp {pipeline_parallel}: "
+                          + "; ".join(problems))
+    reader = SafetensorsReader(hf_dir)
+    rules = rules_for(config["model_type"], arch)
+    check_tensors(reader, rules, arch)
+    first = reader.entries[rules[0].hf_names()[0]]
+    target_dtype = DTYPES[dtype] if dtype else first.dtype
+    padded_vocab = padded_vocab_size(arch.vocab_size, tensor_parallel)
+
+    def converter(rule: ParamRule):
+        def produce(layer: Optional[int] = None) -> torch.Tensor:
+            tensors = [reader.read(name) for name in rule.hf_names(layer)]
+            return to_megatron(rule, tensors, arch, padded_vocab)
+        return produce
+
+    tensors: dict[str, LazyTensor] = {}
+    for rule in rules:
+        shape = megatron_shape(rule, arch, padded_vocab)
+        produce = converter(rule)
+        tensors[rule.checkpoint_key] = (stacked(shape, target_dtype, arch.num_hidden_layers, produce)
+                                        if rule.per_layer else whole(shape, target_dtype, produce))
+    total = sum(len(t.chunks) for t in tensors.values())
+    with staged_output(out_dir) as staging, tqdm(total=total, desc="import", unit="tensor", disable=not progress) as bar:
+        write_torch_dist(staging, tensors, on_chunk=lambda key: bar.update())
+        shutil.copy2(config_path, staging / MODEL_CONFIG_NAME)  # verbatim: export writes it back unchanged
+        (staging / TRAIN_STATE_NAME).write_text(json.dumps(dataclasses.asdict(TrainState()), indent=2))
+        tokenizer_files = copy_tokenizer_files(hf_dir, staging / TOKENIZER_DIR)
+    return {"output": str(out_dir), "model_type": config["model_type"], "layers": arch.num_hidden_layers,
+            "vocab_size": arch.vocab_size, "padded_vocab_size": padded_vocab, "dtype": str(target_dtype),
+            "tensors": total, "tokenizer_files": tokenizer_files}

@@ -1,0 +1,138 @@
+"""``megatron-prm plan``: the parallel layout, parameters and memory per GPU of a run, without a GPU.
+
+Memory per GPU (bytes, the most loaded pipeline stage):
+- weights: parameters x 2 (bf16/fp16) or 4 (fp32);
+- gradients: parameters x 4 (Megatron's DDP buffer reduces in fp32 under bf16/fp16), else x 4;
+- optimizer: parameters x 12 (fp32 main weights + Adam moments) under bf16/fp16, x 8 in fp32; divided by
+  the data-parallel size with the distributed optimizer (``sharding: stage1``);
+- activations per layer of one micro batch of ``s`` tokens (Korthikanti et al. 2022, "Reducing
+  Activation Recomputation in Large Transformer Models", with fused attention so no ``s x s`` scores are
+  kept): ``s h (10 + 24 f / (4 h)) / t`` bytes for a SwiGLU block under sequence parallelism (the
+  paper's ``34 s h`` with the MLP term rescaled from 4h GeLU to the gated FFN ``f``), ``2 s h / t`` per
+  layer with full recompute plus one layer's full activations; the first pipeline stage holds
+  ``pp`` micro batches in flight under 1F1B.
+These are estimates (allocator fragmentation and communication buffers come on top; keep headroom).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megatron_prm.config import ConfigError, RunConfig
+from megatron_prm.layout import ParallelLayout, resolve_layout
+from megatron_prm.model.architecture import LlamaArchitecture
+from megatron_prm.model.provider import padded_vocab_size
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class StageParameters:
+    embedding: int
+    layers: int
+    output_layer: int
+    final_norm: int
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.layers + self.output_layer + self.final_norm
+
+
+def layer_parameters(arch: LlamaArchitecture, tp: int) -> int:
+    """Parameters of one transformer layer held by one tensor-parallel rank."""
+    h, d, f = arch.hidden_size, arch.head_dim, arch.intermediate_size
+    n, g = arch.num_attention_heads, arch.num_key_value_heads
+    sharded = (n + 2 * g) * d * h + h * n * d + 2 * f * h + f * h
+    return sharded // tp + 2 * h  # the two RMSNorm weights are replicated
+
+
+def stage_parameters(arch: LlamaArchitecture, layout: ParallelLayout, stage: int) -> StageParameters:
+    """Parameters on one GPU of pipeline stage ``stage`` (all its virtual chunks)."""
+    tp, pp = layout.tensor_parallel_size, layout.pipeline_parallel_size
+    vocab_rows = padded_vocab_size(arch.vocab_size, tp) // tp * arch.hidden_size
+    first, last = stage == 0, stage == pp - 1
+    has_output = last and (not arch.tie_word_embeddings or pp > 1)  # tied + PP: the last stage keeps a copy
+    return StageParameters(
+        embedding=vocab_rows if first else 0,
+        layers=arch.num_hidden_layers // pp * layer_parameters(arch, tp),
+        output_layer=vocab_rows if has_output else 0,
+        final_norm=arch.hidden_size if last else 0,
+    )
+
+
+def activation_bytes(arch: LlamaArchitecture, layout: ParallelLayout, tokens: int, recompute: bool) -> int:
+    """Activations kept for the backward pass on the first pipeline stage (see the module docstring)."""
+    h, f, tp, pp = arch.hidden_size, arch.intermediate_size, layout.tensor_parallel_size, layout.pipeline_parallel_size
+    per_layer = tokens * h * (10 + 24 * f / (4 * h)) / tp
+    layers = arch.num_hidden_layers // pp
+    if recompute:
+        kept = layers * 2 * tokens * h / tp + per_layer
+    else:
+        kept = layers * per_layer
+    return int(kept * pp)
+
+
+def plan(config: RunConfig, arch: LlamaArchitecture, nodes: int, gpus_per_node: int, gpu_memory_gib: float) -> dict:
+    world = nodes * gpus_per_node
+    layout, notes = resolve_layout(config, world, arch)
+    t = config.training
+    accumulation = t.gradient_accumulation_steps
+    stages = [stage_parameters(arch, layout, s) for s in range(layout.pipeline_parallel_size)]
+    heaviest = max(stages, key=lambda s: s.total)
+    params = heaviest.total
+    half = t.bf16 or t.fp16
+    optimizer_bytes = params * (12 if half else 8)
+    if layout.distributed_optimizer:
+        optimizer_bytes = math.ceil(optimizer_bytes / layout.data_parallel_size)
+    tokens = config.data.max_seq_len * t.per_device_train_batch_size
+    memory = {
+        "weights": params * (2 if half else 4),
+        "gradients": params * 4,
+        "optimizer": optimizer_bytes,
+        "activations": activation_bytes(arch, layout, tokens, recompute=False),
+        "activations_with_full_recompute": activation_bytes(arch, layout, tokens, recompute=True),
+    }
+    active = memory["activations_with_full_recompute"] if config.parallel.recompute else memory["activations"]
+    total = memory["weights"] + memory["gradients"] + memory["optimizer"] + active
+    result = {
+        "world_size": world,
+        "layout": {"tensor": layout.tensor_parallel_size, "pipeline": layout.pipeline_parallel_size,
+                   "virtual_pipeline": layout.virtual_pipeline_parallel_size, "data": layout.data_parallel_size,
+                   "sequence_parallel": layout.sequence_parallel,
+                   "distributed_optimizer": layout.distributed_optimizer},
+        "microbatches_per_step": accumulation,
+        "global_batch_size": t.per_device_train_batch_size * accumulation * layout.data_parallel_size,
+        "parameters_per_gpu": params,
+        "parameters_per_stage": [s.total for s in stages],
+        "memory_bytes": memory,
+        "recompute": config.parallel.recompute,
+        "estimated_total_bytes": total,
+        "gpu_memory_bytes": int(gpu_memory_gib * GIB),
+        "notes": notes,
+    }
+    if total > gpu_memory_gib * GIB:
+        raise ConfigError(
+            f"the layout does not fit: about {total / GIB:.1f} GiB per GPU (weights {memory['weights'] / GIB:.1f}, "
+            f"gradients {memory['gradients'] / GIB:.1f}, optimizer {memory['optimizer'] / GIB:.1f}, activations "
+            f"{active / GIB:.1f}) > {gpu_memory_gib} GiB; raise tensor/pipeline parallelism, use sharding: stage1, "
+            "or recompute")
+    return result
+
+
+def describe(result: dict) -> str:
+    layout = result["layout"]
+    memory = result["memory_bytes"]
+    lines = [
+        f"world size {result['world_size']}: TP {layout['tensor']} x PP {layout['pipeline']} (VPP "
+        f"{layout['virtual_pipeline']}) x DP {layout['data']}; sequence parallel {layout['sequence_parallel']}, "
+        f"distributed optimizer {layout['distributed_optimizer']}",
+        f"{result['microbatches_per_step']} micro batches per step per data-parallel rank; global batch "
+        f"{result['global_batch_size']} rows",
+        f"parameters per GPU (heaviest stage): {result['parameters_per_gpu'] / 1e9:.3f} B; per stage: "
+        + ", ".join(f"{p / 1e9:.3f} B" for p in result["parameters_per_stage"]),
+        "memory per GPU (estimate): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in memory.items()),
+        f"total with recompute={result['recompute']}: {result['estimated_total_bytes'] / GIB:.2f} GiB of "
+        f"{result['gpu_memory_bytes'] / GIB:.0f} GiB",
+    ]
+    return "\n".join(lines + [f"note: {n}" for n in result["notes"]])

@@ -1,0 +1,137 @@
+"""Scoring solutions with a trained PRM: P(good) of every step and aggregates per record.
+
+Runs the training stack forward-only (same model builder, parallel layouts, packed rows and
+evaluation schedule), so a model scores exactly as it was evaluated during training. Records need
+no labels; everything in a record besides ``src``/``tgt``/``responses`` is passed through to the
+output, so benchmark fields (``id``, ``label``, ``group``, ``answer``, ``correct``) reach ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_prm.checkpoint import CONFIG_NAME, load_model_weights, resolve_checkpoint
+from megatron_prm.config import ConfigError, RunConfig, load_config, read_config_file
+from megatron_prm.data.batching import Collator
+from megatron_prm.data.packing import PackingOptions
+from megatron_prm.data.pipeline import Packing, tokenize_job
+from megatron_prm.data.preprocess import RecordTokenizer
+from megatron_prm.data.records import iter_raw_records
+from megatron_prm.data.samples import load_samples
+from megatron_prm.data.store import InMemorySamples
+from megatron_prm.evaluation import predict
+from megatron_prm.layout import resolve_layout
+from megatron_prm.model.architecture import resolve_architecture
+from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
+from megatron_prm.runtime import init_runtime
+
+AGGREGATES = ("min", "last", "prod", "mean", "max")
+# Settings a scoring run takes over from the training run that wrote the checkpoint.
+_INHERITED = ("tokenizer_name_or_path", "placeholder_token", "reward_tokens", "process_reward", "max_seq_len",
+              "max_prompt_len", "score_threshold", "bf16", "fp16")
+
+
+def aggregate(scores: list[float], how: str) -> Optional[float]:
+    """One score for a solution from its step scores (None when no step was scored)."""
+    if not scores:
+        return None
+    if how == "min":
+        return min(scores)
+    if how == "max":
+        return max(scores)
+    if how == "last":
+        return scores[-1]
+    if how == "prod":
+        return math.prod(scores)
+    if how == "mean":
+        return sum(scores) / len(scores)
+    raise ValueError(f"unknown aggregate {how!r}; choose from {', '.join(AGGREGATES)}")
+
+
+def scoring_config(checkpoint: str, data: str, overrides: list[str]) -> RunConfig:
+    """The checkpoint's own run settings (tokenizer, special tokens, lengths), then ``overrides``."""
+    saved = resolve_checkpoint(checkpoint) / CONFIG_NAME
+    inherited: list[str] = []
+    if saved.is_file():
+        values = read_config_file(saved)
+        for key in _INHERITED:
+            if values.get(key) is not None:
+                inherited += [f"--{key}", json.dumps(values[key]) if not isinstance(values[key], str) else values[key]]
+    return load_config(None, [*inherited, "--model_name_or_path", checkpoint, "--train_dataset_path", data,
+                              "--output_dir", str(Path(data).parent), *overrides])
+
+
+def score_file(config: RunConfig, output: Path, aggregates: tuple[str, ...], batch_size: int, packed: bool) -> Optional[dict]:
+    """Score every record of ``config.data.train_dataset_path`` into ``output`` (JSONL, written
+    atomically by one rank); returns a summary on that rank, None on the others."""
+    for how in aggregates:
+        aggregate([1.0], how)  # refuses unknown names before any work
+    data_path = config.data.train_dataset_path
+    tokenizer = RecordTokenizer(tokenize_job(config, data_path))
+    arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len)
+    layout, _ = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), arch)
+    runtime = init_runtime(config.training.device, config.training.seed, layout)
+    options = ModelBuildOptions.from_config(config, layout, runtime.use_transformer_engine, runtime.is_cpu)
+    chunks = build_model_chunks(arch, tokenizer.special.reward_ids, config.data.max_seq_len, options)
+    load_model_weights(chunks, config.model.model_name_or_path, arch)
+    if config.training.bf16 or config.training.fp16:
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
+
+    samples, report = load_samples(data_path, tokenizer.tokenizer, tokenizer.special,
+                                   tokenize_job(config, data_path).options, tuple(config.prm.reward_token_list),
+                                   require_labels=False, show_progress=runtime.is_logging_rank)
+    packing = Packing("greedy_zero_padding", PackingOptions(config.data.max_seq_len, row_multiple=layout.sequence_multiple),
+                      config.data.packing_buffer_size) if packed else None
+    eos = tokenizer.tokenizer.eos_id
+    collator = Collator(eos if eos is not None else 0,
+                        multiple=layout.sequence_multiple, uniform_length=layout.pipeline_parallel_size > 1,
+                        packing=packing.options if packing else None)
+    result = predict(chunks, InMemorySamples(samples), 1 if packed else batch_size, collator, runtime.device, packing)
+    writer = (result is not None and parallel_state.get_tensor_model_parallel_rank() == 0
+              and parallel_state.get_data_parallel_rank() == 0)
+    summary = None
+    if writer:
+        predictions, _ = result
+        by_record: dict[int, dict[int, float]] = defaultdict(dict)
+        for record, step, p in zip(predictions.record_ids, predictions.step_ids, predictions.p_good):
+            by_record[int(record)][int(step)] = float(p)
+        summary = _write_scores(data_path, output, by_record, aggregates, config.prm.process_reward)
+        summary["data"] = report.as_dict()
+    dist.barrier()
+    return summary
+
+
+def _write_scores(data_path: str, output: Path, by_record: dict[int, dict[int, float]],
+                  aggregates: tuple[str, ...], process_reward: bool) -> dict:
+    tmp = output.with_name(output.name + ".tmp")
+    records = unscored = 0
+    with tmp.open("w", encoding="utf-8") as handle:
+        for index, _, raw in iter_raw_records(data_path):
+            steps = by_record.get(index, {})
+            scores = [steps[i] for i in sorted(steps)]
+            out = {k: v for k, v in raw.items() if k not in ("src", "tgt", "responses")}
+            out["index"] = index
+            out["num_steps"] = len(raw["responses"]) if isinstance(raw["responses"], list) else 1
+            if process_reward:
+                out["step_scores"] = scores
+            else:
+                out["outcome_score"] = scores[-1] if scores else None
+            out["aggregates"] = {how: aggregate(scores, how) for how in aggregates}
+            handle.write(json.dumps(out, ensure_ascii=False) + "\n")
+            records += 1
+            unscored += not scores
+    tmp.replace(output)
+    all_scores = np.array([p for steps in by_record.values() for p in steps.values()])
+    return {"output": str(output), "records": records, "unscored_records": unscored, "steps": int(all_scores.size),
+            "mean_p_good": float(all_scores.mean()) if all_scores.size else None}

@@ -1,0 +1,153 @@
+"""evaluate: ProcessBench, PRMBench, step and best-of-N figures against hand-computed values, the
+ProcessBench oracles on the real GSM8K subset, the evaluation converters, and the demo end to end."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from conftest import run_cli, write_jsonl
+from megatron_prm import benchmarks
+from megatron_prm.benchmarks import ScoresError, predicted_first_error
+
+
+def pb(subset, scores, label):
+    return {"subset": subset, "step_scores": scores, "first_error": label}
+
+
+def test_processbench_hand_computed_with_ties_and_an_all_correct_subset():
+    records = [
+        pb("a", [0.9, 0.2, 0.1], 1),   # predicted 1: right
+        pb("a", [0.9, 0.8, 0.3], 1),   # predicted 2: wrong (exact index required)
+        pb("a", [0.5, 0.7], -1),       # 0.5 is not below 0.5: predicted -1, right
+        pb("a", [0.6, 0.4], -1),       # predicted 1: wrong
+        pb("b", [0.9, 0.9], -1),       # subset b has no erroneous item
+    ]
+    result = benchmarks.processbench(records, threshold=0.5)
+    a = result["subsets"]["a"]
+    assert (a["acc_erroneous"], a["acc_correct"], a["f1"]) == (0.5, 0.5, 0.5)
+    b = result["subsets"]["b"]
+    assert b["acc_erroneous"] is None and b["acc_correct"] == 1.0 and b["f1"] is None
+    assert result["average_f1"] == 0.5  # the mean over subsets whose F1 is defined
+    assert predicted_first_error([0.5, 0.49], 0.5) == 1
+
+
+def test_processbench_threshold_tuned_on_one_subset_applies_to_all():
+    records = [pb("tune", [0.9, 0.3], 1), pb("tune", [0.6, 0.7], -1), pb("other", [0.8, 0.5], 1)]
+    result = benchmarks.processbench(records, threshold=None, tune_on="tune")
+    # On "tune", any threshold in (0.3, 0.6] gives F1 1; the smallest decision point above 0.3 is chosen.
+    assert 0.3 < result["threshold"] <= 0.6 and result["subsets"]["tune"]["f1"] == 1.0
+    assert result["subsets"]["other"]["acc_erroneous"] == 0.0  # 0.5 is not below the tuned threshold
+    with pytest.raises(ScoresError, match="no subset 'missing'"):
+        benchmarks.processbench(records, tune_on="missing")
+
+
+def test_prmbench_and_steps_hand_computed():
+    records = [{"labels": ["+", "-", "+"], "step_scores": [0.9, 0.2, 0.4]},
+               {"labels": ["-", "+"], "step_scores": [0.7, 0.8]}]
+    # predicted good: T F F T T; actual good: T F T F T
+    result = benchmarks.prmbench(records)
+    f1_correct = 2 * (2 / 3) * (2 / 3) / (4 / 3)  # precision 2/3, recall 2/3
+    f1_erroneous = 2 * 0.5 * 0.5 / 1.0  # precision 1/2, recall 1/2
+    assert result["f1_correct"] == pytest.approx(f1_correct)
+    assert result["f1_erroneous"] == pytest.approx(f1_erroneous)
+    assert result["prmbench_score"] == pytest.approx(0.5 * f1_correct + 0.5 * f1_erroneous)
+
+    figures = benchmarks.steps(records)
+    assert figures["accuracy"] == pytest.approx(3 / 5)
+    assert (figures["neg_precision"], figures["neg_recall"]) == (0.5, 0.5)
+    # AUROC: good scores {0.9, 0.4, 0.8} vs bad {0.2, 0.7}: 5 of 6 pairs ordered right (not 0.4 > 0.7).
+    assert figures["auroc"] == pytest.approx(5 / 6)
+    # ECE, 10 bins: bins 2 (0.2, bad), 4 (0.4, good), 7 (0.7, bad), 8 (0.8, good), 9 (0.9, good).
+    assert figures["ece"] == pytest.approx((0.2 + 0.6 + 0.7 + 0.2 + 0.1) / 5)
+
+
+def test_best_of_n_hand_computed_with_ties_and_unscored_groups():
+    def cand(group, correct, answer, minimum):
+        return {"group": group, "correct": correct, "answer": answer, "aggregates": {"min": minimum, "last": 0.5}}
+
+    records = [
+        cand("g1", False, "3", 0.2), cand("g1", True, "4", 0.9), cand("g1", False, "3", 0.1),
+        cand("g2", True, "7", 0.6), cand("g2", False, "8", 0.6),  # tie on min: the first candidate
+        cand("g3", False, "1", None), cand("g3", True, "2", None),  # unscored by min
+    ]
+    result = benchmarks.best_of_n(records)
+    assert result["groups"] == 3
+    assert result["prm_accuracy"]["min"] == pytest.approx(2 / 3)  # g1 right, g2 right (first), g3 counted wrong
+    assert result["unscored_groups"]["min"] == 1
+    assert result["prm_accuracy"]["last"] == pytest.approx(1 / 3)  # all tie on last: first candidates, only g2 right
+    assert result["accuracy"] == result["prm_accuracy"]["min"]
+    # Majority: g1 "3" (wrong), g2 tie -> "7" first seen (right), g3 tie -> "1" (wrong).
+    assert result["majority_vote_accuracy"] == pytest.approx(1 / 3)
+    assert result["pass_at_n"] == 1.0
+    with pytest.raises(ScoresError, match="no 'group' field"):
+        benchmarks.best_of_n([{"correct": True}])
+
+
+def test_processbench_oracles_on_real_gsm8k(shared_data):
+    with gzip.open(shared_data / "processbench" / "gsm8k.json.gz", "rt") as handle:
+        items = json.load(handle)
+    oracle = [pb("gsm8k", [0.0 if item["label"] != -1 and i >= item["label"] else 1.0
+                           for i in range(len(item["steps"]))], item["label"]) for item in items]
+    assert benchmarks.processbench(oracle)["average_f1"] == 1.0
+    always_correct = [pb("gsm8k", [1.0] * len(item["steps"]), item["label"]) for item in items]
+    assert benchmarks.processbench(always_correct)["average_f1"] == 0.0
+    # Outcome-only oracle: only the last step is judged, wrong iff the final answer is wrong.
+    outcome = [pb("gsm8k", [1.0] * (len(item["steps"]) - 1) + [0.0 if not item["final_answer_correct"] else 1.0],
+                  item["label"]) for item in items]
+    erroneous = [item for item in items if item["label"] != -1]
+    correct = [item for item in items if item["label"] == -1]
+    acc_err = sum(not item["final_answer_correct"] and item["label"] == len(item["steps"]) - 1
+                  for item in erroneous) / len(erroneous)
+    acc_cor = sum(item["final_answer_correct"] for item in correct) / len(correct)
+    expected = 2 * acc_err * acc_cor / (acc_err + acc_cor)
+    assert benchmarks.processbench(outcome)["average_f1"] == pytest.approx(expected, abs=1e-12)
+    assert 0.0 < expected < 1.0
+
+
+def test_converters_for_prmbench_and_best_of_n_and_the_evaluate_command(tmp_path):
+    prmbench = write_jsonl(tmp_path / "prmbench.jsonl", [{
+        "idx": 7, "classification": "counterfactual", "modified_question": "Q?",
+        "modified_process": ["a", "b", "c"], "error_steps": [2], "original_process": ["x"]}])
+    out = tmp_path / "prmbench-out.jsonl"
+    run_cli(["convert-data", "--from", "prmbench", "--input", str(prmbench), "--output", str(out)])
+    record = json.loads(out.read_text())
+    assert record["labels"] == ["+", "-", "+"] and record["responses"] == ["a", "b", "c"] and record["idx"] == 7
+
+    grouped = write_jsonl(tmp_path / "bon.jsonl", [{"id": "p1", "problem": "2+2?", "candidates": [
+        {"steps": ["2+2=4", "so 4"], "answer": "4", "correct": True},
+        {"steps": ["2+2=5"], "answer": "5", "correct": False}]}])
+    out = tmp_path / "bon-out.jsonl"
+    run_cli(["convert-data", "--from", "best-of-n", "--input", str(grouped), "--output", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["group"], r["answer"], r["correct"], len(r["responses"])) for r in rows] == [
+        ("p1", "4", True, 2), ("p1", "5", False, 1)]
+    assert all("labels" not in r for r in rows)
+
+    scores = write_jsonl(tmp_path / "scores.jsonl", [
+        {**rows[0], "aggregates": {"min": 0.3}}, {**rows[1], "aggregates": {"min": 0.8}}])
+    result = run_cli(["evaluate", "--scores", str(scores), "--benchmark", "best-of-n"])
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert last["benchmark"] == "best-of-n" and last["accuracy"] == 0.0 and last["pass_at_n"] == 1.0
+    refused = run_cli(["evaluate", "--scores", str(scores), "--benchmark", "processbench"], check=False)
+    assert refused.returncode == 2 and "no step_scores" in refused.stderr
+
+
+def test_quick_demo_scores_and_evaluates_its_held_out_set(tmp_path):
+    result = run_cli(["demo", "--quick", "--output-dir", str(tmp_path)])
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    # Scoring the saved checkpoint reproduces the training run's own evaluation.
+    assert summary["scored_step_accuracy"] == summary["step_accuracy"]
+    assert summary["scored_processbench_f1"] == summary["first_error_f1"]
+    scored = [json.loads(line) for line in (tmp_path / "dev_scores.jsonl").read_text().splitlines()]
+    assert len(scored) == summary["eval_records"]
+    assert all(len(r["step_scores"]) == len(r["labels"]) and set(r["aggregates"]) == {"min", "last", "prod", "mean"}
+               for r in scored)
+    first = scored[0]
+    assert first["aggregates"]["min"] == min(first["step_scores"])
+    assert first["aggregates"]["last"] == first["step_scores"][-1]
+    evaluated = run_cli(["evaluate", "--scores", str(tmp_path / "dev_scores.jsonl"), "--benchmark", "steps"])
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(
+        summary["step_accuracy"], abs=1e-4)

