@@ -55,7 +55,9 @@ CHECKPOINT=$WORK/checkpoint
 STORE=$WORK/store/train
 RUN=$WORK/run
 if [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  # No pipe into head: under pipefail, scontrol killed by SIGPIPE would fail the job at random.
+  HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  MASTER_ADDR=${HOSTS%%$'\n'*}
 else
   MASTER_ADDR=127.0.0.1
 fi

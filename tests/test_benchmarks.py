@@ -151,3 +151,12 @@ def test_quick_demo_scores_and_evaluates_its_held_out_set(tmp_path):
     evaluated = run_cli(["evaluate", "--scores", str(tmp_path / "dev_scores.jsonl"), "--benchmark", "steps"])
     assert json.loads(evaluated.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(
         summary["step_accuracy"], abs=1e-4)
+
+    # The same checkpoint scored under tensor parallelism (2 processes, unpacked rows) agrees.
+    run_cli(["score", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "data" / "dev.jsonl"),
+             "--output", str(tmp_path / "tp2.jsonl"), "--no-packing", "--tensor_parallel_degree", "2",
+             "--device", "cpu"], nproc=2)
+    tp2 = [json.loads(line) for line in (tmp_path / "tp2.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in tp2] == [r["index"] for r in scored]
+    worst = max(abs(a - b) for r1, r2 in zip(scored, tp2) for a, b in zip(r1["step_scores"], r2["step_scores"]))
+    assert worst < 1e-5

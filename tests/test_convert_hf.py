@@ -39,6 +39,31 @@ def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def test_mapping_names_cover_the_built_model_under_both_spellings():
+    """Every parameter of a built local-spec model is named by the table (local names), and every
+    tensor of its checkpoint by the checkpoint (TE-spec) names."""
+    from megatron_prm.conversion.mapping import rules_for
+    from megatron_prm.layout import ParallelLayout
+    from megatron_prm.model.architecture import LlamaArchitecture
+    from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
+    from megatron_prm.runtime import init_runtime, shutdown
+
+    arch = LlamaArchitecture.from_hf_config({"model_type": "llama", **SHAPE}, "test")
+    init_runtime("cpu", 0, ParallelLayout())
+    try:
+        (model,) = build_model_chunks(arch, (1, 2), 32, ModelBuildOptions(use_cpu_initialization=True))
+        local_names = {k for k in model.state_dict() if not k.endswith("_extra_state")}
+        checkpoint_keys = {v.key for v in model.sharded_state_dict().values() if not v.key.endswith("_extra_state")}
+    finally:
+        shutdown()
+    rules = rules_for("llama", arch)
+    assert local_names == {r.megatron_name(layer, spec="local") for r in rules
+                           for layer in (range(arch.num_hidden_layers) if r.per_layer else [None])}
+    assert checkpoint_keys == {r.checkpoint_key for r in rules}
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in {
+        r.megatron_name(0) for r in rules}  # the TE spec's module name
+
+
 def hf_logits(directory) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     with torch.no_grad():

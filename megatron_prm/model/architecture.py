@@ -75,13 +75,8 @@ class LlamaArchitecture:
                                "vocab_size") if n not in values]
         if missing:
             raise ConfigError(f"{where} lacks {', '.join(missing)}")
-        for name, default in _DEFAULTS.items():
-            values.setdefault(name, default)
-        values.setdefault("num_key_value_heads", values["num_attention_heads"])
-        values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
         values.setdefault("max_position_embeddings", 4096)
-        scaling = values.pop("rope_scaling", None)
-        return cls(**values, rope_scaling=Llama3RopeScaling.from_hf(scaling, where) if scaling else None)
+        return _complete(values, where)
 
     def to_hf_config(self) -> dict[str, Any]:
         """The fields of an HF LlamaConfig describing this architecture."""
@@ -183,10 +178,6 @@ def resolve_architecture(
                if n not in values]
     if missing:
         raise ConfigError(f"the model shape is incomplete: set model_config or {', '.join(missing)}")
-    for name, default in _DEFAULTS.items():
-        values.setdefault(name, default)
-    values.setdefault("num_key_value_heads", values["num_attention_heads"])
-    values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
     values.setdefault("vocab_size", tokenizer_vocab_size)
     values.setdefault("max_position_embeddings", max_seq_len)
     if values["vocab_size"] < tokenizer_vocab_size:
@@ -197,8 +188,17 @@ def resolve_architecture(
         raise ConfigError(
             f"max_seq_len {max_seq_len} exceeds max_position_embeddings {values['max_position_embeddings']}"
         )
+    return _complete(values, where)
+
+
+def _complete(values: dict[str, Any], where: str) -> LlamaArchitecture:
+    """The architecture from the fields given, with Llama's defaults for the rest."""
+    for name, default in _DEFAULTS.items():
+        values.setdefault(name, default)
+    values.setdefault("num_key_value_heads", values["num_attention_heads"])
+    values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
     scaling = values.pop("rope_scaling", None)
     return LlamaArchitecture(
-        **{k: v for k, v in values.items()},
+        **values,
         rope_scaling=Llama3RopeScaling.from_hf(scaling, where) if scaling else None,
     )
