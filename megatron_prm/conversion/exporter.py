@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from megatron_prm.checkpoint import MODEL_CONFIG_NAME, TOKENIZER_DIR, resolve_checkpoint
 from megatron_prm.conversion.importer import DTYPES, copy_tokenizer_files
-from megatron_prm.conversion.mapping import ParamRule, hf_shapes, megatron_shape, rules_for, to_hf
+from megatron_prm.conversion.mapping import ParamRule, Transform, hf_shapes, megatron_shape, rules_for, to_hf
 from megatron_prm.conversion.safetensors_io import CheckpointFormatError, PlannedTensor, ShardedSafetensorsWriter
 from megatron_prm.conversion.staging import staged_output
 from megatron_prm.model.architecture import LlamaArchitecture, read_hf_config
@@ -79,7 +79,7 @@ def _check_stored(metadata: dict, rules: tuple[ParamRule, ...], arch: LlamaArchi
         expected = megatron_shape(rule, arch, padded_vocab=size[0])
         if rule.per_layer:
             expected = (arch.num_hidden_layers,) + expected
-        if size != expected or (rule.transform.value == "vocab" and size[0] < arch.vocab_size):
+        if size != expected or (rule.transform is Transform.VOCAB and size[0] < arch.vocab_size):
             problems.append(f"{rule.checkpoint_key} has shape {list(size)}, {MODEL_CONFIG_NAME} implies {list(expected)}")
     if problems:
         raise CheckpointFormatError(f"{where} does not match its {MODEL_CONFIG_NAME}: " + "; ".join(problems))
