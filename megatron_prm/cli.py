@@ -1,5 +1,5 @@
-"""The ``megatron-prm`` command: ``train``, ``check-data``, ``convert-data``, ``preprocess``, ``score``, ``evaluate``
-and ``demo``."""
+"""The ``megatron-prm`` command: ``train``, ``check-data``, ``convert-data``, ``preprocess``, ``score``, ``evaluate``,
+``plan`` and ``demo``."""
 
 from __future__ import annotations
 

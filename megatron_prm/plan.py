@@ -2,7 +2,7 @@
 
 Memory per GPU (bytes, the most loaded pipeline stage):
 - weights: parameters x 2 (bf16/fp16) or 4 (fp32);
-- gradients: parameters x 4 (Megatron's DDP buffer reduces in fp32 under bf16/fp16), else x 4;
+- gradients: parameters x 4 (Megatron's DDP buffer holds fp32 gradients, under bf16/fp16 too);
 - optimizer: parameters x 12 (fp32 main weights + Adam moments) under bf16/fp16, x 8 in fp32; divided by
   the data-parallel size with the distributed optimizer (``sharding: stage1``);
 - activations per layer of one micro batch of ``s`` tokens (Korthikanti et al. 2022, "Reducing

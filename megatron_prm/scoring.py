@@ -73,10 +73,12 @@ def scoring_config(checkpoint: str, data: str, overrides: list[str]) -> RunConfi
 def score_file(config: RunConfig, output: Path, aggregates: tuple[str, ...], batch_size: int, packed: bool) -> Optional[dict]:
     """Score every record of ``config.data.train_dataset_path`` into ``output`` (JSONL, written
     atomically by one rank); returns a summary on that rank, None on the others."""
-    for how in aggregates:
-        aggregate([1.0], how)  # refuses unknown names before any work
+    unknown = [how for how in aggregates if how not in AGGREGATES]
+    if unknown:
+        raise ConfigError(f"unknown aggregate(s) {', '.join(unknown)}; choose from {', '.join(AGGREGATES)}")
     data_path = config.data.train_dataset_path
-    tokenizer = RecordTokenizer(tokenize_job(config, data_path))
+    job = tokenize_job(config, data_path)
+    tokenizer = RecordTokenizer(job)
     arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len)
     layout, _ = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), arch)
     runtime = init_runtime(config.training.device, config.training.seed, layout)
@@ -89,7 +91,7 @@ def score_file(config: RunConfig, output: Path, aggregates: tuple[str, ...], bat
         chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
 
     samples, report = load_samples(data_path, tokenizer.tokenizer, tokenizer.special,
-                                   tokenize_job(config, data_path).options, tuple(config.prm.reward_token_list),
+                                   job.options, job.reward_tokens,
                                    require_labels=False, show_progress=runtime.is_logging_rank)
     packing = Packing("greedy_zero_padding", PackingOptions(config.data.max_seq_len, row_multiple=layout.sequence_multiple),
                       config.data.packing_buffer_size) if packed else None

@@ -152,6 +152,11 @@ def test_quick_demo_scores_and_evaluates_its_held_out_set(tmp_path):
     assert json.loads(evaluated.stdout.strip().splitlines()[-1])["accuracy"] == pytest.approx(
         summary["step_accuracy"], abs=1e-4)
 
+    refused = run_cli(["score", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "data" / "dev.jsonl"),
+                       "--output", str(tmp_path / "bad.jsonl"), "--aggregate", "min,median"], check=False)
+    assert refused.returncode == 2 and "unknown aggregate(s) median" in refused.stderr
+    assert not (tmp_path / "bad.jsonl").exists()
+
     # The same checkpoint scored under tensor parallelism (2 processes, unpacked rows) agrees.
     run_cli(["score", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "data" / "dev.jsonl"),
              "--output", str(tmp_path / "tp2.jsonl"), "--no-packing", "--tensor_parallel_degree", "2",

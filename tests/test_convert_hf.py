@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MISTRAL, REPO, free_port, run_cli, write_jsonl
+from conftest import MISTRAL, REPO, free_port, run_cli
 
 pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM  # noqa: E402

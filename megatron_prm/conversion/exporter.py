@@ -102,8 +102,7 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
     HF model directory that ``AutoModelForCausalLM.from_pretrained`` loads without custom code."""
     checkpoint = resolve_checkpoint(megatron_dir)
     config_path = checkpoint / MODEL_CONFIG_NAME
-    saved_config = json.loads(config_path.read_text())
-    read_hf_config(config_path)  # refuses unsupported architectures
+    saved_config = read_hf_config(config_path)  # the stored config as it is; refuses unsupported architectures
     arch = LlamaArchitecture.from_hf_config(saved_config, str(config_path))
     rules = rules_for(saved_config["model_type"], arch)
     metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from megatron_prm.data.records import RecordError, iter_raw_records
+from megatron_prm.data.records import iter_raw_records
 
 STEP_TAG = "ки"
 FORMATS = ("math-shepherd", "processbench", "prm800k", "prmbench", "best-of-n")
