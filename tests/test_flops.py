@@ -1,5 +1,7 @@
 """FLOPs by Megatron-LM's num_floating_point_operations (megatron/training/training.py, dense path)."""
 
+import json
+
 import pytest
 
 from megatron_prm.flops import ModelShape, flops_per_token, training_flops
@@ -65,3 +67,17 @@ def test_shape_from_architecture():
     assert ModelShape.from_architecture(arch, 128256) == LLAMA3_8B
     with pytest.raises(ValueError, match="vocab_size"):
         ModelShape.from_architecture(arch, 0)
+
+
+def test_plan_prints_flops_per_token(capsys):
+    from megatron_prm.cli import main
+
+    code = main(["plan", "--config", "examples/configs/llama3_8b_prm.yaml", "--model_name_or_path", "",
+                 "--model_config", "examples/configs/llama3_8b_config.json", "--tensor_parallel_degree", "1",
+                 "--sequence_parallel", "false", "--gpu-memory-gib", "10000"])
+    assert code == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["flops_per_token"] == pytest.approx(4.509716e10, rel=1e-6)
+    assert result["flops_per_token_with_lm_logits"] == pytest.approx(4.824918e10, rel=1e-6)
+    assert "training FLOPs per token at max_seq_len (Megatron-LM's formula): 4.5097e+10" in captured.err
