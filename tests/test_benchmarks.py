@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_cli, write_jsonl
 from megatron_prm import benchmarks
-from megatron_prm.benchmarks import ScoresError, predicted_first_error
+from megatron_prm.metrics import ScoresError, predicted_first_error
 
 
 def pb(subset, scores, label):
@@ -70,19 +70,30 @@ def test_best_of_n_hand_computed_with_ties_and_unscored_groups():
 
     records = [
         cand("g1", False, "3", 0.2), cand("g1", True, "4", 0.9), cand("g1", False, "3", 0.1),
-        cand("g2", True, "7", 0.6), cand("g2", False, "8", 0.6),  # tie on min: the first candidate
+        cand("g2", True, "7", 0.6), cand("g2", False, "8", 0.6),  # tie on min
         cand("g3", False, "1", None), cand("g3", True, "2", None),  # unscored by min
     ]
+    # Default: the expected accuracy under uniform random tie-breaking.
     result = benchmarks.best_of_n(records)
-    assert result["groups"] == 3
-    assert result["prm_accuracy"]["min"] == pytest.approx(2 / 3)  # g1 right, g2 right (first), g3 counted wrong
+    assert result["groups"] == 3 and result["tie_break"] == "expected"
+    assert result["prm_accuracy"]["min"] == pytest.approx((1 + 0.5 + 0) / 3)  # g2: one of two tied is right
     assert result["unscored_groups"]["min"] == 1
-    assert result["prm_accuracy"]["last"] == pytest.approx(1 / 3)  # all tie on last: first candidates, only g2 right
+    assert result["prm_accuracy"]["last"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)  # all tie on last
     assert result["accuracy"] == result["prm_accuracy"]["min"]
-    # Majority: g1 "3" (wrong), g2 tie -> "7" first seen (right), g3 tie -> "1" (wrong).
-    assert result["majority_vote_accuracy"] == pytest.approx(1 / 3)
+    # Majority: g1 "3" (wrong), g2 "7" vs "8" (one of two right), g3 "1" vs "2" (one of two right).
+    assert result["majority_vote_accuracy"] == pytest.approx((0 + 0.5 + 0.5) / 3)
+    # PRM-weighted vote by min: g1 "3" 0.2 + 0.1 = 0.3 < "4" 0.9 (right), g2 0.6 vs 0.6, g3 unscored.
+    assert result["weighted_vote_accuracy"]["min"] == pytest.approx((1 + 0.5 + 0) / 3)
+    # "last": g1 "3" 0.5 + 0.5 = 1.0 beats "4" 0.5 (wrong), g2 and g3 tie.
+    assert result["weighted_vote_accuracy"]["last"] == pytest.approx((0 + 0.5 + 0.5) / 3)
     assert result["pass_at_n"] == 1.0
-    with pytest.raises(ScoresError, match="no 'group' field"):
+
+    first = benchmarks.best_of_n(records, tie_break="first")  # the first-seen candidate or answer
+    assert first["prm_accuracy"]["min"] == pytest.approx(2 / 3)  # g1 right, g2 right (first), g3 counted wrong
+    assert first["prm_accuracy"]["last"] == pytest.approx(1 / 3)  # first candidates: only g2's is right
+    assert first["majority_vote_accuracy"] == pytest.approx(1 / 3)  # g2 "7" first seen (right), g3 "1" (wrong)
+    assert first["weighted_vote_accuracy"]["min"] == pytest.approx(2 / 3)
+    with pytest.raises(ScoresError, match="'group': is missing"):
         benchmarks.best_of_n([{"correct": True}])
 
 
