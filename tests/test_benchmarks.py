@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -143,7 +144,7 @@ def test_converters_for_prmbench_and_best_of_n_and_the_evaluate_command(tmp_path
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert last["benchmark"] == "best-of-n" and last["accuracy"] == 0.0 and last["pass_at_n"] == 1.0
     refused = run_cli(["evaluate", "--scores", str(scores), "--benchmark", "processbench"], check=False)
-    assert refused.returncode == 2 and "no step_scores" in refused.stderr
+    assert refused.returncode == 2 and "record 0 (line 1), field 'step_scores': is missing" in refused.stderr
 
 
 def test_quick_demo_scores_and_evaluates_its_held_out_set(tmp_path):
@@ -176,3 +177,31 @@ def test_quick_demo_scores_and_evaluates_its_held_out_set(tmp_path):
     assert [r["index"] for r in tp2] == [r["index"] for r in scored]
     worst = max(abs(a - b) for r1, r2 in zip(scored, tp2) for a, b in zip(r1["step_scores"], r2["step_scores"]))
     assert worst < 1e-5
+
+
+@pytest.mark.parametrize("benchmark, record, field", [
+    ("steps", {"labels": ["+", "-"], "step_scores": [0.2, float("nan")]}, "step_scores[1]"),
+    ("prmbench", {"labels": ["+"], "step_scores": [-0.1]}, "step_scores[0]"),
+    ("processbench", {"first_error": -1, "step_scores": [float("inf")]}, "step_scores[0]"),
+    ("best-of-n", {"group": "g", "correct": True, "aggregates": {"min": 1.5}}, "aggregates.min"),
+    ("steps", {"labels": ["+", 2], "step_scores": [0.2, 0.3]}, "labels[1]"),
+])
+def test_scores_that_are_not_probabilities_are_refused_naming_the_record(benchmark, record, field):
+    function = {"steps": benchmarks.steps, "prmbench": benchmarks.prmbench, "processbench": benchmarks.processbench,
+                "best-of-n": benchmarks.best_of_n}[benchmark]
+    good = {"labels": ["+"], "step_scores": [0.5], "first_error": -1, "group": "g", "correct": False,
+            "aggregates": {"min": 0.5}}
+    with pytest.raises(ScoresError, match=re.escape(f"<records>: record 1, field '{field}'") + ".*finite number in"):
+        function([good, record])
+
+
+def test_evaluate_refuses_bad_scores_and_thresholds_with_one_line(tmp_path):
+    scores = write_jsonl(tmp_path / "scores.jsonl", [{"labels": ["+"], "step_scores": [0.7]},
+                                                     {"labels": ["+", "-"], "step_scores": [0.7, 1.5]}])
+    refused = run_cli(["evaluate", "--scores", str(scores), "--benchmark", "steps"], check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert (f"{scores}: record 1 (line 2), field 'step_scores[1]': 1.5 is not a probability"
+            in refused.stderr.strip().splitlines()[-1])
+    for threshold in ("nan", "1.5"):
+        with pytest.raises(ScoresError, match="threshold must be a finite number in \\[0, 1\\]"):
+            benchmarks.steps([{"labels": ["+"], "step_scores": [0.7]}], float(threshold))

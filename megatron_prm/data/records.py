@@ -57,11 +57,11 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
-def _read_lines(path: Path) -> Iterator[tuple[int, str | RecordError]]:
-    """``(line number, text)`` of every line of a (gzipped) UTF-8 file, decoded one line at a time so
-    that bytes that are not UTF-8 spoil only their own line: that line comes as a :class:`RecordError`
-    (field ``<encoding>``). A leading byte-order mark is dropped. A truncated or corrupt gzip stream is
-    an error of the whole file."""
+def _read_lines(path: Path) -> Iterator[tuple[int, str, Optional[str]]]:
+    """``(line number, text, fault)`` of every line of a (gzipped) UTF-8 file, decoded one line at a time
+    so that bytes that are not UTF-8 spoil only their own line: its fault says so (and its text has
+    them replaced); the fault is None for good lines. A leading byte-order mark is dropped. A truncated
+    or corrupt gzip stream is an error of the whole file."""
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     line_no = 0
@@ -71,10 +71,10 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str | RecordError]]:
                 if line_no == 1 and data.startswith(codecs.BOM_UTF8):
                     data = data[len(codecs.BOM_UTF8):]
                 try:
-                    yield line_no, data.decode("utf-8")
+                    yield line_no, data.decode("utf-8"), None
                 except UnicodeDecodeError as err:
-                    yield line_no, RecordError(path, -1, "<encoding>", f"not UTF-8: byte 0x{data[err.start]:02x} at "
-                                               f"offset {err.start} of the line", line_no)
+                    yield line_no, data.decode("utf-8", errors="replace"), (
+                        f"not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} of line {line_no}")
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise RecordError(path, -1, "<file>", f"not a complete gzip file, unreadable after line {line_no} "
                           f"({err})") from None
@@ -104,10 +104,10 @@ def is_json_array(path: str | Path) -> bool:
     """Whether the file's first non-blank character opens a JSON array."""
     lines = _read_lines(Path(path))
     try:
-        first = next((text for _, text in lines if isinstance(text, RecordError) or text.strip()), None)
+        first = next((text for _, text, _ in lines if text.strip()), "")
     finally:
         lines.close()
-    return isinstance(first, str) and first.lstrip().startswith("[")
+    return first.lstrip().startswith("[")
 
 
 def iter_jsonl(path: str | Path, select: Callable[[int], bool]) -> Iterator[tuple[int, int, Any]]:
@@ -116,14 +116,14 @@ def iter_jsonl(path: str | Path, select: Callable[[int], bool]) -> Iterator[tupl
     not UTF-8 comes as a :class:`RecordError` in place of its value."""
     path = Path(path)
     index = -1
-    for line_no, text in _read_lines(path):
-        if isinstance(text, str) and not text.strip():
+    for line_no, text, fault in _read_lines(path):
+        if not text.strip():
             continue
         index += 1
         if not select(index):
             continue
-        if isinstance(text, RecordError):
-            yield index, line_no, RecordError(path, index, "<encoding>", text.problem, line_no)
+        if fault is not None:
+            yield index, line_no, RecordError(path, index, "<encoding>", fault, line_no)
             continue
         try:
             yield index, line_no, json.loads(text)
@@ -132,44 +132,47 @@ def iter_jsonl(path: str | Path, select: Callable[[int], bool]) -> Iterator[tupl
 
 
 def _iter_json_array(path: Path) -> Iterator[tuple[int, None, Any]]:
-    text = "".join(_checked_text(line_no, text) for line_no, text in _read_lines(path))
+    parts = []
+    for line_no, text, fault in _read_lines(path):
+        if fault is not None:
+            raise RecordError(path, -1, "<file>", fault, line_no)
+        parts.append(text)
     try:
-        items = json.loads(text)
+        items = json.loads("".join(parts))
     except json.JSONDecodeError as err:
         raise RecordError(path, -1, "<file>", f"not a valid JSON array: {err.msg}", err.lineno) from None
     for index, item in enumerate(items):
         yield index, None, item
 
 
-def _checked_text(line_no: int, text: str | RecordError) -> str:
-    if isinstance(text, RecordError):
-        raise RecordError(text.path, -1, "<file>", text.problem, line_no)
-    return text
-
-
-def _iter_json_stream(lines: Iterator[tuple[int, str | RecordError]], path: Path) -> Iterator[tuple[int, int, Any]]:
+def _iter_json_stream(lines: Iterator[tuple[int, str, Optional[str]]], path: Path) -> Iterator[tuple[int, int, Any]]:
     """JSON values one after another: one per line, or spread over lines. A new top-level ``{`` at the
-    start of a line ends a value that has not parsed, which is then malformed. A malformed value comes
-    as a :class:`RecordError` in place of the value; reading resumes at the next line that starts a
-    value."""
-    index, buffer, start_line, skipping = 0, "", 0, False
-    for line_no, line in lines:
-        if skipping:  # the rest of a value already reported
-            if isinstance(line, RecordError) or not line.startswith(("{", "[")):
-                continue
-            skipping = False
-        if isinstance(line, RecordError):
-            yield index, line_no, RecordError(path, index, "<encoding>", line.problem, line_no)
-            index, buffer, skipping = index + 1, "", True
-            continue
+    start of a line ends a value that has not parsed, which is then malformed. A malformed value (or one
+    with bytes that are not UTF-8) comes as a :class:`RecordError` in place of the value; reading
+    resumes at the next line that starts a value."""
+    index, buffer, start_line, fault, skipping = 0, "", 0, None, False
+
+    def malformed() -> RecordError:
+        if fault is not None:
+            return RecordError(path, index, "<encoding>", fault, start_line)
+        return RecordError(path, index, "<json>", "not valid JSON", start_line)
+
+    for line_no, line, line_fault in lines:
+        starts_value = line.startswith(("{", "["))
+        if skipping and not starts_value:
+            continue  # the rest of a value already reported
+        skipping = False
         if not buffer:
             if not line.strip():
                 continue
             start_line = line_no
-        elif line.startswith(("{", "[")):
-            yield index, start_line, RecordError(path, index, "<json>", "not valid JSON", start_line)
-            index, buffer, start_line = index + 1, "", line_no
+        elif starts_value:
+            yield index, start_line, malformed()
+            index, buffer, start_line, fault = index + 1, "", line_no, None
         buffer += line
+        fault = fault or line_fault
+        if fault is not None:
+            continue  # reported once the value ends
         try:
             item = json.loads(buffer)
         except json.JSONDecodeError as err:
@@ -181,7 +184,10 @@ def _iter_json_stream(lines: Iterator[tuple[int, str | RecordError]], path: Path
         index += 1
         buffer = ""
     if buffer.strip():
-        yield index, start_line, RecordError(path, index, "<json>", "not valid JSON (unterminated)", start_line)
+        if fault is None:
+            yield index, start_line, RecordError(path, index, "<json>", "not valid JSON (unterminated)", start_line)
+        else:
+            yield index, start_line, malformed()
 
 
 def _turns(value: Any, name: str, fail) -> tuple[str, ...]:
