@@ -43,6 +43,8 @@ def test_math_shepherd_rows_with_lowercase_or_no_step_markers_are_recovered_as_t
     if prefix:  # the lowercase marker alone places the first step, whatever the question's "?"s
         record = convert_math_shepherd(shepherd("Why? " + JANET, steps, "+-+"))
         assert record["src"] == "Why? " + JANET and record["responses"] == steps
+    with pytest.raises(Skip, match="question contains the step tag"):  # a stray tag before "Step 1:"
+        convert_math_shepherd({"input": "Q ки Step 1: a ки", "label": "Q + Step 1: a +"})
 
 
 @pytest.mark.parametrize("raw, reason", [
@@ -54,7 +56,6 @@ def test_math_shepherd_rows_with_lowercase_or_no_step_markers_are_recovered_as_t
     ({"input": "Q Step 1: a ки", "label": "Q Step 1: a ?"}, "step counts of input and label disagree"),
     ({"input": "Q 1: a ки", "label": "Q 1: a +"}, "no 'Step 1:' and not exactly one '?'"),
     ({"input": "Q? Or? a ки", "label": "Q? Or? a +"}, "no 'Step 1:' and not exactly one '?'"),
-    ({"input": "Q ки Step 1: a ки", "label": "Q + Step 1: a +"}, "question contains the step tag"),
     (shepherd("Round to the nearest ten: 14?", ["1 ки 0"], "+"), "question contains the step tag"),
     ({"label": "x"}, "missing input"),
 ])
@@ -111,9 +112,8 @@ def test_prm800k_phase2_first_error_step_is_kept_and_ends_the_solution():
     assert record["responses"] == ["s0 r1", "s0 r-1"] and record["labels"] == ["+", "-"]
 
 
-@pytest.mark.parametrize("chosen", [3, -1, True, "0"])
-def test_prm800k_bad_chosen_index_skips_the_record_with_the_reason(tmp_path, chosen):
-    raw = prm800k([step([1], 0), step([1, -1], chosen)])
+def test_prm800k_chosen_index_true_is_not_an_index(tmp_path):
+    raw = prm800k([step([1], 0), step([1, -1], True)])  # JSON true was taken as completion 1
     with pytest.raises(Skip, match="chosen_completion does not index a completion"):
         convert_prm800k(raw)
     path = write_jsonl(tmp_path / "p.jsonl", [raw, prm800k([step([1], 0)])])

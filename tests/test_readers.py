@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import MISTRAL, run_cli, write_jsonl
+from conftest import MISTRAL, write_jsonl
 from megatron_prm.data.convert import convert_file
 from megatron_prm.data.records import RecordError, iter_raw_records
 from megatron_prm.data.samples import SampleOptions, load_samples
@@ -58,7 +58,7 @@ def test_bad_json_lines_are_skipped_and_counted_under_skip_invalid(tmp_path, mis
     assert [line for _, line, _ in values] == [1, 1 + pretty.count("\n") + 1, 1 + 2 * (pretty.count("\n") + 1)]
 
 
-def test_truncated_or_fake_gzip_is_one_clear_error(tmp_path, mistral_tokenizer, special):
+def test_truncated_or_fake_gzip_is_one_clear_error(tmp_path, mistral_tokenizer, special, capsys):
     whole = gzip.compress(b"".join(LINE + b"\n" for _ in range(2000)))
     truncated = tmp_path / "d.jsonl.gz"
     truncated.write_bytes(whole[: len(whole) // 2])
@@ -69,9 +69,10 @@ def test_truncated_or_fake_gzip_is_one_clear_error(tmp_path, mistral_tokenizer, 
     fake.write_bytes(LINE + b"\n")
     with pytest.raises(RecordError, match=f"{fake}.*not a complete gzip file"):
         list(iter_raw_records(fake))
-    result = run_cli(["check-data", "--data", str(truncated), "--tokenizer", MISTRAL, "--skip-invalid"], check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(f"megatron-prm check-data: error: {truncated}")
+    from megatron_prm.cli import main
+
+    assert main(["check-data", "--data", str(truncated), "--tokenizer", MISTRAL, "--skip-invalid"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"megatron-prm check-data: error: {truncated}")
 
 
 def test_utf8_byte_order_mark_is_accepted(tmp_path, mistral_tokenizer, special):
