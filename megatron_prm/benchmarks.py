@@ -17,13 +17,12 @@ from typing import Any, NoReturn, Optional, Sequence
 import numpy as np
 
 from megatron_prm import metrics
+from megatron_prm.data.convert import PRMBENCH_CORRECT
 from megatron_prm.data.records import iter_raw_records
 from megatron_prm.metrics import ScoresError, check_threshold
 
 HEADLINE = {"processbench": "average_f1", "prmbench": "prmbench_score", "steps": "accuracy",
             "best-of-n": "accuracy"}
-# PRMBench's all-correct samples (the original processes) are reported on their own, outside the total.
-PRMBENCH_CORRECT = "correct"
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,8 @@ def _prmbench_error_steps(scored: ScoredRecords, index: int) -> list[int]:
 
 def prmbench(records, threshold: float = 0.5, rule: str = "gt") -> dict:
     """PRMBench's PRMScore as its official scorer computes it, in total and per ``classification``; the
-    ``correct`` class (the original processes) is reported on its own, outside the total."""
+    ``correct`` class (the original processes, PRMBench's all-correct samples) is reported on its own,
+    outside the total."""
     scored = ScoredRecords.of(records)
     threshold = check_threshold(threshold)
     rows = [(str(scored.record(i).get("classification", "unclassified")), scored.step_scores(i),

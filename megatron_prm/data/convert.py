@@ -260,8 +260,8 @@ def convert_prmbench(raw: dict) -> list[dict]:
     """PRMBench as the official loader builds it: the ``modified_process`` with ``-`` at the 1-indexed
     ``error_steps`` only (PRMBench labels each erroneous step, not every step after the first error; an
     index past the last step marks nothing), kept with ``error_steps``, ``idx`` and ``classification``;
-    for a ``redundency`` row also its ``original_process``, all ``+``, as class ``correct``. The same
-    ``(classification, idx)`` twice is converted once (see :class:`PRMBenchDeduplicator`)."""
+    for a ``redundency`` row also its ``original_process``, all ``+``, as class ``correct``. Of the same
+    ``(classification, idx)`` twice, :func:`convert_file` keeps the first, as the official loader does."""
     _require(raw, ("modified_question", "modified_process", "error_steps"))
     steps = _prmbench_steps(raw["modified_process"], "modified_process")
     errors = raw["error_steps"]
