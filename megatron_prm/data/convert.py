@@ -87,13 +87,14 @@ _STRAY_TAG_QUESTIONS = (
 def _first_step_start(text: str, first_tag: int) -> int:
     """Where the first step begins in ``text``: TRL's rule, applied to the text before the first tag."""
     head = text[:first_tag]
-    for marker in ("Step 1:", "step 1:"):
+    markers = ("Step 1:", "step 1:")
+    for marker in markers:
         if marker in head:
             if head.count(marker) > 1:
                 raise Skip(f"more than one '{marker}' before the first step tag")
             return head.index(marker)
-        if marker in text:
-            raise Skip("question contains the step tag")  # the first tag comes before "Step 1:"
+    if any(marker in text for marker in markers):
+        raise Skip("question contains the step tag")  # the first tag comes before "Step 1:"
     if head.count("?") != 1:
         raise Skip("no 'Step 1:' and not exactly one '?' before the first step tag")
     return head.index("?") + 1
