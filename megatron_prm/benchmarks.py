@@ -1,46 +1,93 @@
 """``megatron-prm evaluate``: the field's PRM benchmarks computed from a ``score`` output file.
 
-Each function takes the scored records (one dict per line of ``score``'s JSONL) and returns a dict
-of figures; :data:`HEADLINE` names the figure each benchmark reports first.
+Each benchmark reads what it needs from the scored records (one JSON object per line of ``score``'s
+output), checks it (P(good) finite and in [0, 1], labels, group fields; an error names the file, record
+and field), and computes its figures with :mod:`megatron_prm.metrics`. :data:`HEADLINE` names the
+figure each benchmark reports first.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
-from typing import Iterable, Optional
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Optional, Sequence
 
 import numpy as np
 
-from megatron_prm.metrics import binary_auroc
+from megatron_prm import metrics
+from megatron_prm.data.convert import PRMBENCH_CORRECT
+from megatron_prm.data.records import iter_raw_records
+from megatron_prm.metrics import ScoresError, check_threshold
 
 HEADLINE = {"processbench": "average_f1", "prmbench": "prmbench_score", "steps": "accuracy",
             "best-of-n": "accuracy"}
 
 
-class ScoresError(ValueError):
-    """A scores file that lacks what a benchmark needs."""
+@dataclass(frozen=True)
+class ScoredRecords:
+    """The records of a scores file, with where each came from (for error messages)."""
 
+    path: str
+    records: list
+    lines: list
 
-def _step_scores(record: dict, where: str) -> list[float]:
-    scores = record.get("step_scores")
-    if scores is None:
-        raise ScoresError(f"{where}: no step_scores (scored with process_reward false?)")
-    return scores
+    @classmethod
+    def read(cls, path: str | Path) -> "ScoredRecords":
+        rows = list(iter_raw_records(path))
+        return cls(str(path), [raw for _, _, raw in rows], [line for _, line, _ in rows])
 
+    @classmethod
+    def of(cls, records: "Sequence[dict] | ScoredRecords", path: str = "<records>") -> "ScoredRecords":
+        if isinstance(records, ScoredRecords):
+            return records
+        return cls(path, list(records), [None] * len(records))
 
-def predicted_first_error(scores: list[float], threshold: float) -> int:
-    """ProcessBench's prediction: the first step with P(+) < threshold (a tie counts as good), else -1."""
-    for index, p in enumerate(scores):
-        if p < threshold:
-            return index
-    return -1
+    def fail(self, index: int, field: str, problem: str) -> NoReturn:
+        line = self.lines[index]
+        raise ScoresError(f"{self.path}: record {index}" + (f" (line {line})" if line is not None else "")
+                          + f", field {field!r}: {problem}")
 
+    def record(self, index: int) -> dict:
+        record = self.records[index]
+        if not isinstance(record, dict):
+            self.fail(index, "<record>", f"must be a JSON object, got {type(record).__name__}")
+        return record
 
-def _harmonic(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    if a is None or b is None:
-        return None
-    return 2 * a * b / (a + b) if a + b else 0.0
+    def field(self, index: int, name: str, why: str) -> Any:
+        record = self.record(index)
+        if name not in record:
+            self.fail(index, name, f"is missing ({why})")
+        return record[name]
+
+    def probability(self, index: int, field: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not 0.0 <= value <= 1.0:
+            self.fail(index, field, f"{value!r} is not a probability (a finite number in [0, 1])")
+        return float(value)
+
+    def step_scores(self, index: int) -> list[float]:
+        scores = self.field(index, "step_scores", "scored with process_reward false?")
+        if not isinstance(scores, list):
+            self.fail(index, "step_scores", f"must be a list of P(good), got {type(scores).__name__}")
+        return [self.probability(index, f"step_scores[{k}]", p) for k, p in enumerate(scores)]
+
+    def labels_good(self, index: int) -> list[bool]:
+        """Whether each labelled step is good: ``+``/``-``, or a soft label in [0, 1] rounded at 0.5."""
+        labels = self.field(index, "labels", "the steps' labels")
+        if not isinstance(labels, list):
+            self.fail(index, "labels", f"must be a list, got {type(labels).__name__}")
+        good = []
+        for k, label in enumerate(labels):
+            if label in ("+", "-"):
+                good.append(label == "+")
+            else:
+                good.append(self.probability(index, f"labels[{k}]", label) >= 0.5)
+        return good
+
+    def __len__(self) -> int:
+        return len(self.records)
 
 
 def _subset(record: dict) -> str:
@@ -50,143 +97,91 @@ def _subset(record: dict) -> str:
     return identifier.rsplit("-", 1)[0] if "-" in identifier else "all"
 
 
-def _first_error_label(record: dict, where: str) -> int:
+def _first_error_label(scored: ScoredRecords, index: int) -> int:
+    record = scored.record(index)
     for key in ("first_error", "label"):
         value = record.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    raise ScoresError(f"{where}: no first-error label (first_error or label, an int; -1 = no error)")
+    scored.fail(index, "first_error", "missing (first_error or label, an int; -1 = no error)")
 
 
-def processbench_subset(items: list[tuple[list[float], int]], threshold: float) -> dict:
-    """Accuracy on erroneous items (exact first-error index), on correct items (predicted -1), and
-    their harmonic mean (F1); an accuracy is None when its class is absent, and then so is F1."""
-    erroneous = [predicted_first_error(s, threshold) == label for s, label in items if label != -1]
-    correct = [predicted_first_error(s, threshold) == -1 for s, label in items if label == -1]
-    acc_err = sum(erroneous) / len(erroneous) if erroneous else None
-    acc_cor = sum(correct) / len(correct) if correct else None
-    return {"items": len(items), "erroneous": len(erroneous), "correct": len(correct),
-            "acc_erroneous": acc_err, "acc_correct": acc_cor, "f1": _harmonic(acc_err, acc_cor)}
-
-
-def tune_threshold(items: list[tuple[list[float], int]]) -> float:
-    """The threshold that maximises the subset's F1 over every distinct decision point (the smallest
-    such threshold on ties). Predictions change only where the threshold passes a score, so testing
-    just above each score (and 0) covers every outcome."""
-    candidates = sorted({0.0, *(math.nextafter(p, math.inf) for scores, _ in items for p in scores)})
-    best, best_f1 = 0.5, -1.0
-    for threshold in candidates:
-        f1 = processbench_subset(items, threshold)["f1"]
-        if f1 is not None and f1 > best_f1:
-            best, best_f1 = threshold, f1
-    return best
-
-
-def processbench(records: list[dict], threshold: Optional[float] = 0.5, tune_on: Optional[str] = None) -> dict:
+def processbench(records, threshold: Optional[float] = 0.5, tune_on: Optional[str] = None) -> dict:
+    """ProcessBench per subset (``subset``, else the ``id`` before its last ``-``) and their mean F1."""
+    scored = ScoredRecords.of(records)
     by_subset: dict[str, list[tuple[list[float], int]]] = defaultdict(list)
-    for i, record in enumerate(records):
-        where = f"record {i}"
-        by_subset[_subset(record)].append((_step_scores(record, where), _first_error_label(record, where)))
+    for i in range(len(scored)):
+        by_subset[_subset(scored.record(i))].append((scored.step_scores(i), _first_error_label(scored, i)))
     if tune_on is not None:
         if tune_on not in by_subset:
             raise ScoresError(f"no subset {tune_on!r} to tune the threshold on; subsets: {', '.join(sorted(by_subset))}")
-        threshold = tune_threshold(by_subset[tune_on])
-    subsets = {name: processbench_subset(items, threshold) for name, items in sorted(by_subset.items())}
+        threshold = metrics.tune_threshold(by_subset[tune_on])
+    else:
+        threshold = check_threshold(threshold)
+    subsets = {name: metrics.first_error_figures(items, threshold) for name, items in sorted(by_subset.items())}
     f1s = [s["f1"] for s in subsets.values() if s["f1"] is not None]
     return {"threshold": threshold, "tuned_on": tune_on, "subsets": subsets,
             "average_f1": sum(f1s) / len(f1s) if f1s else None}
 
 
-def _labelled_steps(records: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """P(+) and targets of every scored step that carries a label (soft labels rounded at 0.5)."""
-    scores, targets = [], []
-    for i, record in enumerate(records):
-        labels = record.get("labels")
-        if labels is None:
-            raise ScoresError(f"record {i}: no labels")
-        for p, label in zip(_step_scores(record, f"record {i}"), labels):
+def _prmbench_error_steps(scored: ScoredRecords, index: int) -> list[int]:
+    """The row's 1-indexed erroneous steps: ``error_steps`` as PRMBench gives them (indices past the last
+    step included), else the ``-`` labels."""
+    record = scored.record(index)
+    if "error_steps" not in record:
+        return [k + 1 for k, good in enumerate(scored.labels_good(index)) if not good]
+    errors = record["error_steps"]
+    if not isinstance(errors, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in errors):
+        scored.fail(index, "error_steps", f"must be a list of 1-indexed step numbers, got {errors!r}")
+    return errors
+
+
+def prmbench(records, threshold: float = 0.5, rule: str = "gt") -> dict:
+    """PRMBench's PRMScore as its official scorer computes it, in total and per ``classification``; the
+    ``correct`` class (the original processes, PRMBench's all-correct samples) is reported on its own,
+    outside the total."""
+    scored = ScoredRecords.of(records)
+    threshold = check_threshold(threshold)
+    rows = [(str(scored.record(i).get("classification", "unclassified")), scored.step_scores(i),
+             _prmbench_error_steps(scored, i)) for i in range(len(scored))]
+    return metrics.prmbench_figures(rows, threshold, rule, excluded_from_total=(PRMBENCH_CORRECT,))
+
+
+def steps(records, threshold: float = 0.5) -> dict:
+    """Every labelled step judged alone (good when P(good) >= threshold)."""
+    scored = ScoredRecords.of(records)
+    threshold = check_threshold(threshold)
+    scores, good = [], []
+    for i in range(len(scored)):
+        for p, label in zip(scored.step_scores(i), scored.labels_good(i)):
             scores.append(p)
-            targets.append(label == "+" if isinstance(label, str) else float(label) >= 0.5)
-    return np.asarray(scores, dtype=np.float64), np.asarray(targets, dtype=bool)
+            good.append(label)
+    return {"threshold": threshold, **metrics.step_figures(np.asarray(scores), np.asarray(good, dtype=bool),
+                                                             threshold)}
 
 
-def _f1(predicted: np.ndarray, actual: np.ndarray) -> float:
-    tp = float(np.sum(predicted & actual))
-    precision = tp / predicted.sum() if predicted.sum() else 0.0
-    recall = tp / actual.sum() if actual.sum() else 0.0
-    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-
-
-def prmbench(records: list[dict], threshold: float = 0.5) -> dict:
-    """PRMBench's PRMScore: 0.5 x F1 of correct steps + 0.5 x F1 of erroneous steps, micro-averaged."""
-    scores, good = _labelled_steps(records)
-    predicted_good = scores >= threshold
-    f1_correct, f1_erroneous = _f1(predicted_good, good), _f1(~predicted_good, ~good)
-    return {"threshold": threshold, "steps": int(scores.size), "f1_correct": f1_correct,
-            "f1_erroneous": f1_erroneous, "prmbench_score": 0.5 * f1_correct + 0.5 * f1_erroneous}
-
-
-def expected_calibration_error(scores: np.ndarray, good: np.ndarray, bins: int = 10) -> Optional[float]:
-    """Mean |P(+) - share of good steps| over equal-width bins of P(+), weighted by the bins' sizes."""
-    if scores.size == 0:
-        return None
-    index = np.minimum((scores * bins).astype(int), bins - 1)
-    error = 0.0
-    for b in range(bins):
-        members = index == b
-        if members.any():
-            error += members.sum() / scores.size * abs(scores[members].mean() - good[members].mean())
-    return float(error)
-
-
-def steps(records: list[dict], threshold: float = 0.5) -> dict:
-    scores, good = _labelled_steps(records)
-    predicted_good = scores >= threshold
-    bad, predicted_bad = ~good, ~predicted_good
-    precision = float((predicted_bad & bad).sum() / predicted_bad.sum()) if predicted_bad.any() else 0.0
-    recall = float((predicted_bad & bad).sum() / bad.sum()) if bad.any() else 0.0
-    return {"threshold": threshold, "steps": int(scores.size),
-            "accuracy": float((predicted_good == good).mean()) if scores.size else None,
-            "neg_precision": precision, "neg_recall": recall,
-            "neg_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-            "auroc": binary_auroc(scores, good), "ece": expected_calibration_error(scores, good)}
-
-
-def best_of_n(records: list[dict]) -> dict:
-    """Per group: the candidate with the highest aggregate (the first on ties; unscored candidates rank
-    last) is right or wrong; beside it majority vote over ``answer`` and pass@N. A group whose
-    candidates are all unscored counts as wrong and is reported in ``unscored_groups``."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for i, record in enumerate(records):
-        for key in ("group", "correct"):
-            if key not in record:
-                raise ScoresError(f"record {i}: no {key!r} field (best-of-n needs group and correct)")
-        groups[str(record["group"])].append(record)
+def best_of_n(records, tie_break: str = "expected") -> dict:
+    """Selection among the candidates of each ``group``: the PRM's pick per aggregate, majority and
+    PRM-weighted votes over ``answer``, pass@N. The headline is the pick by ``min`` (fixed in advance,
+    not chosen by its result)."""
+    scored = ScoredRecords.of(records)
+    groups: dict[str, list[metrics.Candidate]] = defaultdict(list)
+    for i in range(len(scored)):
+        group = scored.field(i, "group", "best-of-n needs group and correct")
+        correct = scored.field(i, "correct", "best-of-n needs group and correct")
+        if not isinstance(correct, bool):
+            scored.fail(i, "correct", f"must be true or false, got {correct!r}")
+        aggregates = scored.record(i).get("aggregates") or {}
+        if not isinstance(aggregates, dict):
+            scored.fail(i, "aggregates", f"must be an object of scores, got {type(aggregates).__name__}")
+        values = {name: None if value is None else scored.probability(i, f"aggregates.{name}", value)
+                  for name, value in aggregates.items()}
+        answer = scored.record(i).get("answer")
+        groups[str(group)].append(metrics.Candidate(correct, None if answer is None else str(answer), values))
     if not groups:
-        raise ScoresError("no records")
-    aggregates = sorted({name for r in records for name in r.get("aggregates", {})})
-    chosen_right = {name: 0 for name in aggregates}
-    unscored = {name: 0 for name in aggregates}
-    majority_right = pass_at_n = 0
-    for candidates in groups.values():
-        pass_at_n += any(bool(c["correct"]) for c in candidates)
-        for name in aggregates:
-            values = [c.get("aggregates", {}).get(name) for c in candidates]
-            if all(v is None for v in values):
-                unscored[name] += 1
-                continue
-            best = max(range(len(values)), key=lambda k: (values[k] is not None, values[k] or 0.0, -k))
-            chosen_right[name] += bool(candidates[best]["correct"])
-        answers = [c.get("answer") for c in candidates if c.get("answer") is not None]
-        if answers:
-            top = Counter(answers).most_common(1)[0][0]  # first-seen answer on ties
-            majority_right += any(bool(c["correct"]) for c in candidates if c.get("answer") == top)
-    count = len(groups)
-    accuracy = {name: chosen_right[name] / count for name in aggregates}
-    # The headline aggregate is fixed in advance (min, the usual choice), not picked by its result.
-    headline = "min" if "min" in accuracy else (aggregates[0] if aggregates else None)
-    return {"groups": count, "candidates": len(records),
-            "mean_candidates_per_group": len(records) / count,
-            "prm_accuracy": accuracy, "unscored_groups": unscored,
-            "accuracy": accuracy.get(headline) if headline else None, "headline_aggregate": headline,
-            "majority_vote_accuracy": majority_right / count, "pass_at_n": pass_at_n / count}
+        raise ScoresError(f"{scored.path}: no records")
+    result = metrics.best_of_n_figures(list(groups.values()), tie_break)
+    names = list(result["prm_accuracy"])
+    headline = "min" if "min" in names else (names[0] if names else None)
+    return {**result, "mean_candidates_per_group": result["candidates"] / result["groups"],
+            "accuracy": result["prm_accuracy"].get(headline) if headline else None, "headline_aggregate": headline}

@@ -13,7 +13,7 @@ from megatron_prm.config import ConfigError, load_config
 from megatron_prm.data.convert import FORMATS, NEUTRAL_CHOICES, FormatError
 from megatron_prm.data.records import RecordError
 from megatron_prm.data.store import StoreError
-from megatron_prm.benchmarks import ScoresError
+from megatron_prm.metrics import PRMBENCH_RULES, TIE_BREAKS, ScoresError
 from megatron_prm.tokenizer import TokenizerError
 
 USER_ERRORS = (ConfigError, RecordError, TokenizerError, FileNotFoundError, FormatError, StoreError, ScoresError)
@@ -53,7 +53,11 @@ def _check_data(args: argparse.Namespace) -> None:
     tokenizer = RecordTokenizer(job)
     _, report = load_samples(args.data, tokenizer.tokenizer, tokenizer.special, job.options, job.reward_tokens,
                              skip_invalid=job.skip_invalid)
-    print(json.dumps({"file": args.data, **report.as_dict()}))
+    summary = report.as_dict()
+    labels = summary["label_counts"]
+    print(f"{summary['kept']} of {summary['records']} records kept, {summary['labelled_positions']} labelled steps: "
+          f"{labels['good']} good, {labels['bad']} bad, {labels['soft']} soft", file=sys.stderr)
+    print(json.dumps({"file": args.data, **summary}))
 
 
 def _preprocess(args: argparse.Namespace) -> None:
@@ -69,7 +73,9 @@ def _convert_data(args: argparse.Namespace) -> None:
 
     report = convert_file(args.source_format, args.input, args.output, neutral=args.neutral)
     summary = report.as_dict()
-    print(f"converted {summary['converted']} of {summary['read']} records; skipped: "
+    labels = summary["label_counts"]
+    print(f"read {summary['read']} records, wrote {summary['converted']} ({summary['steps']} steps: {labels['good']} "
+          f"'+', {labels['bad']} '-'); skipped: "
           + (", ".join(f"{n} ({reason})" for reason, n in summary["skipped_by_reason"].items()) or "none"),
           file=sys.stderr)
     print(json.dumps({"output": args.output, **summary}))
@@ -105,26 +111,46 @@ def _score(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from megatron_prm import benchmarks
-    from megatron_prm.data.records import iter_raw_records
 
-    records = [raw for _, _, raw in iter_raw_records(args.scores)]
+    scored = benchmarks.ScoredRecords.read(args.scores)
+    if args.tune_on and args.benchmark != "processbench":
+        raise ConfigError("--tune-on applies to --benchmark processbench only")
     if args.benchmark == "processbench":
-        result = benchmarks.processbench(records, args.threshold, args.tune_on)
+        result = benchmarks.processbench(scored, args.threshold, args.tune_on)
         for name, subset in result["subsets"].items():
             print(f"{name}: acc_erroneous {subset['acc_erroneous']} acc_correct {subset['acc_correct']} "
                   f"f1 {subset['f1']} ({subset['items']} items)", file=sys.stderr)
-    elif args.tune_on:
-        raise ConfigError("--tune-on applies to --benchmark processbench only")
     elif args.benchmark == "prmbench":
-        result = benchmarks.prmbench(records, args.threshold)
+        result = benchmarks.prmbench(scored, args.threshold, args.prmbench_rule)
+        print(_prmbench_table(result), file=sys.stderr)
     elif args.benchmark == "steps":
-        result = benchmarks.steps(records, args.threshold)
+        result = benchmarks.steps(scored, args.threshold)
     else:
-        result = benchmarks.best_of_n(records)
+        result = benchmarks.best_of_n(scored, args.tie_break)
+        print(f"ties: {result['tie_break']}; majority vote {result['majority_vote_accuracy']:.4f}, pass@N "
+              f"{result['pass_at_n']:.4f}; " + ", ".join(
+                  f"{name}: PRM pick {result['prm_accuracy'][name]:.4f}, weighted vote "
+                  f"{result['weighted_vote_accuracy'][name]:.4f}" for name in result["prm_accuracy"]),
+              file=sys.stderr)
     headline = benchmarks.HEADLINE[args.benchmark]
     print(f"{args.benchmark}: {headline} = {result[headline]}", file=sys.stderr)
     print(json.dumps({"benchmark": args.benchmark, "scores": args.scores, headline: result[headline],
                       **{k: v for k, v in result.items() if k != headline}}))
+
+
+def _prmbench_table(result: dict) -> str:
+    """PRMBench's per-class figures, as its report gives them: PRMScore, F1 of valid (+) and of invalid (-)
+    steps, in percent."""
+    def cell(value: Optional[float]) -> str:
+        return f"{100 * value:9.1f}" if value is not None else f"{'-':>9}"
+
+    lines = [f"{'class':24}{'PRMScore':>9}{'F1 +':>9}{'F1 -':>9}{'steps':>8}"]
+    rows = [*result["classes"].items(), ("total", result)]
+    for name, figures in rows:
+        counts = figures["tp"] + figures["fp"] + figures["tn"] + figures["fn"]
+        lines.append(f"{name:24}{cell(figures['prmbench_score'])}{cell(figures['f1_correct'])}{cell(figures['f1_erroneous'])}"
+                     f"{counts:>8}")
+    return "\n".join(lines)
 
 
 def _plan(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -200,8 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="benchmark figures from a score output file; last line JSON")
     evaluate.add_argument("--scores", required=True, help="JSONL written by megatron-prm score")
     evaluate.add_argument("--benchmark", required=True, choices=("processbench", "prmbench", "steps", "best-of-n"))
-    evaluate.add_argument("--threshold", type=float, default=0.5, help="P(+) below it marks a step wrong")
+    evaluate.add_argument("--threshold", type=float, default=0.5,
+                          help="P(+) below it marks a step wrong (prmbench: see --prmbench-rule)")
     evaluate.add_argument("--tune-on", help="processbench: tune the threshold on this subset, apply it to all")
+    evaluate.add_argument("--prmbench-rule", choices=PRMBENCH_RULES, default="gt",
+                          help="prmbench: a step is valid when P(+) > threshold (gt, the official scorer) or >= (ge)")
+    evaluate.add_argument("--tie-break", choices=TIE_BREAKS, default="expected",
+                          help="best-of-n: expected accuracy under uniform random tie-breaking, or the first-seen "
+                          "candidate / answer")
 
     plan = commands.add_parser(
         "plan", help="layout, parameters and memory per GPU of a run config; refuses what cannot divide or fit",

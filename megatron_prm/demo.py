@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 from megatron_prm.config import build_config
 from megatron_prm.data.synthetic import write_dataset
@@ -50,12 +51,15 @@ DEMO_ARGUMENTS = {
 QUICK_OVERRIDES = {"max_steps": 20, "warmup_steps": 5, "eval_steps": 10, "logging_steps": 5}
 
 
+def _rounded(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 4)
+
+
 def score_and_evaluate(checkpoint: Path, data: Path, scores: Path) -> dict:
     """What ``megatron-prm score`` and ``megatron-prm evaluate`` do, on the held-out set: the trained
     checkpoint scores every step, then ProcessBench's first-error F1 and the step figures are computed
     from the scores file alone."""
     from megatron_prm import benchmarks
-    from megatron_prm.data.records import iter_raw_records
     from megatron_prm.runtime import shutdown
     from megatron_prm.scoring import score_file, scoring_config
 
@@ -64,9 +68,9 @@ def score_and_evaluate(checkpoint: Path, data: Path, scores: Path) -> dict:
         score_file(config, scores, ("min", "last", "prod", "mean"), batch_size=100, packed=True)
     finally:
         shutdown()
-    records = [raw for _, _, raw in iter_raw_records(scores)]
-    return {"scored_step_accuracy": round(benchmarks.steps(records)["accuracy"], 4),
-            "scored_processbench_f1": round(benchmarks.processbench(records)["average_f1"], 4),
+    records = benchmarks.ScoredRecords.read(scores)
+    return {"scored_step_accuracy": _rounded(benchmarks.steps(records)["accuracy"]),
+            "scored_processbench_f1": _rounded(benchmarks.processbench(records)["average_f1"]),
             "scores_file": str(scores)}
 
 
@@ -94,12 +98,12 @@ def run_demo(output_dir: str | Path, quick: bool = False) -> dict:
     scored = score_and_evaluate(output_dir / "run", dev_path, output_dir / "dev_scores.jsonl")
     baseline = metrics["majority_baseline"]
     summary = {
-        "step_accuracy": round(metrics["accuracy"], 4),
-        "neg_f1": round(metrics["neg_f1"], 4),
-        "auroc": round(metrics["auroc"], 4) if metrics["auroc"] is not None else None,
-        "first_error_f1": round(metrics["first_error_f1"], 4),
-        "majority_step_accuracy": round(baseline["accuracy"], 4),
-        "majority_first_error_f1": round(baseline["first_error_f1"], 4),
+        "step_accuracy": _rounded(metrics["accuracy"]),
+        "neg_f1": _rounded(metrics["neg_f1"]),
+        "auroc": _rounded(metrics["auroc"]),
+        "first_error_f1": _rounded(metrics["first_error_f1"]),
+        "majority_step_accuracy": _rounded(baseline["accuracy"]),
+        "majority_first_error_f1": _rounded(baseline["first_error_f1"]),
         "eval_steps": metrics["steps"],
         "eval_records": metrics["records_erroneous"] + metrics["records_correct"],
         "train_steps": config.training.max_steps,

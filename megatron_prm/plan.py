@@ -12,6 +12,9 @@ Memory per GPU (bytes, the most loaded pipeline stage):
   layer with full recompute plus one layer's full activations; the first pipeline stage holds
   ``pp`` micro batches in flight under 1F1B.
 These are estimates (allocator fragmentation and communication buffers come on top; keep headroom).
+
+Training FLOPs per token at ``max_seq_len`` follow Megatron-LM (:mod:`megatron_prm.flops`); the PRM head
+reads two rows of the LM head, so the PRM's figure leaves the full-vocabulary logits out.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 from megatron_prm.config import ConfigError, RunConfig
+from megatron_prm.flops import ModelShape, flops_per_token
 from megatron_prm.layout import ParallelLayout, resolve_layout
 from megatron_prm.model.architecture import LlamaArchitecture
 from megatron_prm.model.provider import padded_vocab_size
@@ -85,7 +89,9 @@ def plan(config: RunConfig, arch: LlamaArchitecture, nodes: int, gpus_per_node: 
     optimizer_bytes = params * (12 if half else 8)
     if layout.distributed_optimizer:
         optimizer_bytes = math.ceil(optimizer_bytes / layout.data_parallel_size)
-    tokens = config.data.max_seq_len * t.per_device_train_batch_size
+    seq_len = config.data.max_seq_len
+    tokens = seq_len * t.per_device_train_batch_size
+    shape = ModelShape.from_architecture(arch, padded_vocab_size(arch.vocab_size, layout.tensor_parallel_size))
     memory = {
         "weights": params * (2 if half else 4),
         "gradients": params * 4,
@@ -109,6 +115,8 @@ def plan(config: RunConfig, arch: LlamaArchitecture, nodes: int, gpus_per_node: 
         "recompute": config.parallel.recompute,
         "estimated_total_bytes": total,
         "gpu_memory_bytes": int(gpu_memory_gib * GIB),
+        "flops_per_token": flops_per_token(shape, seq_len, with_logits=False),
+        "flops_per_token_with_lm_logits": flops_per_token(shape, seq_len, with_logits=True),
         "notes": notes,
     }
     if total > gpu_memory_gib * GIB:
@@ -134,5 +142,7 @@ def describe(result: dict) -> str:
         "memory per GPU (estimate): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in memory.items()),
         f"total with recompute={result['recompute']}: {result['estimated_total_bytes'] / GIB:.2f} GiB of "
         f"{result['gpu_memory_bytes'] / GIB:.0f} GiB",
+        f"training FLOPs per token at max_seq_len (Megatron-LM's formula): {result['flops_per_token']:.4e} "
+        f"({result['flops_per_token_with_lm_logits']:.4e} with full-vocabulary logits, as LM training)",
     ]
     return "\n".join(lines + [f"note: {n}" for n in result["notes"]])

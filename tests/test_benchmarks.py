@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 
 from conftest import run_cli, write_jsonl
 from megatron_prm import benchmarks
-from megatron_prm.benchmarks import ScoresError, predicted_first_error
+from megatron_prm.metrics import ScoresError, predicted_first_error
 
 
 def pb(subset, scores, label):
@@ -70,19 +71,30 @@ def test_best_of_n_hand_computed_with_ties_and_unscored_groups():
 
     records = [
         cand("g1", False, "3", 0.2), cand("g1", True, "4", 0.9), cand("g1", False, "3", 0.1),
-        cand("g2", True, "7", 0.6), cand("g2", False, "8", 0.6),  # tie on min: the first candidate
+        cand("g2", True, "7", 0.6), cand("g2", False, "8", 0.6),  # tie on min
         cand("g3", False, "1", None), cand("g3", True, "2", None),  # unscored by min
     ]
+    # Default: the expected accuracy under uniform random tie-breaking.
     result = benchmarks.best_of_n(records)
-    assert result["groups"] == 3
-    assert result["prm_accuracy"]["min"] == pytest.approx(2 / 3)  # g1 right, g2 right (first), g3 counted wrong
+    assert result["groups"] == 3 and result["tie_break"] == "expected"
+    assert result["prm_accuracy"]["min"] == pytest.approx((1 + 0.5 + 0) / 3)  # g2: one of two tied is right
     assert result["unscored_groups"]["min"] == 1
-    assert result["prm_accuracy"]["last"] == pytest.approx(1 / 3)  # all tie on last: first candidates, only g2 right
+    assert result["prm_accuracy"]["last"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)  # all tie on last
     assert result["accuracy"] == result["prm_accuracy"]["min"]
-    # Majority: g1 "3" (wrong), g2 tie -> "7" first seen (right), g3 tie -> "1" (wrong).
-    assert result["majority_vote_accuracy"] == pytest.approx(1 / 3)
+    # Majority: g1 "3" (wrong), g2 "7" vs "8" (one of two right), g3 "1" vs "2" (one of two right).
+    assert result["majority_vote_accuracy"] == pytest.approx((0 + 0.5 + 0.5) / 3)
+    # PRM-weighted vote by min: g1 "3" 0.2 + 0.1 = 0.3 < "4" 0.9 (right), g2 0.6 vs 0.6, g3 unscored.
+    assert result["weighted_vote_accuracy"]["min"] == pytest.approx((1 + 0.5 + 0) / 3)
+    # "last": g1 "3" 0.5 + 0.5 = 1.0 beats "4" 0.5 (wrong), g2 and g3 tie.
+    assert result["weighted_vote_accuracy"]["last"] == pytest.approx((0 + 0.5 + 0.5) / 3)
     assert result["pass_at_n"] == 1.0
-    with pytest.raises(ScoresError, match="no 'group' field"):
+
+    first = benchmarks.best_of_n(records, tie_break="first")  # the first-seen candidate or answer
+    assert first["prm_accuracy"]["min"] == pytest.approx(2 / 3)  # g1 right, g2 right (first), g3 counted wrong
+    assert first["prm_accuracy"]["last"] == pytest.approx(1 / 3)  # first candidates: only g2's is right
+    assert first["majority_vote_accuracy"] == pytest.approx(1 / 3)  # g2 "7" first seen (right), g3 "1" (wrong)
+    assert first["weighted_vote_accuracy"]["min"] == pytest.approx(2 / 3)
+    with pytest.raises(ScoresError, match="'group': is missing"):
         benchmarks.best_of_n([{"correct": True}])
 
 
@@ -132,7 +144,7 @@ def test_converters_for_prmbench_and_best_of_n_and_the_evaluate_command(tmp_path
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert last["benchmark"] == "best-of-n" and last["accuracy"] == 0.0 and last["pass_at_n"] == 1.0
     refused = run_cli(["evaluate", "--scores", str(scores), "--benchmark", "processbench"], check=False)
-    assert refused.returncode == 2 and "no step_scores" in refused.stderr
+    assert refused.returncode == 2 and "record 0 (line 1), field 'step_scores': is missing" in refused.stderr
 
 
 def test_quick_demo_scores_and_evaluates_its_held_out_set(tmp_path):
@@ -165,3 +177,31 @@ def test_quick_demo_scores_and_evaluates_its_held_out_set(tmp_path):
     assert [r["index"] for r in tp2] == [r["index"] for r in scored]
     worst = max(abs(a - b) for r1, r2 in zip(scored, tp2) for a, b in zip(r1["step_scores"], r2["step_scores"]))
     assert worst < 1e-5
+
+
+@pytest.mark.parametrize("benchmark, record, field", [
+    ("steps", {"labels": ["+", "-"], "step_scores": [0.2, float("nan")]}, "step_scores[1]"),
+    ("prmbench", {"labels": ["+"], "step_scores": [-0.1]}, "step_scores[0]"),
+    ("processbench", {"first_error": -1, "step_scores": [float("inf")]}, "step_scores[0]"),
+    ("best-of-n", {"group": "g", "correct": True, "aggregates": {"min": 1.5}}, "aggregates.min"),
+    ("steps", {"labels": ["+", 2], "step_scores": [0.2, 0.3]}, "labels[1]"),
+])
+def test_scores_that_are_not_probabilities_are_refused_naming_the_record(benchmark, record, field):
+    function = {"steps": benchmarks.steps, "prmbench": benchmarks.prmbench, "processbench": benchmarks.processbench,
+                "best-of-n": benchmarks.best_of_n}[benchmark]
+    good = {"labels": ["+"], "step_scores": [0.5], "first_error": -1, "group": "g", "correct": False,
+            "aggregates": {"min": 0.5}}
+    with pytest.raises(ScoresError, match=re.escape(f"<records>: record 1, field '{field}'") + ".*finite number in"):
+        function([good, record])
+
+
+def test_evaluate_refuses_bad_scores_and_thresholds_with_one_line(tmp_path):
+    scores = write_jsonl(tmp_path / "scores.jsonl", [{"labels": ["+"], "step_scores": [0.7]},
+                                                     {"labels": ["+", "-"], "step_scores": [0.7, 1.5]}])
+    refused = run_cli(["evaluate", "--scores", str(scores), "--benchmark", "steps"], check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert (f"{scores}: record 1 (line 2), field 'step_scores[1]': 1.5 is not a probability"
+            in refused.stderr.strip().splitlines()[-1])
+    for threshold in ("nan", "1.5"):
+        with pytest.raises(ScoresError, match="threshold must be a finite number in \\[0, 1\\]"):
+            benchmarks.steps([{"labels": ["+"], "step_scores": [0.7]}], float(threshold))

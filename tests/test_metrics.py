@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from megatron_prm.metrics import StepPredictions, binary_auroc, first_error_f1, majority_baseline, step_metrics
+from megatron_prm import benchmarks
+from megatron_prm.metrics import StepPredictions, binary_auroc, majority_baseline, prm_metrics, step_figures
 
 
 def preds(records):
@@ -25,7 +26,7 @@ def test_auroc_by_hand():
 
 def test_step_metrics_by_hand():
     p = preds([([0.9, 0.2, 0.3], [1, 0, 1]), ([0.6, 0.4], [0, 0])])
-    m = step_metrics(p, 0.5)
+    m = step_figures(p.p_good, p.targets >= 0.5, 0.5)
     # predicted bad: steps with p < 0.5 -> 0.2, 0.3, 0.4 ; truly bad: 0.2, 0.6, 0.4
     assert m["accuracy"] == pytest.approx(3 / 5)
     assert m["neg_precision"] == pytest.approx(2 / 3)
@@ -41,22 +42,31 @@ def test_first_error_f1_by_hand_with_threshold_ties():
         ([0.9, 0.2], [1, 1]),           # correct, predicted 1: miss
         ([0.9, 0.8], [1, 1]),           # correct, hit
     ]
-    m = first_error_f1(preds(records), 0.5)
+    m = prm_metrics(preds(records), 0.5)
     assert m["acc_erroneous"] == 0.5 and m["acc_correct"] == pytest.approx(2 / 3)
     assert m["first_error_f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
     assert (m["records_erroneous"], m["records_correct"]) == (2, 3)
 
 
-def test_all_correct_subset_gives_zero_f1_not_nan():
-    m = first_error_f1(preds([([0.9], [1]), ([0.8, 0.7], [1, 1])]), 0.5)
-    assert m["acc_correct"] == 1.0 and m["acc_erroneous"] == 0.0 and m["first_error_f1"] == 0.0
+def test_a_class_absent_from_the_data_is_none_in_training_eval_and_evaluate_alike():
+    records = [([0.9], [1]), ([0.8, 0.7], [1, 1])]  # no erroneous record, no bad step
+    m = prm_metrics(preds(records), 0.5)
+    assert m["acc_correct"] == 1.0 and m["acc_erroneous"] is None and m["first_error_f1"] is None
+    assert m["neg_recall"] is None and m["neg_precision"] is None and m["neg_f1"] is None and m["auroc"] is None
+    scored = [{"step_scores": p, "labels": ["+" if t else "-" for t in targets], "first_error": -1}
+              for p, targets in records]
+    subset = benchmarks.processbench(scored)["subsets"]["all"]
+    assert (subset["acc_correct"], subset["acc_erroneous"], subset["f1"]) == (
+        m["acc_correct"], m["acc_erroneous"], m["first_error_f1"])
+    steps = benchmarks.steps(scored)
+    assert all(steps[k] == m[k] for k in ("accuracy", "neg_precision", "neg_recall", "neg_f1", "auroc"))
 
 
 def test_record_order_does_not_matter():
     a = preds([([0.9, 0.1], [1, 0]), ([0.2, 0.3], [0, 0])])
     shuffled = StepPredictions(a.p_good[::-1].copy(), a.targets[::-1].copy(), a.record_ids[::-1].copy(),
                                a.step_ids[::-1].copy())
-    assert first_error_f1(a, 0.5) == first_error_f1(shuffled, 0.5)
+    assert prm_metrics(a, 0.5) == prm_metrics(shuffled, 0.5)
 
 
 def test_majority_baseline_predicts_a_constant():

@@ -9,10 +9,11 @@ Each step runs ``--micro-batches`` packed rows of ``--seq-len`` tokens (syntheti
 schedule and the optimizer. ``prm`` mode trains the PRM head (two reward rows of the LM head at the
 placeholders); ``lm`` mode trains next-token prediction with the full-vocabulary cross-entropy of
 Megatron-Core's GPTModel on the same rows. Figures per GPU: tokens/s, TFLOP/s by Megatron-LM's formula
-(``num_floating_point_operations``: 12 x tokens x layers x h^2 x (attention + MLP + logits terms); the
-logits term 6 x tokens x h x vocab is counted in ``lm`` mode only, since the PRM head skips the
-full-vocabulary product), MFU against ``--peak-tflops``, and peak memory. ``--head-memory`` also measures
-the activation memory of the PRM head against full-vocabulary logits for one row. The last line is JSON.
+(``num_floating_point_operations`` as in megatron_prm/flops.py: causal attention counted half, per
+sample of a packed row; the logits term 6 x tokens x h x vocab is counted in ``lm`` mode only, since the
+PRM head skips the full-vocabulary product), MFU against ``--peak-tflops``, and peak memory.
+``--head-memory`` also measures the activation memory of the PRM head against full-vocabulary logits for
+one row. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from megatron_prm.config import build_config  # noqa: E402
 from megatron_prm.data.batching import MicroBatch, collate_packed  # noqa: E402
 from megatron_prm.data.packing import PackingOptions  # noqa: E402
 from megatron_prm.data.samples import Sample  # noqa: E402
+from megatron_prm.flops import ModelShape, training_flops  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -82,15 +84,11 @@ def synthetic_rows(args, count: int, vocab: int, placeholder: int, seed: int) ->
     return rows
 
 
-def megatron_flops_per_token(args, ffn: int, padded_vocab: int, with_logits: bool) -> float:
-    """Megatron-LM's num_floating_point_operations / tokens (dense GQA + SwiGLU)."""
-    h, layers = args.hidden, args.layers
-    head_dim = h // args.heads
-    query_ratio = head_dim * args.heads / h
-    attention = (1 + args.kv_heads / args.heads + args.seq_len / h) * query_ratio
-    mlp = ffn / h * 1.5  # SwiGLU: three projections instead of two
-    logits = padded_vocab / (2 * layers * h) if with_logits else 0.0
-    return 12 * layers * h * h * (attention + mlp + logits)
+def step_flops(shape: ModelShape, rows: list[MicroBatch], data_parallel: int, with_logits: bool) -> float:
+    """Megatron-LM's FLOPs of one optimizer step: every packed row, attention per sample, all DP ranks."""
+    return data_parallel * sum(
+        training_flops(shape, (row.cu_seqlens[1:] - row.cu_seqlens[:-1]).tolist(), with_logits=with_logits)
+        for row in rows)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -204,7 +202,7 @@ def main() -> None:
     placeholder, good, bad = 5, 6, 7
     rows = synthetic_rows(args, args.micro_batches, args.vocab, placeholder, seed=runtime.data_parallel_rank)
     tokens_per_step = sum(r.tokens.shape[1] for r in rows) * dp
-    padded_vocab = padded_vocab_size(args.vocab, args.tensor_parallel)
+    shape = ModelShape.from_architecture(arch, padded_vocab_size(args.vocab, args.tensor_parallel))
     report = {"device": torch.cuda.get_device_name() if runtime.device.type == "cuda" else "cpu",
               "transformer_engine": runtime.use_transformer_engine, "world_size": world,
               "layers": args.layers, "hidden": args.hidden, "ffn": ffn, "vocab": args.vocab, "seq_len": args.seq_len,
@@ -215,9 +213,8 @@ def main() -> None:
         chunks = build_model_chunks(arch, (good, bad), args.seq_len, options)
         state = build_training_state(chunks, config.training, args.warmup + args.steps, layout.distributed_optimizer)
         timing = run_mode(mode, args, state, rows, runtime)
-        flops_per_token = megatron_flops_per_token(args, ffn, padded_vocab, with_logits=mode == "lm")
         tokens_per_s_per_gpu = tokens_per_step / timing["step_s"] / world
-        tflops = tokens_per_s_per_gpu * flops_per_token / 1e12
+        tflops = step_flops(shape, rows, dp, with_logits=mode == "lm") / timing["step_s"] / world / 1e12
         report[mode] = {**timing, "tokens_per_s_per_gpu": round(tokens_per_s_per_gpu, 1),
                         "tflops_per_gpu": round(tflops, 4), "lm_head_flops_counted": mode == "lm",
                         "mfu": round(tflops / args.peak_tflops, 5), "peak_memory_bytes": peak_memory_bytes(runtime.device)}

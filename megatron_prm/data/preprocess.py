@@ -12,7 +12,9 @@ from typing import Iterator, Optional
 from tqdm import tqdm
 
 from megatron_prm.data.records import iter_raw_records
-from megatron_prm.data.samples import DataReport, Sample, SampleBuilder, SampleOptions, samples_from_raw
+from megatron_prm.data.samples import (
+    DataReport, Sample, SampleBuilder, SampleOptions, check_not_empty, samples_from_raw,
+)
 from megatron_prm.data.store import StoreIdentity, TokenStoreWriter
 from megatron_prm.tokenizer import SpecialTokenIds, Tokenizer, load_tokenizer, special_token_ids
 
@@ -96,7 +98,7 @@ def preprocess(job: TokenizeJob, output_prefix: str | Path, workers: int = 1, ch
     started = time.perf_counter()
     pool = None
     try:
-        chunks = _chunks(iter(iter_raw_records(job.data_path)), chunk_size)
+        chunks = _chunks(iter(iter_raw_records(job.data_path, keep_invalid=job.skip_invalid)), chunk_size)
         if workers > 1:
             # spawn, not fork: a forked Rust (HF) tokenizer that the parent has used can deadlock.
             pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(job,))
@@ -109,6 +111,7 @@ def preprocess(job: TokenizeJob, output_prefix: str | Path, workers: int = 1, ch
             report.merge(part)
             progress.update(part.records)
         progress.close()
+        check_not_empty(report, job.data_path)
         elapsed = time.perf_counter() - started
         return writer.finish(identity, {
             "source": str(job.data_path),

@@ -9,12 +9,18 @@ Any other keys are kept as metadata.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
+
+
+# Faults of a line as a whole, before there is a record to validate: the field names RecordError uses.
+_LINE_FAULTS = {"<json>": "not valid JSON", "<encoding>": "not UTF-8"}
 
 
 class RecordError(ValueError):
@@ -28,6 +34,11 @@ class RecordError(ValueError):
         self.line = line
         where = f"{path}: record {index}" + (f" (line {line})" if line is not None else "")
         super().__init__(f"{where}, field {field_name!r}: {problem}")
+
+    @property
+    def reason(self) -> str:
+        """A short reason under which a skipped record is counted."""
+        return _LINE_FAULTS.get(self.field) or f"invalid {self.field.split('[')[0]}"
 
     def __reduce__(self):
         # Rebuilt from its parts when it crosses from a worker process.
@@ -46,65 +57,137 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
-def open_text(path: str | Path):
-    """Open a text file, transparently gunzipping ``.gz``."""
-    path = Path(path)
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _read_lines(path: Path) -> Iterator[tuple[int, str, Optional[str]]]:
+    """``(line number, text, fault)`` of every line of a (gzipped) UTF-8 file, decoded one line at a time
+    so that bytes that are not UTF-8 spoil only their own line: its fault says so (and its text has
+    them replaced); the fault is None for good lines. A leading byte-order mark is dropped. A truncated
+    or corrupt gzip stream is an error of the whole file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    line_no = 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
+            for line_no, data in enumerate(handle, start=1):
+                if line_no == 1 and data.startswith(codecs.BOM_UTF8):
+                    data = data[len(codecs.BOM_UTF8):]
+                try:
+                    yield line_no, data.decode("utf-8"), None
+                except UnicodeDecodeError as err:
+                    yield line_no, data.decode("utf-8", errors="replace"), (
+                        f"not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} of line {line_no}")
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise RecordError(path, -1, "<file>", f"not a complete gzip file, unreadable after line {line_no} "
+                          f"({err})") from None
 
 
-def iter_raw_records(path: str | Path) -> Iterator[tuple[int, Optional[int], Any]]:
+def iter_raw_records(path: str | Path, *, keep_invalid: bool = False) -> Iterator[tuple[int, Optional[int], Any]]:
     """Yield ``(record index, first line or None, parsed JSON value)`` from a data file.
 
     Reads a JSON array, JSONL, or a stream of (pretty-printed) JSON objects one after another, as
     PRM800K's example files are. Lines are read one at a time, so a JSONL file is never held whole.
+    A record that is not valid JSON or not UTF-8 raises :class:`RecordError` naming the file, record
+    and line; with ``keep_invalid`` that error is yielded in place of the value instead (and reading
+    goes on), for readers that count and skip such records. A JSON array is one value: any fault in
+    it, like a truncated gzip file, is an error of the whole file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    with open_text(path) as handle:
-        first = ""
-        while True:
-            ch = handle.read(1)
-            if not ch or not ch.isspace():
-                first = ch
-                break
-        handle.seek(0)
-        if first == "[":
-            try:
-                items = json.load(handle)
-            except json.JSONDecodeError as err:
-                raise RecordError(path, -1, "<file>", f"not a valid JSON array: {err}") from err
-            for index, item in enumerate(items):
-                yield index, None, item
-            return
-        yield from _iter_json_stream(handle, path)
+    if is_json_array(path):
+        yield from _iter_json_array(path)
+        return
+    for index, line, value in _iter_json_stream(_read_lines(path), path):
+        if isinstance(value, RecordError) and not keep_invalid:
+            raise value
+        yield index, line, value
 
 
-def _iter_json_stream(handle, path: Path) -> Iterator[tuple[int, int, Any]]:
-    """JSON values one after another: one per line, or spread over lines (a new top-level ``{`` at
-    the start of a line ends a value that has not parsed, which is then reported as malformed)."""
-    index, buffer, start_line = 0, "", 0
-    for line_no, line in enumerate(handle, start=1):
+def is_json_array(path: str | Path) -> bool:
+    """Whether the file's first non-blank character opens a JSON array."""
+    lines = _read_lines(Path(path))
+    try:
+        first = next((text for _, text, _ in lines if text.strip()), "")
+    finally:
+        lines.close()
+    return first.lstrip().startswith("[")
+
+
+def iter_jsonl(path: str | Path, select: Callable[[int], bool]) -> Iterator[tuple[int, int, Any]]:
+    """``(record index, line, parsed value)`` of the records of a JSONL file (one value per non-blank
+    line) whose index ``select`` accepts; only those lines are parsed. A line that is not valid JSON or
+    not UTF-8 comes as a :class:`RecordError` in place of its value."""
+    path = Path(path)
+    index = -1
+    for line_no, text, fault in _read_lines(path):
+        if not text.strip():
+            continue
+        index += 1
+        if not select(index):
+            continue
+        if fault is not None:
+            yield index, line_no, RecordError(path, index, "<encoding>", fault, line_no)
+            continue
+        try:
+            yield index, line_no, json.loads(text)
+        except json.JSONDecodeError as err:
+            yield index, line_no, RecordError(path, index, "<json>", f"not valid JSON: {err.msg}", line_no)
+
+
+def _iter_json_array(path: Path) -> Iterator[tuple[int, None, Any]]:
+    parts = []
+    for line_no, text, fault in _read_lines(path):
+        if fault is not None:
+            raise RecordError(path, -1, "<file>", fault, line_no)
+        parts.append(text)
+    try:
+        items = json.loads("".join(parts))
+    except json.JSONDecodeError as err:
+        raise RecordError(path, -1, "<file>", f"not a valid JSON array: {err.msg}", err.lineno) from None
+    for index, item in enumerate(items):
+        yield index, None, item
+
+
+def _iter_json_stream(lines: Iterator[tuple[int, str, Optional[str]]], path: Path) -> Iterator[tuple[int, int, Any]]:
+    """JSON values one after another: one per line, or spread over lines. A new top-level ``{`` at the
+    start of a line ends a value that has not parsed, which is then malformed. A malformed value (or one
+    with bytes that are not UTF-8) comes as a :class:`RecordError` in place of the value; reading
+    resumes at the next line that starts a value."""
+    index, buffer, start_line, fault, skipping = 0, "", 0, None, False
+
+    def malformed() -> RecordError:
+        if fault is not None:
+            return RecordError(path, index, "<encoding>", fault, start_line)
+        return RecordError(path, index, "<json>", "not valid JSON", start_line)
+
+    for line_no, line, line_fault in lines:
+        starts_value = line.startswith(("{", "["))
+        if skipping and not starts_value:
+            continue  # the rest of a value already reported
+        skipping = False
         if not buffer:
             if not line.strip():
                 continue
             start_line = line_no
-        elif line.startswith(("{", "[")):
-            raise RecordError(path, index, "<line>", "not valid JSON", start_line)
+        elif starts_value:
+            yield index, start_line, malformed()
+            index, buffer, start_line, fault = index + 1, "", line_no, None
         buffer += line
+        fault = fault or line_fault
+        if fault is not None:
+            continue  # reported once the value ends
         try:
             item = json.loads(buffer)
         except json.JSONDecodeError as err:
             if err.msg.startswith("Extra data"):
-                raise RecordError(path, index, "<line>", f"not valid JSON: {err.msg}", start_line) from err
+                yield index, start_line, RecordError(path, index, "<json>", f"not valid JSON: {err.msg}", start_line)
+                index, buffer, skipping = index + 1, "", True
             continue
         yield index, start_line, item
         index += 1
         buffer = ""
     if buffer.strip():
-        raise RecordError(path, index, "<line>", "not valid JSON (unterminated)", start_line)
+        if fault is None:
+            yield index, start_line, RecordError(path, index, "<json>", "not valid JSON (unterminated)", start_line)
+        else:
+            yield index, start_line, malformed()
 
 
 def _turns(value: Any, name: str, fail) -> tuple[str, ...]:

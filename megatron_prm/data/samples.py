@@ -67,12 +67,19 @@ class DataReport:
     positive_sum: float = 0.0
     tokens: int = 0
     reasons: Counter = field(default_factory=Counter)
+    labels: Counter = field(default_factory=Counter)  # labelled positions: good (1), bad (0), soft (between)
 
     def merge(self, other: "DataReport") -> None:
         for name in ("records", "kept", "truncated", "dropped", "invalid", "steps", "labelled_positions",
                      "positive_sum", "tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.reasons.update(other.reasons)
+        self.labels.update(other.labels)
+
+    def count_labels(self, values: np.ndarray) -> None:
+        values = values[np.isfinite(values)]
+        good, bad = int((values == 1.0).sum()), int((values == 0.0).sum())
+        self.labels.update({"good": good, "bad": bad, "soft": int(values.size) - good - bad})
 
     def as_dict(self) -> dict:
         return {
@@ -87,6 +94,7 @@ class DataReport:
             if self.labelled_positions
             else None,
             "tokens": self.tokens,
+            "label_counts": {name: self.labels[name] for name in ("good", "bad", "soft")},
             "reasons": dict(sorted(self.reasons.items())),
         }
 
@@ -179,6 +187,7 @@ class SampleBuilder:
         report.steps += kept_steps
         report.labelled_positions += len(sample.label_positions)
         report.positive_sum += float(np.nansum(sample.label_values))
+        report.count_labels(sample.label_values)
         report.tokens += len(sample)
         return sample
 
@@ -192,10 +201,14 @@ def samples_from_raw(
     skip_invalid: bool = False,
     require_labels: bool = True,
 ) -> Iterator[Sample]:
-    """Validate and tokenize raw records; counts go to ``builder.report``."""
+    """Validate and tokenize raw records; counts go to ``builder.report``. A raw record may be the
+    :class:`RecordError` of a line that could not be read (see ``iter_raw_records(keep_invalid=True)``):
+    it is raised, or under ``skip_invalid`` counted like any invalid record."""
     for index, line, raw in raw_records:
         builder.report.records += 1
         try:
+            if isinstance(raw, RecordError):
+                raise raw
             record = validate_record(
                 raw, path=path, index=index, line=line, reward_tokens=reward_tokens, require_labels=require_labels
             )
@@ -204,7 +217,7 @@ def samples_from_raw(
             if not skip_invalid or err.index < 0:
                 raise
             builder.report.invalid += 1
-            builder.report.reasons[f"invalid {err.field.split('[')[0]}"] += 1
+            builder.report.reasons[err.reason] += 1
             continue
         if sample is not None:
             yield sample
@@ -221,9 +234,19 @@ def load_samples(
     require_labels: bool = True,
     show_progress: bool = True,
 ) -> tuple[list[Sample], DataReport]:
-    """Read, validate and tokenize every record of a file."""
+    """Read, validate and tokenize every record of a file; a file without a usable record is an error."""
     builder = SampleBuilder(tokenizer, special, options)
-    raw = tqdm(iter_raw_records(path), desc=f"tokenizing {Path(path).name}", unit=" records", disable=not show_progress)
+    raw = tqdm(iter_raw_records(path, keep_invalid=skip_invalid), desc=f"tokenizing {Path(path).name}",
+               unit=" records", disable=not show_progress)
     samples = list(samples_from_raw(raw, builder, path, reward_tokens, skip_invalid=skip_invalid,
                                     require_labels=require_labels))
+    check_not_empty(builder.report, path)
     return samples, builder.report
+
+
+def check_not_empty(report: DataReport, path: str | Path) -> None:
+    """Refuse a data set that yields no sample: an empty file, or one whose every record was dropped."""
+    if report.kept == 0:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(report.reasons.items()))
+        raise RecordError(path, -1, "<file>", f"no usable record ({report.records} read"
+                          + (f"; {counts})" if counts else ")"))

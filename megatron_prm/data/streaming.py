@@ -12,7 +12,6 @@ use a preprocessed store) where a global shuffle matters. The stream restarts at
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -20,7 +19,7 @@ from typing import Iterator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_prm.data.preprocess import RecordTokenizer, TokenizeJob
-from megatron_prm.data.records import RecordError, open_text
+from megatron_prm.data.records import is_json_array, iter_jsonl
 from megatron_prm.data.samples import Sample
 
 
@@ -33,19 +32,9 @@ class StreamShard:
 
 
 def _own_records(path: str, reader: int, readers: int) -> Iterator[tuple[int, int, object]]:
-    """``(record index, line, parsed record)`` of the records that belong to ``reader``."""
-    with open_text(path) as handle:
-        index = -1
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            index += 1
-            if index % readers != reader:
-                continue
-            try:
-                yield index, line_no, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(path, index, "<line>", f"not valid JSON: {err.msg}", line_no) from err
+    """``(record index, line, parsed record)`` of the records that belong to ``reader``; a line that
+    cannot be read comes as its RecordError (raised, or counted under skip_invalid, by the tokenizer)."""
+    return iter_jsonl(path, lambda index: index % readers == reader)
 
 
 class StreamingSamples(IterableDataset):
@@ -53,9 +42,7 @@ class StreamingSamples(IterableDataset):
 
     def __init__(self, job: TokenizeJob, shard: StreamShard):
         super().__init__()
-        with open_text(job.data_path) as handle:
-            first = handle.read(64).lstrip()
-        if first.startswith("["):
+        if is_json_array(job.data_path):
             raise ValueError(f"{job.data_path}: lazy=True streams JSONL; this file is a JSON array")
         self.job = job
         self.shard = shard
