@@ -69,3 +69,33 @@ def test_overlap_reaches_megatron_ddp_and_the_schedule_hooks(runtime, distribute
     plain = build_training_state(build_model_chunks(ARCH, (7, 200), 64, ModelBuildOptions(use_cpu_initialization=True)),
                                  config.training, 2)
     assert not plain.model[0].ddp_config.overlap_grad_reduce and plain.model[0].config.no_sync_func is None
+
+
+def test_data_parallel_training_with_overlap_equals_without(tmp_path):
+    """Two gloo ranks (tests/overlap_dp2.py): overlapped gradient reduction and parameter gathering give
+    the losses, grad norms and parameters of the same training without overlap; with overlap_param_gather
+    the ranks' parameters differ after a step until they are gathered (what evaluation and saving do)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from conftest import REPO, free_port
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), str(REPO / "tests" / "overlap_dp2.py"), str(tmp_path / "dp2")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads((tmp_path / f"dp2.rank{rank}.json").read_text()) for rank in range(2)]
+    for report in reports:
+        for plain, overlapped in (("ddp", "ddp_overlap"), ("distributed_optimizer", "distributed_optimizer_overlap")):
+            assert report[overlapped]["loss"] == pytest.approx(report[plain]["loss"], rel=1e-6, abs=1e-9)
+            assert report[overlapped]["grad_norm"] == pytest.approx(report[plain]["grad_norm"], rel=1e-6)
+            np.testing.assert_allclose(report[overlapped]["parameters"], report[plain]["parameters"], rtol=0, atol=1e-6)
+        assert report["ddp"]["largest_update"] > 1e-3  # it trains
+        assert report["distributed_optimizer_overlap"]["ranks_differ_before_gather"]
+        assert not any(report[way]["ranks_differ_after_gather"] for way in report)
+    assert reports[0]["ddp"]["loss"] == reports[1]["ddp"]["loss"]  # the step's loss is reduced over both ranks

@@ -29,8 +29,6 @@ CASES = {
     "pp2": (2, {"pipeline_parallel_degree": 2}),
     "pp2_vpp2": (2, {"pipeline_parallel_degree": 2, "virtual_pp_degree": 2}),
     "dp2_distributed_optimizer": (2, {"sharding": "stage1", "gradient_accumulation_steps": 2}),
-    "dp2_distributed_optimizer_overlap": (2, {"sharding": "stage1", "overlap_grad_reduce": True,
-                                              "overlap_param_gather": True, "gradient_accumulation_steps": 2}),
     "tp2_dp2": (4, {"tensor_parallel_degree": 2, "gradient_accumulation_steps": 2}),
     "pp2_dp2": (4, {"pipeline_parallel_degree": 2, "gradient_accumulation_steps": 2}),
     "full_recompute": (1, {"recompute": True, "recompute_granularity": "full", "recompute_num_layers": 2}),
