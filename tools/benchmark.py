@@ -27,6 +27,7 @@ the PRM step's largest costs (torch profiler, by self device time).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -287,6 +288,7 @@ def main() -> None:
               f"of {args.peak_tflops} TFLOP/s, {tflops / measured_tflops:.2%} of the measured matrix-product rate; "
               f"peak memory {timing['peak_memory_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
         del state, chunks
+        gc.collect()  # the model, optimizer and config refer to each other: free this mode's memory first
         if runtime.device.type == "cuda":
             torch.cuda.empty_cache()
     if len(modes) == 2:
