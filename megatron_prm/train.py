@@ -157,7 +157,8 @@ def setup(config: RunConfig) -> Run:
         f"({data.train.steps_per_epoch or 'streamed, unknown'} per epoch)"
     )
     collator = Collator(data.pad_id, layout.sequence_multiple, uniform_length=layout.pipeline_parallel_size > 1,
-                        packing=data.packing.options if data.packing else None)
+                        packing=data.packing.options if data.packing else None,
+                        fixed_length=config.data.max_seq_len if config.parallel.tp_comm_overlap else None)
     return Run(config, runtime, logger, arch, layout, data, state, collator, total_steps, train_state)
 
 

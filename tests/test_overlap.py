@@ -99,3 +99,27 @@ def test_data_parallel_training_with_overlap_equals_without(tmp_path):
         assert report["distributed_optimizer_overlap"]["ranks_differ_before_gather"]
         assert not any(report[way]["ranks_differ_after_gather"] for way in report)
     assert reports[0]["ddp"]["loss"] == reports[1]["ddp"]["loss"]  # the step's loss is reduced over both ranks
+
+
+def test_tp_comm_overlap_pads_every_micro_batch_to_max_seq_len():
+    """TE's userbuffers have one shape: with tp_comm_overlap every micro batch, packed or padded, is
+    max_seq_len tokens long, and a max_seq_len that the tensor-parallel size does not divide is refused."""
+    import numpy as np
+
+    from megatron_prm.data.batching import Collator
+    from megatron_prm.data.packing import PackingOptions
+    from megatron_prm.data.samples import Sample
+    from megatron_prm.layout import resolve_layout
+
+    rng = np.random.default_rng(0)
+    samples = [Sample(rng.integers(10, 250, size=n).astype(np.int32), np.array([n - 1], dtype=np.int32),
+                      np.ones(1, dtype=np.float32), np.zeros(1, dtype=np.int32), i) for i, n in enumerate((9, 14, 5))]
+    for packing in (None, PackingOptions(64, row_multiple=2)):
+        batches = Collator(0, 2, packing=packing, fixed_length=64)([samples[:2], samples[2:]])
+        assert [b.tokens.shape[1] for b in batches] == [64, 64]
+        if packing is not None:
+            assert [b.cu_seqlens_padded[-1].item() for b in batches] == [64, 64]
+    config = build_config({"tp_comm_overlap": True, "tensor_parallel_degree": 4, "sequence_parallel": True,
+                           "max_seq_len": 510, "max_prompt_len": 256})
+    with pytest.raises(ConfigError, match="max_seq_len 510, which must then be divisible by tensor_parallel_degree 4"):
+        resolve_layout(config, 4, ARCH)
