@@ -16,7 +16,7 @@
 # of a PRM step). Logs and the benchmark's JSON go to $OUT (default /tmp/gpu_check); summary.txt has one
 # line per check. Exit status: 0 only if every check passed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 OUT=${OUT:-/tmp/gpu_check}
 PYTHON=${GPU_PYTHON:-python3}
@@ -38,7 +38,7 @@ record() {  # record NAME EXIT_STATUS
 }
 
 for version in "${VERSIONS[@]}"; do
-    wheel=$(ls .whl/megatron_core-"$version"-*cp312*.whl 2>/dev/null | head -n 1)
+    wheel=$(find .whl -maxdepth 1 -name "megatron_core-$version-*cp312*.whl" 2>/dev/null | head -n 1)
     if [ -z "$wheel" ]; then
         echo "megatron-core $version: no cp312 wheel in .whl/ (see the header of this script)" | tee -a "$summary"
         status=1
