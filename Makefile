@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv clean
+.PHONY: test test-gpu demo venv clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,12 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The GPU tests (tests_gpu/, not collected by `make test`); without a CUDA GPU they stop with exit status 3.
+# In NVIDIA's containers use the container's Python (its CUDA torch, TE, Apex) instead of .venv:
+# `make test-gpu GPU_PYTHON=python3`, with megatron-core and this package importable by it.
+test-gpu: $(if $(GPU_PYTHON),,$(STAMP))
+	$(or $(GPU_PYTHON),$(PY)) -m pytest -q tests_gpu
 
 demo: $(STAMP)
 	$(VENV)/bin/megatron-prm demo --output-dir runs/demo

@@ -203,6 +203,21 @@ class ParallelArguments:
         "world size: world / (tensor x pipeline)).",
         default=-1,
     )
+    overlap_grad_reduce: bool = _doc(
+        "Overlap the data-parallel gradient reduction with the backward pass (Megatron DDP's "
+        "overlap_grad_reduce: buckets are all-reduced / reduce-scattered as their gradients are ready).",
+        default=False,
+    )
+    overlap_param_gather: bool = _doc(
+        "With sharding stage1 and overlap_grad_reduce: all-gather the updated parameters during the next "
+        "forward pass instead of after the optimizer step (Megatron's overlap_param_gather).",
+        default=False,
+    )
+    tp_comm_overlap: bool = _doc(
+        "Overlap tensor-parallel communication with the GEMMs (Transformer Engine userbuffers); needs TE, "
+        "tensor_parallel_degree > 1 and sequence_parallel.",
+        default=False,
+    )
     recompute: bool = _doc("Recompute activations in the backward pass instead of storing them.", default=False)
     recompute_granularity: str = _doc(
         "'full': whole layers (see recompute_method); 'full_attn': the attention block; 'core_attn': "
@@ -235,6 +250,11 @@ class ParallelArguments:
             raise ConfigError(f"recompute_method must be 'uniform' or 'block', got {self.recompute_method!r}")
         if self.virtual_pp_degree > 1 and self.pipeline_parallel_degree == 1:
             raise ConfigError("virtual_pp_degree > 1 needs pipeline_parallel_degree > 1")
+        if self.overlap_param_gather and not (self.use_distributed_optimizer and self.overlap_grad_reduce):
+            raise ConfigError("overlap_param_gather needs sharding: stage1 (the distributed optimizer) and "
+                              "overlap_grad_reduce: true")
+        if self.tp_comm_overlap and not (self.tensor_parallel_degree > 1 and self.sequence_parallel):
+            raise ConfigError("tp_comm_overlap needs tensor_parallel_degree > 1 and sequence_parallel: true")
 
     @property
     def use_distributed_optimizer(self) -> bool:

@@ -64,6 +64,11 @@ def resolve_layout(config: RunConfig, world_size: int, arch: LlamaArchitecture) 
             f"the interleaved pipeline schedule needs gradient_accumulation_steps ({accumulation}) to be a "
             f"multiple of pipeline_parallel_degree {pp}"
         )
+    if p.tp_comm_overlap and config.data.max_seq_len % tp:
+        problems.append(
+            f"tp_comm_overlap pads every sequence to max_seq_len {config.data.max_seq_len}, which must then be "
+            f"divisible by tensor_parallel_degree {tp}"
+        )
     if p.sharding_parallel_degree not in (-1, dp) and not problems:
         problems.append(
             f"sharding_parallel_degree {p.sharding_parallel_degree} must be -1 or the data-parallel size {dp} "

@@ -36,7 +36,7 @@ from megatron_prm.model.architecture import LlamaArchitecture, resolve_architect
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
 from megatron_prm.run_logger import RunLogger
 from megatron_prm.runtime import Runtime, init_runtime
-from megatron_prm.training_state import TrainingState, build_training_state
+from megatron_prm.training_state import CommunicationOverlap, TrainingState, build_training_state, parameters_gathered
 
 
 def total_training_steps(config: RunConfig, steps_per_epoch: Optional[int]) -> int:
@@ -137,7 +137,8 @@ def setup(config: RunConfig) -> Run:
     if config.model.model_name_or_path and not args.resume_from_checkpoint:
         load_model_weights(chunks, config.model.model_name_or_path, arch)
     total_steps = total_training_steps(config, data.train.steps_per_epoch)
-    state = build_training_state(chunks, args, total_steps, layout.distributed_optimizer)
+    state = build_training_state(chunks, args, total_steps, layout.distributed_optimizer,
+                                 CommunicationOverlap.from_config(config.parallel))
     fmt = optimizer_format(layout.distributed_optimizer, args.unified_checkpoint)
     train_state = TrainState(layout=layout_record(layout), optimizer_format=fmt)
     if args.resume_from_checkpoint:
@@ -156,7 +157,8 @@ def setup(config: RunConfig) -> Run:
         f"({data.train.steps_per_epoch or 'streamed, unknown'} per epoch)"
     )
     collator = Collator(data.pad_id, layout.sequence_multiple, uniform_length=layout.pipeline_parallel_size > 1,
-                        packing=data.packing.options if data.packing else None)
+                        packing=data.packing.options if data.packing else None,
+                        fixed_length=config.data.max_seq_len if config.parallel.tp_comm_overlap else None)
     return Run(config, runtime, logger, arch, layout, data, state, collator, total_steps, train_state)
 
 
@@ -165,8 +167,9 @@ def run_eval(run: Run, step: int) -> Optional[dict]:
     if run.data.dev is None:
         return None
     config = run.config
-    metrics = evaluate(run.state.model, run.data.dev, config.training.per_device_eval_batch_size, run.collator,
-                       run.runtime.device, config.prm.score_threshold, config.prm.process_reward, run.data.packing)
+    with parameters_gathered(run.state.model):
+        metrics = evaluate(run.state.model, run.data.dev, config.training.per_device_eval_batch_size, run.collator,
+                           run.runtime.device, config.prm.score_threshold, config.prm.process_reward, run.data.packing)
     if metrics is not None:
         run.logger.scalars("eval", step, metrics, line=_format("eval", step, run.total_steps, metrics, (
             "loss", "accuracy", "neg_f1", "auroc", "first_error_f1")))
@@ -187,7 +190,8 @@ def save(run: Run, step: int, metrics: Optional[dict]) -> None:
             run.train_state.best_metric = float(value[0])
             run.train_state.best_checkpoint = checkpoint_name(step)
     run.train_state.step = step
-    path = save_checkpoint(run.state, run.output_dir, run.config, run.arch, run.train_state, args.save_total_limit)
+    with parameters_gathered(run.state.model):
+        path = save_checkpoint(run.state, run.output_dir, run.config, run.arch, run.train_state, args.save_total_limit)
     run.logger.message(f"saved checkpoint {path}")
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -12,10 +14,22 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_model_config
 
 from megatron_prm import megatron_compat
-from megatron_prm.config import ConfigError, TrainingArguments
+from megatron_prm.config import ConfigError, ParallelArguments, TrainingArguments
 from megatron_prm.model.prm_model import PRMGPTModel
 
 _DECAY_STYLE = {"linear": "linear", "cosine": "cosine", "constant": "constant"}
+
+
+@dataclass(frozen=True)
+class CommunicationOverlap:
+    """Which data-parallel communication Megatron overlaps with computation."""
+
+    grad_reduce: bool = False  # DDP buckets reduced during the backward pass
+    param_gather: bool = False  # distributed optimizer: updated parameters gathered during the next forward
+
+    @classmethod
+    def from_config(cls, parallel: ParallelArguments) -> "CommunicationOverlap":
+        return cls(parallel.overlap_grad_reduce, parallel.overlap_param_gather)
 
 
 @dataclass
@@ -25,12 +39,14 @@ class TrainingState:
     scheduler: OptimizerParamScheduler
 
 
-def wrap_model(chunks: list[PRMGPTModel], args: TrainingArguments, distributed_optimizer: bool) -> list[DistributedDataParallel]:
+def wrap_model(chunks: list[PRMGPTModel], args: TrainingArguments, distributed_optimizer: bool,
+               overlap: CommunicationOverlap = CommunicationOverlap()) -> list[DistributedDataParallel]:
     """Float16Module for bf16/fp16, then Megatron DDP with one contiguous gradient buffer per chunk."""
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.bf16 or args.fp16,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap.grad_reduce,
+        overlap_param_gather=overlap.param_gather,
         use_distributed_optimizer=distributed_optimizer,
     )
     wrapped = []
@@ -42,11 +58,12 @@ def wrap_model(chunks: list[PRMGPTModel], args: TrainingArguments, distributed_o
 
 
 def build_training_state(chunks: list[PRMGPTModel], args: TrainingArguments, total_steps: int,
-                         distributed_optimizer: bool = False) -> TrainingState:
+                         distributed_optimizer: bool = False,
+                         overlap: CommunicationOverlap = CommunicationOverlap()) -> TrainingState:
     """Megatron DDP, the (distributed) Adam optimizer with loss scaling for fp16, and the LR schedule."""
     if args.warmup_steps >= total_steps:
         raise ConfigError(f"warmup_steps ({args.warmup_steps}) must be below the number of training steps ({total_steps})")
-    model = wrap_model(chunks, args, distributed_optimizer)
+    model = wrap_model(chunks, args, distributed_optimizer, overlap)
     optimizer_config = OptimizerConfig(
         optimizer="adam",
         lr=args.learning_rate,
@@ -80,4 +97,32 @@ def build_training_state(chunks: list[PRMGPTModel], args: TrainingArguments, tot
     config = get_model_config(model[0])
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
+    if overlap.grad_reduce:
+        # As Megatron-LM's training loop: the schedules hold back the reduction until the last
+        # microbatch (no_sync) and, under pipeline parallelism, start it per model chunk.
+        config.no_sync_func = _per_chunk([chunk.no_sync for chunk in model])
+        config.grad_sync_func = _per_chunk([chunk.start_grad_sync for chunk in model])
     return TrainingState(model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def _per_chunk(functions: list):
+    """Megatron's schedules take one function for one model chunk, else a list."""
+    return functions[0] if len(functions) == 1 else functions
+
+
+@contextlib.contextmanager
+def parameters_gathered(model: list) -> Iterator[None]:
+    """The model's parameters up to date for evaluating or saving.
+
+    With ``overlap_param_gather`` the optimizer step leaves the all-gather of the updated parameters to
+    the next forward pass (forward pre-hooks); as Megatron-LM does around evaluation and checkpointing,
+    the hooks are removed with a synchronous gather, and put back afterwards.
+    """
+    hooked = [chunk for chunk in model if getattr(chunk, "use_forward_hook", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()

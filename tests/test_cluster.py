@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO, run_cli
 
-SCRIPTS = sorted((REPO / "examples").glob("*.sh"))
+SCRIPTS = sorted((REPO / "examples").glob("*.sh")) + [REPO / "tools" / "gpu_check.sh"]
 SHELLCHECK = Path(sys.executable).with_name("shellcheck")
 
 

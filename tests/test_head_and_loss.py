@@ -111,3 +111,36 @@ def test_gradient_is_the_exact_mean_over_all_labelled_steps(runtime):
     for (name, param), ref in zip(state.model[0].module.named_parameters(), reference.parameters()):
         expected = ref.grad if ref.grad is not None else torch.zeros_like(ref)
         torch.testing.assert_close(param.main_grad, expected, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_head_under_tensor_parallel_moves_only_the_selected_rows(tmp_path):
+    """TP2 and TP2 + sequence parallel (gloo, two processes; tests/tp_reward_head.py) against one process:
+    logits and gradients equal to 1e-6, and the head's collectives carry the two reward rows ([2, h]) and,
+    under sequence parallelism, the n selected rows ([n, h]); never the [s, b, h] hidden states."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+    from tp_reward_head import BATCH, HIDDEN, REWARD_INDEX, SEQ
+
+    out = tmp_path / "head"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), str(REPO / "tests" / "tp_reward_head.py"), str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    n = len(REWARD_INDEX)
+    for rank in range(2):
+        report = json.loads((tmp_path / f"head.rank{rank}.json").read_text())
+        for mode, expected_forward in (("tp", [["all_reduce", [2, HIDDEN]]]),
+                                       ("sp", [["all_reduce", [n, HIDDEN]], ["all_reduce", [2, HIDDEN]]])):
+            figures = report[mode]
+            for name in ("logits_error", "hidden_grad_error", "weight_grad_error"):
+                assert figures[name] <= 1e-6, (rank, mode, name, figures[name])
+            assert figures["forward_collectives"] == expected_forward, (rank, mode)
+            assert figures["backward_collectives"] == [], (rank, mode)
+            # Each rank's weight gradient sits on the reward row it owns (ids 3 and 20 of 2 x 16 rows).
+            assert figures["weight_grad_rows"] == [[3], [4]][rank], (rank, mode)
+    assert SEQ * BATCH * HIDDEN > n * HIDDEN  # the recorded shapes are the selected rows, not the hidden states

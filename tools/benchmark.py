@@ -2,6 +2,7 @@
 """Training throughput of the PRM, and of plain Megatron-Core LM training on the same model and data.
 
   python tools/benchmark.py [--mode both] [--steps 5] [--seq-len 4096] [--layers 4 --hidden 256 ...]
+  python tools/benchmark.py --device cuda --bf16 --preset llama3-8b --layers 8 --micro-batches 4
   torchrun --nproc-per-node 8 tools/benchmark.py --device cuda --bf16 --tensor-parallel 8 ...
 
 Each step runs ``--micro-batches`` packed rows of ``--seq-len`` tokens (synthetic samples of
@@ -14,11 +15,19 @@ sample of a packed row; the logits term 6 x tokens x h x vocab is counted in ``l
 PRM head skips the full-vocabulary product), MFU against ``--peak-tflops``, and peak memory.
 ``--head-memory`` also measures the activation memory of the PRM head against full-vocabulary logits for
 one row. The last line is JSON.
+
+Beside MFU against the nominal peak, ``mfu_vs_measured_matmul`` divides by the bf16 (fp32 on the CPU)
+matrix-product rate this device reaches in a short probe (``matmul_tflops``), and ``plan_estimated_bytes``
+(what ``megatron-prm plan`` estimates for this model, layout and row length) sits beside the measured
+peak memory. ``--preset llama3-8b`` takes Llama-3-8B's layer shape and vocabulary (hidden 4096, FFN 14336,
+32 heads, 8 query groups, vocabulary 128,256) with ``--layers`` of its 32 layers. ``--profile`` prints
+the PRM step's largest costs (torch profiler, by self device time).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -63,7 +72,49 @@ def parse_args() -> argparse.Namespace:
                         help="also measure PRM head vs full-vocabulary logits memory (--head-vocab, --head-hidden)")
     parser.add_argument("--head-vocab", type=int, default=128256)
     parser.add_argument("--head-hidden", type=int, default=4096)
-    return parser.parse_args()
+    parser.add_argument("--preset", choices=tuple(PRESETS), help="a real model's shape; --layers still counts")
+    parser.add_argument("--profile", action="store_true", help="print the largest costs of one PRM step")
+    args = parser.parse_args()
+    for name, value in PRESETS.get(args.preset, {}).items():
+        setattr(args, name, value)
+    return args
+
+
+# Llama-3-8B (config.json of meta-llama/Meta-Llama-3-8B): the layer shape and vocabulary.
+PRESETS = {"llama3-8b": {"hidden": 4096, "ffn": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256}}
+
+
+def matmul_tflops(device: torch.device, repeats: int = 10) -> float:
+    """The dense matrix-product rate of this device: bf16 8192^3 on a GPU (fp32 1024^3 on the CPU), the
+    mean of ``repeats`` products after three warm-ups."""
+    size, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
+
+
+def profile_step(state, forward_step, rows, device: torch.device, top: int = 15) -> str:
+    """The largest costs of one training step, by self time on the device (CPU time on the CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_prm.forward_step import run_schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        run_schedule(state.model, forward_step, rows, forward_only=False)
+        state.optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=key, row_limit=top)
 
 
 def synthetic_rows(args, count: int, vocab: int, placeholder: int, seed: int) -> list[MicroBatch]:
@@ -113,6 +164,8 @@ def run_mode(mode: str, args, state, rows: list[MicroBatch], runtime) -> dict:
         return losses, loss_func
 
     forward_step = make_train_forward_step(runtime.device, 0.5) if mode == "prm" else lm_forward_step
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device)
     times = []
     for step in range(args.warmup + args.steps):
         for chunk in state.model:
@@ -127,7 +180,11 @@ def run_mode(mode: str, args, state, rows: list[MicroBatch], runtime) -> dict:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
-    return {"step_s": float(np.median(times)), "step_s_all": [round(t, 4) for t in times]}
+    figures = {"step_s": float(np.median(times)), "step_s_all": [round(t, 4) for t in times],
+               "peak_memory_bytes": peak_memory_bytes(runtime.device)}
+    if args.profile and mode == "prm" and runtime.rank == 0:
+        print(profile_step(state, forward_step, rows, runtime.device), file=sys.stderr)
+    return figures
 
 
 def head_memory(hidden: int, vocab: int, seq_len: int, step_len: int) -> dict:
@@ -179,6 +236,7 @@ def main() -> None:
     from megatron_prm.layout import ParallelLayout
     from megatron_prm.model.architecture import resolve_architecture
     from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks, padded_vocab_size
+    from megatron_prm.plan import plan
     from megatron_prm.runtime import init_runtime, shutdown
     from megatron_prm.training_state import build_training_state
 
@@ -203,10 +261,16 @@ def main() -> None:
     rows = synthetic_rows(args, args.micro_batches, args.vocab, placeholder, seed=runtime.data_parallel_rank)
     tokens_per_step = sum(r.tokens.shape[1] for r in rows) * dp
     shape = ModelShape.from_architecture(arch, padded_vocab_size(args.vocab, args.tensor_parallel))
+    measured_tflops = matmul_tflops(runtime.device)
+    estimate = plan(config, arch, nodes=1, gpus_per_node=world, gpu_memory_gib=1e6)  # no fit check
     report = {"device": torch.cuda.get_device_name() if runtime.device.type == "cuda" else "cpu",
-              "transformer_engine": runtime.use_transformer_engine, "world_size": world,
-              "layers": args.layers, "hidden": args.hidden, "ffn": ffn, "vocab": args.vocab, "seq_len": args.seq_len,
-              "tokens_per_step": tokens_per_step}
+              "transformer_engine": runtime.use_transformer_engine, "world_size": world, "bf16": args.bf16,
+              "layers": args.layers, "hidden": args.hidden, "ffn": ffn, "heads": args.heads, "kv_heads": args.kv_heads,
+              "vocab": args.vocab, "seq_len": args.seq_len, "tokens_per_step": tokens_per_step,
+              "matmul_tflops": round(measured_tflops, 2), "peak_tflops": args.peak_tflops,
+              "plan_estimated_bytes": estimate["estimated_total_bytes"]}
+    print(f"matrix products on this device: {measured_tflops:.3g} TFLOP/s; plan estimates "
+          f"{estimate['estimated_total_bytes'] / 2**30:.2f} GiB per GPU", file=sys.stderr)
     modes = ("prm", "lm") if args.mode == "both" else (args.mode,)
     for mode in modes:
         torch.manual_seed(1234)
@@ -217,11 +281,16 @@ def main() -> None:
         tflops = step_flops(shape, rows, dp, with_logits=mode == "lm") / timing["step_s"] / world / 1e12
         report[mode] = {**timing, "tokens_per_s_per_gpu": round(tokens_per_s_per_gpu, 1),
                         "tflops_per_gpu": round(tflops, 4), "lm_head_flops_counted": mode == "lm",
-                        "mfu": round(tflops / args.peak_tflops, 5), "peak_memory_bytes": peak_memory_bytes(runtime.device)}
+                        "mfu": round(tflops / args.peak_tflops, 5),
+                        "mfu_vs_measured_matmul": round(tflops / measured_tflops, 5)}
         print(f"{mode}: {timing['step_s']:.3f} s/step, {tokens_per_s_per_gpu:.0f} tokens/s/GPU, {tflops:.3f} TFLOP/s/GPU "
               f"(LM-head term {'counted' if mode == 'lm' else 'not counted'}), MFU {tflops / args.peak_tflops:.2%} "
-              f"of {args.peak_tflops} TFLOP/s", file=sys.stderr)
+              f"of {args.peak_tflops} TFLOP/s, {tflops / measured_tflops:.2%} of the measured matrix-product rate; "
+              f"peak memory {timing['peak_memory_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
         del state, chunks
+        gc.collect()  # the model, optimizer and config refer to each other: free this mode's memory first
+        if runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
     if len(modes) == 2:
         report["prm_over_lm_step_time"] = round(report["prm"]["step_s"] / report["lm"]["step_s"], 4)
         print(f"PRM / LM step time: {report['prm_over_lm_step_time']}", file=sys.stderr)

@@ -154,21 +154,23 @@ class Collator:
     ``multiple``: sequence lengths are padded to it (tensor parallel size under sequence
     parallelism). ``packing``: each group of samples becomes one packed THD row instead of padded rows.
     ``uniform_length``: all micro batches of the call get one length (pipeline stages exchange fixed
-    shapes).
+    shapes). ``fixed_length``: every micro batch is padded to exactly this many tokens (Transformer
+    Engine's userbuffers for tensor-parallel communication overlap have one fixed shape).
     """
 
     pad_id: int
     multiple: int = 1
     uniform_length: bool = False
     packing: Optional[PackingOptions] = None
+    fixed_length: Optional[int] = None
 
     def __call__(self, groups: Sequence[Sequence[Sample]]) -> list[MicroBatch]:
         if self.packing is not None:
             batches = [collate_packed(group, self.pad_id, self.packing) for group in groups]
         else:
             batches = [collate(group, self.pad_id, self.multiple) for group in groups]
-        if self.uniform_length and batches:
-            length = max(b.tokens.shape[1] for b in batches)
+        if (self.uniform_length or self.fixed_length) and batches:
+            length = self.fixed_length or max(b.tokens.shape[1] for b in batches)
             batches = [pad_to_length(b, length, self.pad_id) for b in batches]
         return batches
 

@@ -1,18 +1,28 @@
 """Core attention for the local layer spec that honours packed (THD) sequences.
 
 Megatron-Core's local ``DotProductAttention`` refuses ``PackedSeqParams``; Transformer Engine's fused
-attention handles THD on GPUs. Without TE (CPU, or a GPU without TE) this module takes its place:
-PyTorch's scaled-dot-product attention, causal, run once per sample of a packed row, so a sample never
-sees another one (and padding sees nothing). RoPE positions are restarted per sample by Megatron's
-attention before this module is called (from ``cu_seqlens_padded``). Unpacked ``[s, b, h, d]`` input
-gets plain causal attention. Grouped-query attention needs no copies of the key/value heads.
+attention handles THD on GPUs. Without TE (CPU, or a GPU without TE) this module takes its place. A
+packed row is attended within each of its samples, causally, so a sample never sees another one:
+
+- on CUDA in bf16/fp16, by one call of PyTorch's flash varlen kernel
+  (``torch.nn.attention.varlen.varlen_attn``, torch 2.10+) over the whole row, the samples delimited by
+  ``cu_seqlens_padded`` (a sample's padding follows it, so causality keeps it out of its real tokens);
+- elsewhere (CPU, fp32, attention dropout, an older torch), by PyTorch's scaled-dot-product attention
+  once per sample, padding output zero.
+
+RoPE positions are restarted per sample by Megatron's attention before this module is called (from
+``cu_seqlens_padded``). Unpacked ``[s, b, h, d]`` input gets plain causal attention. Grouped-query
+attention needs no copies of the key/value heads where the kernel takes ``enable_gqa``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +31,66 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+VARLEN = "varlen"
+SDPA_PER_SAMPLE = "sdpa_per_sample"
+
+
+def packed_attention_kernel(device_type: str, dtype: torch.dtype, varlen_available: bool, dropout: float) -> str:
+    """Which kernel attends within the samples of a packed row: :data:`VARLEN` (flash, one call per row)
+    on CUDA in half precision where torch has it and no attention dropout is asked for (the kernel has
+    none), else :data:`SDPA_PER_SAMPLE`."""
+    if device_type == "cuda" and varlen_available and dtype in (torch.bfloat16, torch.float16) and dropout == 0:
+        return VARLEN
+    return SDPA_PER_SAMPLE
+
+
+@functools.lru_cache(maxsize=1)
+def installed_varlen_attn() -> Optional[Callable]:
+    """torch's flash varlen attention, or None where this torch has none (before 2.10)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@dataclass(frozen=True)
+class VarlenCall:
+    """The arguments of one varlen attention call over a packed row."""
+
+    args: tuple
+    kwargs: dict
+
+    def __call__(self, kernel: Callable) -> torch.Tensor:
+        return kernel(*self.args, **self.kwargs)
+
+
+def varlen_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: PackedSeqParams, scale: float,
+                kernel_parameters: frozenset[str]) -> VarlenCall:
+    """Arguments of ``varlen_attn`` for ``[t, heads, d]`` query and ``[t, groups, d]`` key/value of one row.
+
+    Samples are delimited by their padded offsets (int32; the last one is the row's length, as
+    :class:`~megatron_prm.data.batching.MicroBatch` builds them), so padding belongs to the sample it
+    follows and every output row is computed. ``kernel_parameters`` names what the installed kernel
+    accepts: torch 2.10 spells causality ``is_causal``, 2.11+ ``window_size=(-1, 0)``; a kernel
+    without ``enable_gqa`` gets the key/value heads repeated per query group.
+    """
+    offsets = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+    offsets = offsets.to(torch.int32)
+    longest = params.max_seqlen_q
+    kwargs: dict = {"window_size": (-1, 0)} if "window_size" in kernel_parameters else {"is_causal": True}
+    if "scale" in kernel_parameters:
+        kwargs["scale"] = scale
+    elif not math.isclose(scale, 1.0 / math.sqrt(query.shape[-1])):
+        raise ValueError("this torch's varlen_attn takes no softmax scale; only 1/sqrt(head_dim) is supported")
+    heads, groups = query.shape[1], key.shape[1]
+    if heads != groups:
+        if "enable_gqa" in kernel_parameters:
+            kwargs["enable_gqa"] = True
+        else:
+            key, value = (t.repeat_interleave(heads // groups, dim=1) for t in (key, value))
+    return VarlenCall((query, key, value, offsets, offsets, longest, longest), kwargs)
 
 
 class PackedSDPAttention(MegatronModule):
@@ -44,6 +114,9 @@ class PackedSDPAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.varlen_attn = installed_varlen_attn()
+        self.varlen_parameters = (frozenset(inspect.signature(self.varlen_attn).parameters)
+                                  if self.varlen_attn is not None else frozenset())
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Causal attention over ``[batch, heads, seq, dim]`` tensors."""
@@ -66,6 +139,10 @@ class PackedSDPAttention(MegatronModule):
         with self._dropout_rng():
             if packed_seq_params is None:
                 return self._padded(query, key, value)
+            kernel = packed_attention_kernel(query.device.type, query.dtype, self.varlen_attn is not None,
+                                             self.dropout if self.training else 0.0)
+            if kernel == VARLEN:
+                return self._packed_varlen(query, key, value, packed_seq_params)
             return self._packed(query, key, value, packed_seq_params)
 
     def _dropout_rng(self):
@@ -79,6 +156,11 @@ class PackedSDPAttention(MegatronModule):
         seq, batch = query.shape[:2]
         out = self._attend(*(t.permute(1, 2, 0, 3) for t in (query, key, value)))
         return out.permute(2, 0, 1, 3).reshape(seq, batch, self.heads * self.head_dim)
+
+    def _packed_varlen(self, query, key, value, params: PackedSeqParams) -> torch.Tensor:
+        """``[t, h, d]`` -> ``[t, h * d]`` by one flash varlen call."""
+        call = varlen_call(query, key, value, params, self.scale, self.varlen_parameters)
+        return call(self.varlen_attn).reshape(query.shape[0], self.heads * self.head_dim)
 
     def _packed(self, query, key, value, params: PackedSeqParams) -> torch.Tensor:
         """``[t, h, d]`` -> ``[t, h * d]``, one causal attention per sample; padding outputs zeros."""

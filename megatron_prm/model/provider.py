@@ -69,6 +69,9 @@ class ModelBuildOptions:
     recompute: Optional[Recompute] = None
     use_transformer_engine: bool = False
     use_cpu_initialization: bool = False
+    # Tokens of one micro batch (max_seq_len x micro batch size) that Transformer Engine's userbuffers
+    # are sized for when tensor-parallel communication overlaps the GEMMs; 0: no such overlap.
+    tp_comm_overlap_tokens: int = 0
 
     @classmethod
     def from_config(cls, config: RunConfig, layout: ParallelLayout, use_transformer_engine: bool,
@@ -76,6 +79,8 @@ class ModelBuildOptions:
         t, p = config.training, config.parallel
         if t.fp8 and not use_transformer_engine:
             raise ConfigError("fp8 needs Transformer Engine on a GPU; it is not available here")
+        if p.tp_comm_overlap and not use_transformer_engine:
+            raise ConfigError("tp_comm_overlap needs Transformer Engine on a GPU; it is not available here")
         return cls(
             precision=Precision(t.bf16, t.fp16, t.fp16_opt_level, t.fp8, t.fp8_recipe, t.fp8_amax_history_len,
                                 t.fp8_amax_compute_algo),
@@ -83,6 +88,8 @@ class ModelBuildOptions:
             recompute=Recompute(p.recompute_granularity, p.recompute_method, p.recompute_num_layers) if p.recompute else None,
             use_transformer_engine=use_transformer_engine,
             use_cpu_initialization=use_cpu_initialization,
+            tp_comm_overlap_tokens=(config.data.max_seq_len * t.per_device_train_batch_size
+                                    if p.tp_comm_overlap else 0),
         )
 
 
@@ -140,6 +147,7 @@ def transformer_config(arch: LlamaArchitecture, options: ModelBuildOptions) -> T
             layout.virtual_pipeline_parallel_size if layout.virtual_pipeline_parallel_size > 1 else None
         ),
         sequence_parallel=layout.sequence_parallel,
+        tp_comm_overlap=options.tp_comm_overlap_tokens > 0,
         use_cpu_initialization=options.use_cpu_initialization,
         # The loss function returns (sum, count); Megatron divides by the global count.
         calculate_per_token_loss=True,
@@ -187,6 +195,27 @@ def layer_spec(config: TransformerConfig, options: ModelBuildOptions, vp_stage: 
                       submodules=TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=final_norm))
 
 
+def _initialize_te_userbuffers(tokens: int, hidden_size: int, tensor_parallel_size: int, fp8: bool) -> None:
+    """Transformer Engine's userbuffers for tensor-parallel communication overlap, sized for micro batches
+    of ``tokens`` tokens, as Megatron-LM's ``_initialize_tp_communicators`` does (TE 2.7+ takes
+    quantization modes, 1.9+ ``use_fp8``; NCCL bootstraps them). Written against that code; not run here,
+    since TE cannot be installed on the machines this project is tested on."""
+    import transformer_engine
+    from packaging.version import Version
+    from transformer_engine.pytorch import module as te_module
+
+    version = Version(transformer_engine.__version__.split("+")[0])
+    if version < Version("1.9"):
+        raise ConfigError(f"tp_comm_overlap needs Transformer Engine 1.9 or newer, found {version}")
+    shape = [tokens, hidden_size]
+    if version >= Version("2.7"):
+        mode = te_module.base.UserBufferQuantizationMode
+        te_module.base.initialize_ub(shape=shape, tp_size=tensor_parallel_size,
+                                     quantization_modes=[mode.FP8 if fp8 else mode.NONE], bootstrap_backend="nccl")
+    else:
+        te_module.base.initialize_ub(shape=shape, tp_size=tensor_parallel_size, use_fp8=fp8, bootstrap_backend="nccl")
+
+
 def _apply_rope_scaling(model: PRMGPTModel, arch: LlamaArchitecture) -> None:
     """Llama-3 frequency scaling with the checkpoint's own factors.
 
@@ -214,6 +243,9 @@ def build_model_chunks(
 ) -> list[PRMGPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), not yet wrapped for DDP."""
     config = transformer_config(arch, options)
+    if config.tp_comm_overlap:
+        _initialize_te_userbuffers(options.tp_comm_overlap_tokens, arch.hidden_size,
+                                   options.layout.tensor_parallel_size, fp8=bool(options.precision.fp8))
     vocab = padded_vocab_size(arch.vocab_size, options.layout.tensor_parallel_size)
     chunks = []
     vp_size = options.layout.virtual_pipeline_parallel_size
