@@ -285,8 +285,9 @@ class TrainingArguments:
         default=True,
     )
     resume_from_checkpoint: Optional[str] = _doc(
-        "Continue a run: a checkpoint directory, a run directory (its `latest`), or 'latest' for "
-        "output_dir's. Restores model, optimizer, LR schedule, RNG and the data position.",
+        "Continue a run: a checkpoint directory, a run directory (its `latest`), 'latest' for "
+        "output_dir's, or 'auto' (output_dir's latest if there is one, else a fresh start: for requeued "
+        "jobs). Restores model, optimizer, LR schedule, RNG and the data position.",
         default=None,
     )
     load_best_model_at_end: bool = _doc(
