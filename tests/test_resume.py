@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import psutil
 import pytest
 
 from conftest import MISTRAL, REPO, free_port, read_log, write_jsonl
@@ -170,13 +171,24 @@ def start(config, output, nproc, *args):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=ignore_usr1)
 
 
+def signal_all(process, sig: signal.Signals) -> None:
+    """``sig`` to the launcher and every process below it, as SLURM signals a job step's processes
+    (torchrun starts each worker in a session of its own, so a process group would not reach them)."""
+    tree = psutil.Process(process.pid)
+    for member in [tree, *tree.children(recursive=True)]:
+        try:
+            member.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def run_until(process, marker: str, sig: signal.Signals) -> str:
     """Send ``sig`` to the whole run once a line starts with ``marker``; the run's output."""
     out = []
     for line in process.stdout:
         out.append(line)
         if line.startswith(marker):
-            os.killpg(process.pid, sig)
+            signal_all(process, sig)
             break
     out += process.stdout.read()
     process.wait(timeout=300)
@@ -195,12 +207,13 @@ def uninterrupted(config, tmp_path, nproc):
     return losses(output)
 
 
-def test_sigusr1_saves_stops_cleanly_and_auto_resumes_exactly_one_process(tmp_path, run_config):
+def test_sigterm_saves_stops_cleanly_and_auto_resumes_exactly_one_process(tmp_path, run_config):
     expected = uninterrupted(run_config, tmp_path, 1)
     output = tmp_path / "run"
-    text = run_until(start(run_config, output, 1, "--resume_from_checkpoint", "auto"), "train step 2/",
-                     signal.SIGUSR1)
-    assert "received SIGUSR1: saved the checkpoint of step" in text, text[-3000:]
+    process = start(run_config, output, 1, "--resume_from_checkpoint", "auto")
+    text = run_until(process, "train step 2/", signal.SIGTERM)
+    assert process.returncode == 0, text[-3000:]
+    assert "received SIGTERM: saved the checkpoint of step" in text, text[-3000:]
     stopped = int((output / "latest").read_text().strip()[len("iter_"):])
     assert 2 <= stopped < 5
     process = start(run_config, output, 1, "--resume_from_checkpoint", "auto")
@@ -212,18 +225,18 @@ def test_sigusr1_saves_stops_cleanly_and_auto_resumes_exactly_one_process(tmp_pa
 
 
 def test_kill_at_random_steps_then_signal_resumes_exactly_stage1_two_ranks(tmp_path, run_config):
-    """Seeded SIGKILLs at random steps (saving every step), then SIGTERM: every resumed run continues
+    """Seeded SIGKILLs at random steps (saving every step), then SIGUSR1: every resumed run continues
     where the last checkpoint stopped and the per-step losses are bitwise those of an uninterrupted run."""
     expected = uninterrupted(run_config, tmp_path, 2)
     output = tmp_path / "run"
     rng = random.Random(1414)
     done = 0
-    for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGTERM):
+    for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGUSR1):
         at = rng.randint(done + 1, done + 2)
         process = start(run_config, output, 2, "--save_steps", "1", "--resume_from_checkpoint", "auto")
-        if sig == signal.SIGTERM:  # at a step line: the run saves at the end of the step it is in
+        if sig == signal.SIGUSR1:  # at a step line: the run saves at the end of the step it is in
             text = run_until(process, f"train step {at}/", sig)
-            assert process.returncode == 0 and "received SIGTERM: saved" in text, text[-3000:]
+            assert process.returncode == 0 and "received SIGUSR1: saved" in text, text[-3000:]
         else:  # SIGKILL once step `at` is saved (mid-way through the next step or save)
             text = run_until(process, f"saved checkpoint {output / f'iter_{at:07d}'}", sig)
             assert process.returncode == -signal.SIGKILL, text[-3000:]
