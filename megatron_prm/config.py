@@ -109,7 +109,11 @@ class DataArguments:
         "zero_padding); the rows are then shuffled.",
         default=False,
     )
-    packing_buffer_size: int = _doc("Samples per best-fit-decreasing buffer (greedy_zero_padding).", default=1000)
+    packing_buffer_size: int = _doc(
+        "Samples per best-fit-decreasing buffer (greedy_zero_padding); with lazy, every packing mode packs "
+        "the stream one buffer at a time (a resume re-reads at most one buffer).",
+        default=1000,
+    )
     lazy: bool = _doc(
         "Stream the training JSONL, tokenizing on the fly, instead of loading it: for data larger than "
         "memory. No global shuffle (see shuffle_buffer_size); needs max_steps.",
