@@ -242,6 +242,9 @@ def test_kill_at_random_steps_then_signal_resumes_exactly_stage1_two_ranks(tmp_p
             assert process.returncode == -signal.SIGKILL, text[-3000:]
         done = int((output / "latest").read_text().strip()[len("iter_"):])
         assert done >= at
+        saved = json.loads((output / f"iter_{done:07d}" / "train_state.json").read_text())
+        # 64 samples, global batch 8: the data position is counted in samples into the epoch
+        assert saved["data_position"] == {"kind": "indexed", "epoch": 0, "position": 8 * done, "epoch_ended": False}
     process = start(run_config, output, 2, "--save_steps", "1", "--resume_from_checkpoint", "auto")
     text = process.communicate(timeout=300)[0]
     assert process.returncode == 0, text[-3000:]
