@@ -384,6 +384,8 @@ class TrainingArguments:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must not be negative, got {self.warmup_steps}")
+        if 0 < self.max_steps <= self.warmup_steps:
+            raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set max_steps or num_train_epochs to a positive value")
         if self.save_strategy not in ("steps", "epoch", "no"):

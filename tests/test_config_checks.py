@@ -22,6 +22,7 @@ BAD = [
     ({"learning_rate": "nan"}, "learning_rate must be a finite number, got 'nan'"),
     ({"max_grad_norm": float("inf")}, "max_grad_norm must be a finite number, got inf"),
     ({"num_train_epochs": "inf"}, "num_train_epochs must be a finite number, got 'inf'"),
+    ({"max_steps": 10, "warmup_steps": 10}, r"warmup_steps \(10\) must be below max_steps \(10\)"),
     ({"sharding": "stage2"}, "sharding 'stage2' is not supported.*would silently run as stage1"),
     ({"sharding": "stage3"}, "sharding 'stage3' is not supported"),
     # rules that tie sections together, checked here rather than when the data or the model is built
