@@ -9,7 +9,9 @@ loading does not fully account for that:
 - copying the loaded shards iterates over the destination state, ``step`` included, which the source
   lacks (``KeyError: 'step'``), and copies into parameters without ``torch.no_grad()`` - the
   replacement of ``_set_main_param_and_optimizer_states`` skips destination keys the source lacks
-  and copies under ``no_grad``. The ``step`` itself is restored by Megatron from the param groups.
+  and copies under ``no_grad``. The ``step`` itself is restored by Megatron from the param groups;
+- ...as one tensor shared by every parameter, which Adam then advances once per parameter and step -
+  :func:`untie_adam_steps` gives each parameter its own copy after loading (exact stage1 resume).
 
 Both only act where Megatron uses the PyTorch optimizer.
 """
