@@ -13,7 +13,7 @@ loading does not fully account for that:
 - ...as one tensor shared by every parameter, which Adam then advances once per parameter and step -
   :func:`untie_adam_steps` gives each parameter its own copy after loading (exact stage1 resume).
 
-Both only act where Megatron uses the PyTorch optimizer.
+All three only act where Megatron uses the PyTorch optimizer.
 """
 
 from __future__ import annotations
