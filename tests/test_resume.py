@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import MISTRAL, REPO, free_port, read_log, write_jsonl
+from conftest import MISTRAL, REPO, free_port, read_log
 from megatron_prm.config import build_config
 from megatron_prm.data.batching import BatchLayout
 from megatron_prm.data.loader import IndexedBatches, PackedBatches, Packing, StreamedBatches
