@@ -7,6 +7,8 @@
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
 #
 # Train a Llama-3-8B process reward model on N nodes x 8 GPUs with SLURM:
 #
@@ -21,6 +23,15 @@
 #   3. train      one srun task per node, each starting torchrun with 8 processes
 #   4. export     tools/convert_hf.py export: the trained PRM -> HF safetensors
 #   5. score      megatron-prm score on the dev set with TP ranks of one node
+#
+# Time limit and preemption: 10 minutes before the limit SLURM sends SIGUSR1 to this script
+# (--signal=B:USR1@600), which forwards it to the training processes (scancel --signal, all processes
+# of the job steps). torchrun ignores it (`trap '' USR1` before exec: by default SIGUSR1 would kill
+# torchrun, and torchrun starts its workers in sessions of their own, so a signal to it alone would not
+# reach them); each worker saves a checkpoint at the end of its current step and exits 0. The script then
+# requeues the job (scontrol requeue; --requeue) and the next run continues from `latest`
+# (resume_from_checkpoint auto; a first run starts fresh). SIGTERM (preemption) is handled the same way
+# by the trainer.
 #
 # Environment: CUDA_DEVICE_MAX_CONNECTIONS=1 lets tensor-parallel communication overlap compute in
 # order (Megatron-Core needs it with TP/SP). NCCL: set NCCL_SOCKET_IFNAME / NCCL_IB_HCA to the
@@ -65,7 +76,7 @@ fi
 RUN_ARGS=(
   --model_name_or_path "$CHECKPOINT" --train_dataset_path "$STORE" --dev_dataset_path "$DEV_DATA"
   --output_dir "$RUN" --tensor_parallel_degree "$TP" --pipeline_parallel_degree "$PP"
-  --virtual_pp_degree "$VPP" --max_seq_len "$SEQ_LEN"
+  --virtual_pp_degree "$VPP" --max_seq_len "$SEQ_LEN" --resume_from_checkpoint auto
 )
 if [[ "$FP8" == 1 ]]; then
   RUN_ARGS+=(--fp8 hybrid)
@@ -101,8 +112,24 @@ fi
 
 echo "== train"
 # One task per node; SLURM_NODEID, expanded inside each task (hence the single quotes), is the node rank.
+# In the background, so that the USR1 trap runs at once; `wait` returns early when it does.
+REQUEUE=0
+trap 'REQUEUE=1; echo "== time limit near: training saves and stops"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
 # shellcheck disable=SC2016
-srun --ntasks-per-node 1 bash -c "$(torchrun_command '$SLURM_NODEID')"
+srun --ntasks-per-node 1 bash -c "trap '' USR1; exec $(torchrun_command '$SLURM_NODEID')" &
+TRAIN_PID=$!
+TRAIN_STATUS=0
+while kill -0 "$TRAIN_PID" 2>/dev/null; do
+  if wait "$TRAIN_PID"; then TRAIN_STATUS=0; else TRAIN_STATUS=$?; fi
+done
+if [[ "$REQUEUE" == 1 ]]; then
+  echo "== saved; requeueing job $SLURM_JOB_ID (the next run resumes from $RUN/latest)"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+if [[ "$TRAIN_STATUS" != 0 ]]; then
+  exit "$TRAIN_STATUS"
+fi
 
 echo "== export and score"
 srun --nodes 1 --ntasks 1 "$PYTHON" tools/convert_hf.py export --megatron "$RUN" --out "$WORK/hf"

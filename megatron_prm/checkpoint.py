@@ -64,6 +64,7 @@ class TrainState:
     best_checkpoint: Optional[str] = None
     layout: dict = field(default_factory=dict)
     optimizer_format: str = ""
+    data_position: dict = field(default_factory=dict)  # the batch source's state (megatron_prm.data.loader)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainState":

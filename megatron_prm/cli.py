@@ -21,11 +21,13 @@ USER_ERRORS = (ConfigError, RecordError, TokenizerError, FileNotFoundError, Form
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> None:
     from megatron_prm.runtime import shutdown
-    from megatron_prm.train import run_training
+    from megatron_prm.train import TrainingInterrupted, run_training
 
     config = load_config(args.config, overrides)
     try:
         metrics = run_training(config)
+    except TrainingInterrupted:
+        return  # saved at a step boundary after SIGTERM / SIGUSR1: exit 0, the job resumes with `auto`
     finally:
         shutdown()
     if metrics is not None:

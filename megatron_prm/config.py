@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -108,7 +109,11 @@ class DataArguments:
         "zero_padding); the rows are then shuffled.",
         default=False,
     )
-    packing_buffer_size: int = _doc("Samples per best-fit-decreasing buffer (greedy_zero_padding).", default=1000)
+    packing_buffer_size: int = _doc(
+        "Samples per best-fit-decreasing buffer (greedy_zero_padding); with lazy, every packing mode packs "
+        "the stream one buffer at a time (a resume re-reads at most one buffer).",
+        default=1000,
+    )
     lazy: bool = _doc(
         "Stream the training JSONL, tokenizing on the fly, instead of loading it: for data larger than "
         "memory. No global shuffle (see shuffle_buffer_size); needs max_steps.",
@@ -180,6 +185,20 @@ class ModelArguments:
     tie_word_embeddings: Optional[bool] = _doc("Share the input embedding and the LM head.", default=None)
     initializer_range: Optional[float] = _doc("Std of the normal weight initialisation.", default=None)
 
+    def __post_init__(self) -> None:
+        for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1 (or null), got {value}")
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive (or null), got {value}")
+        heads, groups = self.num_attention_heads, self.num_key_value_heads
+        if heads is not None and groups is not None and heads % groups:
+            raise ConfigError(f"num_attention_heads {heads} must be a multiple of num_key_value_heads {groups}")
+
 
 @dataclass
 class ParallelArguments:
@@ -194,8 +213,9 @@ class ParallelArguments:
         "Split norms, dropout and activations along the sequence over the tensor-parallel ranks.", default=False
     )
     sharding: str = _doc(
-        "'' or 'stage1' / 'stage2': Megatron's distributed optimizer (optimizer state and gradient "
-        "reduction sharded over data parallel). 'stage3' (parameter sharding) is not supported.",
+        "'' or 'stage1': Megatron's distributed optimizer (optimizer state and fp32 master weights "
+        "sharded over data parallel, gradients reduce-scattered). 'stage2' and 'stage3' are refused: "
+        "Megatron-Core keeps every rank's full gradient buffer and all parameters, so they would run as stage1.",
         default="",
     )
     sharding_parallel_degree: int = _doc(
@@ -235,13 +255,16 @@ class ParallelArguments:
         for name in ("tensor_parallel_degree", "pipeline_parallel_degree", "virtual_pp_degree", "recompute_num_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.sharding not in ("", "stage1", "stage2", "stage3"):
-            raise ConfigError(f"sharding must be '', 'stage1', 'stage2' or 'stage3', got {self.sharding!r}")
-        if self.sharding == "stage3":
+        if self.sharding in ("stage2", "stage3"):
             raise ConfigError(
-                "sharding=stage3 (parameter sharding) is not supported; use stage1 (Megatron's distributed "
-                "optimizer) with tensor/pipeline parallelism for models that do not fit"
+                f"sharding {self.sharding!r} is not supported: Megatron-Core's distributed optimizer (stage1) "
+                "shards the optimizer state and reduce-scatters gradients but keeps every rank's full gradient "
+                f"buffer{'' if self.sharding == 'stage2' else ' and all parameters'}, so {self.sharding} would "
+                "silently run as stage1; use sharding: stage1 (with tensor/pipeline parallelism for models that "
+                "do not fit)"
             )
+        if self.sharding not in ("", "stage1"):
+            raise ConfigError(f"sharding must be '' or 'stage1', got {self.sharding!r}")
         if self.recompute_granularity not in ("full", "full_attn", "core_attn"):
             raise ConfigError(
                 f"recompute_granularity must be 'full', 'full_attn' or 'core_attn', got {self.recompute_granularity!r}"
@@ -258,7 +281,7 @@ class ParallelArguments:
 
     @property
     def use_distributed_optimizer(self) -> bool:
-        return self.sharding in ("stage1", "stage2")
+        return self.sharding == "stage1"
 
 
 @dataclass
@@ -305,8 +328,9 @@ class TrainingArguments:
         default=True,
     )
     resume_from_checkpoint: Optional[str] = _doc(
-        "Continue a run: a checkpoint directory, a run directory (its `latest`), or 'latest' for "
-        "output_dir's. Restores model, optimizer, LR schedule, RNG and the data position.",
+        "Continue a run: a checkpoint directory, a run directory (its `latest`), 'latest' for "
+        "output_dir's, or 'auto' (output_dir's latest if there is one, else a fresh start: for requeued "
+        "jobs). Restores model, optimizer, LR schedule, RNG and the data position.",
         default=None,
     )
     load_best_model_at_end: bool = _doc(
@@ -351,6 +375,23 @@ class TrainingArguments:
             raise ConfigError(f"fp8 must be null, 'e4m3' or 'hybrid', got {self.fp8!r}")
         if self.fp8 and not (self.bf16 or self.fp16):
             raise ConfigError("fp8 needs bf16 or fp16 for the operations that stay in higher precision")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.adam_epsilon <= 0:
+            raise ConfigError(f"adam_epsilon must be positive, got {self.adam_epsilon}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm must not be negative (0 disables clipping), got {self.max_grad_norm}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must not be negative, got {self.weight_decay}")
+        if self.scale_loss <= 0:
+            raise ConfigError(f"scale_loss must be positive, got {self.scale_loss}")
+        if Path(self.output_dir).is_file():
+            raise ConfigError(f"output_dir {self.output_dir!r} is a file, not a directory")
+        if self.tensorboard_dir is not None and Path(self.tensorboard_dir).is_file():
+            raise ConfigError(f"tensorboard_dir {self.tensorboard_dir!r} is a file, not a directory")
         if not 0.0 <= self.min_learning_rate <= self.learning_rate:
             raise ConfigError(
                 f"min_learning_rate ({self.min_learning_rate}) must lie in [0, learning_rate "
@@ -363,6 +404,8 @@ class TrainingArguments:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must not be negative, got {self.warmup_steps}")
+        if 0 < self.max_steps <= self.warmup_steps:
+            raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set max_steps or num_train_epochs to a positive value")
         if self.save_strategy not in ("steps", "epoch", "no"):
@@ -403,6 +446,28 @@ class RunConfig:
     prm: PRMArguments = field(default_factory=PRMArguments)
     parallel: ParallelArguments = field(default_factory=ParallelArguments)
     training: TrainingArguments = field(default_factory=TrainingArguments)
+
+    def __post_init__(self) -> None:
+        """The rules that tie sections together (each section checks its own values)."""
+        data, training = self.data, self.training
+        mode = data.packing_mode
+        if mode is not None and training.per_device_train_batch_size != 1:
+            raise ConfigError(
+                f"with {mode} a micro batch is one packed row: set per_device_train_batch_size to 1 (got "
+                f"{training.per_device_train_batch_size}) and raise gradient_accumulation_steps instead"
+            )
+        if data.lazy:
+            from megatron_prm.data.store import store_prefix  # the data package imports this module
+
+            if training.do_train and training.max_steps <= 0:
+                raise ConfigError(f"lazy=True streams the data without counting it first: set max_steps (got "
+                                  f"{training.max_steps})")
+            if training.save_strategy == "epoch":
+                raise ConfigError("save_strategy 'epoch' needs a known epoch length; a streamed (lazy) data set "
+                                  "has none: use save_strategy 'steps'")
+            if store_prefix(data.train_dataset_path) is not None:
+                raise ConfigError(f"lazy=True streams JSONL; train_dataset_path {data.train_dataset_path!r} is a "
+                                  "preprocessed store, which is already read lazily (set lazy=false)")
 
     def to_flat_dict(self) -> dict[str, Any]:
         """The flat ``name: value`` mapping that :func:`load_config` reads back."""
@@ -484,11 +549,12 @@ def _coerce(name: str, value: Any, tp: Any, where: str) -> Any:
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, str):
-                return float(value)
-            raise ValueError
+            number = float(value) if isinstance(value, (int, float, str)) else None
+            if number is None:
+                raise ValueError
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: {name} must be a finite number, got {value!r}")
+            return number
         if base is str:
             if isinstance(value, str):
                 return value
@@ -501,6 +567,8 @@ def _coerce(name: str, value: Any, tp: Any, where: str) -> Any:
                 if isinstance(parsed, dict):
                     return parsed
             raise ValueError
+    except ConfigError:
+        raise
     except ValueError:
         pass
     kind = getattr(base, "__name__", str(base))

@@ -9,9 +9,11 @@ loading does not fully account for that:
 - copying the loaded shards iterates over the destination state, ``step`` included, which the source
   lacks (``KeyError: 'step'``), and copies into parameters without ``torch.no_grad()`` - the
   replacement of ``_set_main_param_and_optimizer_states`` skips destination keys the source lacks
-  and copies under ``no_grad``. The ``step`` itself is restored by Megatron from the param groups.
+  and copies under ``no_grad``. The ``step`` itself is restored by Megatron from the param groups;
+- ...as one tensor shared by every parameter, which Adam then advances once per parameter and step -
+  :func:`untie_adam_steps` gives each parameter its own copy after loading (exact stage1 resume).
 
-Both only act where Megatron uses the PyTorch optimizer.
+All three only act where Megatron uses the PyTorch optimizer.
 """
 
 from __future__ import annotations
@@ -38,6 +40,46 @@ def _set_main_param_and_optimizer_states(self, model_param, tensors):
 def apply() -> None:
     if not distrib_optimizer.HAVE_APEX_OR_TE:
         DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    untie_adam_steps_after_loading()
+
+
+# ------------------------------------------------------------------ one Adam ``step`` per parameter
+# Checked on megatron-core 0.16.1 (torch 2.13) and 0.19.2 (torch 2.14): without Apex/TE,
+# ``DistributedOptimizer.load_state_dict`` restores the step from the param groups as ONE tensor and
+# assigns that same object to every parameter's state (``s["step"] = step``); torch's
+# ``Optimizer.load_state_dict`` keeps ``step`` as given (no copy unless fused/capturable), and Adam
+# increments it in place per parameter (``step_t += 1``, or ``_foreach_add_`` over the list), so
+# after a resume every optimizer step advanced the shared counter once per parameter: the bias
+# corrections went wrong from the second step after a resume on.
+
+_original_load_state_dict = DistributedOptimizer.load_state_dict
+
+
+def untie_adam_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Give every parameter of a PyTorch optimizer a ``step`` tensor of its own where several share
+    one; returns how many were replaced."""
+    seen: set[int] = set()
+    replaced = 0
+    for slot in optimizer.state.values():
+        step = slot.get("step")
+        if not isinstance(step, torch.Tensor):
+            continue
+        if id(step) in seen:
+            slot["step"] = step.detach().clone()
+            replaced += 1
+        seen.add(id(slot["step"]))
+    return replaced
+
+
+def _load_state_dict_with_own_steps(self, state_dict):
+    _original_load_state_dict(self, state_dict)
+    untie_adam_steps(self.optimizer)
+
+
+def untie_adam_steps_after_loading() -> None:
+    """Install the fix (idempotent); only where Megatron uses PyTorch's Adam (no Apex/TE)."""
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        DistributedOptimizer.load_state_dict = _load_state_dict_with_own_steps
 
 
 def prime_adam_state(optimizer) -> None:

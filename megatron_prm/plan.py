@@ -78,6 +78,11 @@ def activation_bytes(arch: LlamaArchitecture, layout: ParallelLayout, tokens: in
 
 
 def plan(config: RunConfig, arch: LlamaArchitecture, nodes: int, gpus_per_node: int, gpu_memory_gib: float) -> dict:
+    for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if not gpu_memory_gib > 0:
+        raise ConfigError(f"--gpu-memory-gib must be positive, got {gpu_memory_gib}")
     world = nodes * gpus_per_node
     layout, notes = resolve_layout(config, world, arch)
     t = config.training

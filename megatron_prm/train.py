@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from megatron_prm.checkpoint import (
+    LATEST,
     TrainState,
     checkpoint_name,
     layout_record,
@@ -26,7 +26,7 @@ from megatron_prm.checkpoint import (
 )
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.data.batching import BatchLayout, Collator, MicroBatch
-from megatron_prm.data.pipeline import PreparedData, StreamedTrainBatches, prepare_data, tokenize_job
+from megatron_prm.data.pipeline import PreparedData, prepare_data, tokenize_job
 from megatron_prm.data.preprocess import RecordTokenizer
 from megatron_prm.layout import ParallelLayout, resolve_layout
 from megatron_prm.evaluation import evaluate, labelled_steps
@@ -36,14 +36,57 @@ from megatron_prm.model.architecture import LlamaArchitecture, resolve_architect
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
 from megatron_prm.run_logger import RunLogger
 from megatron_prm.runtime import Runtime, init_runtime
+from megatron_prm.stop_signals import StopSignals
 from megatron_prm.training_state import CommunicationOverlap, TrainingState, build_training_state, parameters_gathered
 
 
-def total_training_steps(config: RunConfig, steps_per_epoch: Optional[int]) -> int:
+def total_training_steps(config: RunConfig, data: PreparedData) -> int:
     if config.training.max_steps > 0:
         return config.training.max_steps
-    assert steps_per_epoch is not None, "a streamed data set needs max_steps"
-    return max(1, math.ceil(config.training.num_train_epochs * steps_per_epoch))
+    steps = data.train.steps_for_epochs(config.training.num_train_epochs)
+    assert steps is not None, "a streamed data set needs max_steps (checked in config.py)"
+    return steps
+
+
+def resume_source(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:
+    """What a run resumes from: ``latest`` is output_dir's newest checkpoint; ``auto`` is the same where
+    output_dir has one and a fresh start otherwise (a requeued job's first and later runs)."""
+    if resume_from_checkpoint == "auto":
+        return output_dir if (Path(output_dir) / LATEST).is_file() else None
+    if resume_from_checkpoint == "latest":
+        return output_dir
+    return resume_from_checkpoint
+
+
+def data_position(data: PreparedData) -> dict:
+    """The batch source's state to save; a stream's from every data-parallel rank (each reads its own share)."""
+    position = data.train.state_dict()
+    if position["kind"] != "streamed":
+        return position  # the same on every rank
+    group = parallel_state.get_data_parallel_group()
+    ranks: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(ranks, position, group=group)
+    return {"kind": "streamed", "ranks": ranks}
+
+
+def restore_data_position(data: PreparedData, saved: TrainState, data_parallel_rank: int, checkpoint: Path) -> None:
+    """Continue the data where the checkpoint's run stopped (by consumed samples, whatever the layout)."""
+    position = saved.data_position
+    if not position:  # written before the data position was saved: replay the steps with this layout
+        for _ in range(saved.step):
+            data.train.next_microbatches()
+        return
+    try:
+        if position["kind"] == "streamed":
+            ranks = position["ranks"]
+            if len(ranks) != parallel_state.get_data_parallel_world_size():
+                raise ValueError(f"the stream was read by {len(ranks)} data-parallel ranks and this run has "
+                                 f"{parallel_state.get_data_parallel_world_size()}: a lazy stream resumes only "
+                                 "with the same data-parallel size")
+            position = ranks[data_parallel_rank]
+        data.train.load_state_dict(position)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{checkpoint}: cannot continue the training data: {err}") from err
 
 
 def _reduce_step_report(reports: list[dict], batches: list[MicroBatch], device: torch.device) -> dict:
@@ -89,6 +132,10 @@ def _format(prefix: str, step: int, total: int, figures: dict, keys: tuple[str, 
     return " | ".join(parts)
 
 
+class TrainingInterrupted(Exception):
+    """A stop signal arrived; the checkpoint of the last whole step was saved (the CLI exits with 0)."""
+
+
 @dataclass
 class Run:
     """Everything a training run holds once it is set up."""
@@ -129,32 +176,28 @@ def setup(config: RunConfig) -> Run:
                         show_progress=runtime.is_logging_rank, row_multiple=layout.sequence_multiple)
     logger.scalars("data", 0, data.reports,
                    line="\n".join(f"{name} data: {report}" for name, report in data.reports.items()))
-    if args.save_strategy == "epoch" and data.train.steps_per_epoch is None:
-        raise ConfigError("save_strategy epoch needs a known epoch length; a streamed (lazy) data set has none")
 
     options = ModelBuildOptions.from_config(config, layout, runtime.use_transformer_engine, runtime.is_cpu)
     chunks = build_model_chunks(arch, tokenizer.special.reward_ids, config.data.max_seq_len, options)
-    if config.model.model_name_or_path and not args.resume_from_checkpoint:
+    if config.model.model_name_or_path and resume_source(args.resume_from_checkpoint, args.output_dir) is None:
         load_model_weights(chunks, config.model.model_name_or_path, arch)
-    total_steps = total_training_steps(config, data.train.steps_per_epoch)
+    total_steps = total_training_steps(config, data)
     state = build_training_state(chunks, args, total_steps, layout.distributed_optimizer,
                                  CommunicationOverlap.from_config(config.parallel))
     fmt = optimizer_format(layout.distributed_optimizer, args.unified_checkpoint)
     train_state = TrainState(layout=layout_record(layout), optimizer_format=fmt)
-    if args.resume_from_checkpoint:
-        source = args.output_dir if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
+    source = resume_source(args.resume_from_checkpoint, args.output_dir)
+    if source is not None:
         saved, checkpoint = load_checkpoint(state, source, arch, layout, fmt)
         train_state = dataclasses.replace(saved, layout=layout_record(layout), optimizer_format=fmt)
-        if isinstance(data.train, StreamedTrainBatches):
-            data.train.fast_forward(train_state.step)
+        restore_data_position(data, train_state, runtime.data_parallel_rank, checkpoint)
         logger.message(f"resumed from {checkpoint} at step {train_state.step} ({train_state.consumed_samples} samples)")
     n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
     logger.message(
         f"model: {arch.num_hidden_layers} layers, hidden {arch.hidden_size}, {n_params / 1e6:.2f}M parameters on "
         f"this rank; {runtime.world_size} processes on {runtime.device.type}: tensor {layout.tensor_parallel_size} x "
         f"pipeline {layout.pipeline_parallel_size} (virtual {layout.virtual_pipeline_parallel_size}) x data "
-        f"{layout.data_parallel_size}; global batch {batch_layout.global_batch_size}; {total_steps} steps "
-        f"({data.train.steps_per_epoch or 'streamed, unknown'} per epoch)"
+        f"{layout.data_parallel_size}; global batch {batch_layout.global_batch_size}; {total_steps} steps"
     )
     collator = Collator(data.pad_id, layout.sequence_multiple, uniform_length=layout.pipeline_parallel_size > 1,
                         packing=data.packing.options if data.packing else None,
@@ -190,6 +233,7 @@ def save(run: Run, step: int, metrics: Optional[dict]) -> None:
             run.train_state.best_metric = float(value[0])
             run.train_state.best_checkpoint = checkpoint_name(step)
     run.train_state.step = step
+    run.train_state.data_position = data_position(run.data)
     with parameters_gathered(run.state.model):
         path = save_checkpoint(run.state, run.output_dir, run.config, run.arch, run.train_state, args.save_total_limit)
     run.logger.message(f"saved checkpoint {path}")
@@ -202,12 +246,13 @@ def _save_due(run: Run, step: int) -> bool:
     if step == run.total_steps:
         return True
     if args.save_strategy == "epoch":
-        return step % run.data.train.steps_per_epoch == 0
+        return run.data.train.epoch_ended
     return step % args.save_steps == 0
 
 
 def run_training(config: RunConfig) -> Optional[dict]:
     """Train (and evaluate) as configured. Returns the final eval metrics on the logging rank."""
+    stop = StopSignals()  # from the start: a signal during setup stops after the first step
     run = setup(config)
     args = config.training
     progress = tqdm(total=run.total_steps, initial=run.train_state.step, desc="training",
@@ -215,7 +260,7 @@ def run_training(config: RunConfig) -> Optional[dict]:
     metrics = None
     step_start = time.perf_counter()
     for step in range(run.train_state.step + 1, run.total_steps + 1 if args.do_train else 1):
-        figures = train_step(run.state, run.collator(run.data.train.microbatches(step - 1)), run.runtime,
+        figures = train_step(run.state, run.collator(run.data.train.next_microbatches()), run.runtime,
                              config.prm.score_threshold)
         run.train_state.consumed_samples += figures["samples"]
         elapsed = time.perf_counter() - step_start
@@ -226,9 +271,18 @@ def run_training(config: RunConfig) -> Optional[dict]:
             run.logger.scalars("train", step, figures, line=_format("train", step, run.total_steps, figures, (
                 "loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "step_time_s")))
         metrics = run_eval(run, step) if step % args.eval_steps == 0 or step == run.total_steps else None
-        if _save_due(run, step):
+        stopping = stop.requested(run.runtime.device) and step < run.total_steps
+        if _save_due(run, step) or stopping:
             save(run, step, metrics)
+        if stopping:
+            progress.close()
+            run.logger.message(f"received {stop.name}: saved the checkpoint of step {step} and stopped; run again "
+                               "with resume_from_checkpoint auto (or latest) to continue")
+            run.logger.close()
+            stop.restore()
+            raise TrainingInterrupted(stop.name)
         step_start = time.perf_counter()
+    stop.restore()
     progress.close()
 
     if not args.do_train:

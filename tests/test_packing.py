@@ -6,7 +6,7 @@ import torch
 
 from megatron_prm.data.batching import BatchLayout, collate, collate_packed, pad_to_length
 from megatron_prm.data.packing import PackingOptions, RowLayout, pack, pack_best_fit_decreasing, pack_in_order
-from megatron_prm.data.pipeline import Packing, PackedTrainBatches
+from megatron_prm.data.loader import PackedBatches, Packing
 from megatron_prm.data.samples import Sample
 from megatron_prm.data.store import InMemorySamples
 from megatron_prm.loss import step_losses
@@ -66,19 +66,19 @@ def test_packed_epochs_use_every_sample_once_over_data_parallel_ranks():
     for mode in ("zero_padding", "greedy_zero_padding"):
         packing = Packing(mode, PackingOptions(128), buffer_size=50)
         layout = BatchLayout(1, 2, 2)
-        ranks = [PackedTrainBatches(source, layout, rank, seed=3, packing=packing) for rank in range(2)]
+        ranks = [PackedBatches(source, layout, rank, seed=3, packing=packing) for rank in range(2)]
         seen = []
-        for step in range(ranks[0].steps_per_epoch):
+        for step in range(ranks[0].steps_in_epoch(0)):
             for batches in ranks:
-                for row in batches.microbatches(step):
+                for row in batches.next_microbatches():
                     assert sum(len(s) for s in row) <= 128
                     seen += [s.record_index for s in row]
-        all_rows = ranks[0]._rows(0)
-        leftover = sum(len(row) for row in all_rows[ranks[0].steps_per_epoch * 4:])
+        all_rows = ranks[0]._units(0)
+        leftover = sum(len(row) for row in all_rows[ranks[0].steps_in_epoch(0) * 4:])
         assert len(seen) == len(set(seen)) == 200 - leftover
-    zero = PackedTrainBatches(source, BatchLayout(1, 1, 1), 0, 3, Packing("zero_padding", PackingOptions(128), 50))
-    greedy = PackedTrainBatches(source, BatchLayout(1, 1, 1), 0, 3, Packing("greedy_zero_padding", PackingOptions(128), 50))
-    assert len(greedy._rows(0)) < len(zero._rows(0))
+    zero = PackedBatches(source, BatchLayout(1, 1, 1), 0, 3, Packing("zero_padding", PackingOptions(128), 50))
+    greedy = PackedBatches(source, BatchLayout(1, 1, 1), 0, 3, Packing("greedy_zero_padding", PackingOptions(128), 50))
+    assert len(greedy._units(0)) < len(zero._units(0))
 
 
 @pytest.fixture(scope="module")

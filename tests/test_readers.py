@@ -113,12 +113,20 @@ def test_convert_data_skips_and_counts_unreadable_lines(tmp_path):
 
 def test_streamed_lines_that_cannot_be_read_are_skipped_under_skip_invalid(tmp_path):
     from megatron_prm.data.preprocess import RecordTokenizer, TokenizeJob
-    from megatron_prm.data.streaming import _own_records
+    from megatron_prm.data.streaming import ReaderPosition, _read_block
+    from megatron_prm.data.records import open_data
 
     path = tmp_path / "d.jsonl"
-    path.write_bytes(LINE + b"\n{oops\n" + LINE.replace(b"1 + 1 = 2", b"\xc3(") + b"\n" + LINE + b"\n")
+    path.write_bytes(b"\xef\xbb\xbf" + LINE + b"\n{oops\n" + LINE.replace(b"1 + 1 = 2", b"\xc3(") + b"\n" + LINE + b"\n")
+
+    def own_records():
+        with open_data(path) as handle:
+            raw, next_record, _ = _read_block(handle, str(path), ReaderPosition(), 0, 1, size=100)
+        assert next_record == 4
+        return raw
+
     job = TokenizeJob(str(path), MISTRAL, "ки", REWARD, SampleOptions(128, 64), skip_invalid=True)
-    assert len(list(RecordTokenizer(job).stream(_own_records(str(path), 0, 1)))) == 2
+    assert len(list(RecordTokenizer(job).stream(iter(own_records())))) == 2
     strict = RecordTokenizer(TokenizeJob(str(path), MISTRAL, "ки", REWARD, SampleOptions(128, 64), skip_invalid=False))
     with pytest.raises(RecordError, match="record 1 \\(line 2\\).*not valid JSON"):
-        list(strict.stream(_own_records(str(path), 0, 1)))
+        list(strict.stream(iter(own_records())))

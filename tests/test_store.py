@@ -9,7 +9,8 @@ import torch
 from conftest import MISTRAL, write_jsonl
 from megatron_prm.config import build_config
 from megatron_prm.data.batching import BatchLayout, collate
-from megatron_prm.data.pipeline import IndexedTrainBatches, open_source, tokenize_job
+from megatron_prm.data.loader import IndexedBatches
+from megatron_prm.data.pipeline import open_source, tokenize_job
 from megatron_prm.data.preprocess import RecordTokenizer, preprocess
 from megatron_prm.data.records import RecordError
 from megatron_prm.data.store import StoreError, TokenStore, store_prefix
@@ -43,10 +44,10 @@ def test_store_and_jsonl_give_identical_batches(records, store):
     np.testing.assert_array_equal(from_store.lengths, from_jsonl.lengths)
     layout = BatchLayout(micro_batch_size=4, num_microbatches=2, data_parallel_size=2)
     for rank in (0, 1):
-        a = IndexedTrainBatches(from_jsonl, layout, rank, seed=11)
-        b = IndexedTrainBatches(from_store, layout, rank, seed=11)
-        for step in (0, 1, a.steps_per_epoch + 3):  # also a step of the second epoch
-            for mb_a, mb_b in zip(a.microbatches(step), b.microbatches(step)):
+        a = IndexedBatches(from_jsonl, layout, rank, seed=11)
+        b = IndexedBatches(from_store, layout, rank, seed=11)
+        for _ in range(a.steps_in_epoch(0) + 3):  # into the second epoch
+            for mb_a, mb_b in zip(a.next_microbatches(), b.next_microbatches()):
                 x, y = collate(mb_a, pad_id=2), collate(mb_b, pad_id=2)
                 for name in ("tokens", "position_ids", "reward_index", "label_values", "record_ids", "step_ids"):
                     assert torch.equal(getattr(x, name), getattr(y, name)), name

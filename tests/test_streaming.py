@@ -7,7 +7,7 @@ import pytest
 from conftest import MISTRAL, read_log, run_cli
 from megatron_prm.config import build_config
 from megatron_prm.data.pipeline import tokenize_job
-from megatron_prm.data.streaming import StreamShard, StreamingSamples, stream_samples
+from megatron_prm.data.streaming import SampleStream, StreamShard, StreamingSamples
 from megatron_prm.data.synthetic import write_dataset
 
 RECORDS = 37
@@ -33,7 +33,7 @@ def test_ranks_and_workers_read_disjoint_shares_covering_every_record(records):
         shard = StreamShard(rank, 2, seed=3, shuffle_buffer_size=4)
         # With 2 DataLoader workers this rank's records are split again between them.
         share = [i for i in range(RECORDS) if i % 4 in (2 * rank, 2 * rank + 1)]
-        indices = first_epoch(stream_samples(job(records), shard, num_workers=2), len(share))
+        indices = first_epoch(SampleStream(job(records), shard, num_workers=2), len(share))
         assert sorted(indices) == share
         seen += indices
     assert sorted(seen) == list(range(RECORDS))
@@ -41,8 +41,7 @@ def test_ranks_and_workers_read_disjoint_shares_covering_every_record(records):
 
 def test_shuffle_buffer_is_seeded_and_epochs_differ(records):
     def order(seed):
-        return first_epoch(iter(StreamingSamples(job(records), StreamShard(0, 1, seed, shuffle_buffer_size=8))),
-                           2 * RECORDS)
+        return first_epoch(SampleStream(job(records), StreamShard(0, 1, seed, shuffle_buffer_size=8), 0), 2 * RECORDS)
 
     a, b = order(1), order(1)
     assert a == b and a != order(2)

@@ -71,7 +71,8 @@ import json, resource, sys
 sys.path.insert(0, {repo!r})
 from megatron_prm.config import build_config
 from megatron_prm.data.batching import BatchLayout, collate
-from megatron_prm.data.pipeline import IndexedTrainBatches, open_source, tokenize_job
+from megatron_prm.data.loader import IndexedBatches
+from megatron_prm.data.pipeline import open_source, tokenize_job
 from megatron_prm.data.preprocess import RecordTokenizer
 config = build_config({config!r})
 tokenizer = RecordTokenizer(tokenize_job(config, {store!r}))
@@ -80,10 +81,10 @@ def rss_kib():
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
 before = rss_kib()
 source, _ = open_source(config, {store!r}, tokenizer, show_progress=False)
-batches = IndexedTrainBatches(source, BatchLayout(8, 4, 1), 0, seed=1)
+batches = IndexedBatches(source, BatchLayout(8, 4, 1), 0, seed=1)
 peak = rss_kib()
 for step in range({steps}):
-    for samples in batches.microbatches(step):
+    for samples in batches.next_microbatches():
         collate(samples, pad_id=2)
     peak = max(peak, rss_kib())
 print(json.dumps({{"samples": len(source), "rss_growth_bytes": (peak - before) * 1024}}))

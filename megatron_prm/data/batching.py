@@ -1,9 +1,7 @@
-"""Samples -> micro batches (padded, or packed into THD rows), and which samples each rank reads when.
+"""Samples -> micro batches (padded, or packed into THD rows), and the evaluation batches.
 
-The schedule is a pure function of (seed, step, data-parallel rank): every tensor- and
-pipeline-parallel rank of one model replica computes the same microbatches without communicating,
-and resuming at step k needs nothing but k. A global batch is ``micro_batch_size x num_microbatches x
-data_parallel_size`` samples; data-parallel rank r takes the r-th contiguous share of it.
+Which samples each rank trains on at each step (and where a resumed run continues) is
+:mod:`megatron_prm.data.loader`'s job.
 """
 
 from __future__ import annotations
@@ -184,47 +182,6 @@ class BatchLayout:
     @property
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.num_microbatches * self.data_parallel_size
-
-
-class TrainSchedule:
-    """Sample indices of every microbatch of every optimizer step, for one data-parallel rank.
-
-    Each epoch is a fresh permutation drawn from ``(seed, epoch)``; the last incomplete global
-    batch of an epoch is left out, as Megatron does.
-    """
-
-    def __init__(self, num_samples: int, layout: BatchLayout, data_parallel_rank: int, seed: int):
-        if num_samples < layout.global_batch_size:
-            raise ValueError(
-                f"{num_samples} training samples are fewer than one global batch of "
-                f"{layout.global_batch_size} (micro batch {layout.micro_batch_size} x "
-                f"{layout.num_microbatches} microbatches x {layout.data_parallel_size} data-parallel ranks)"
-            )
-        self.num_samples = num_samples
-        self.layout = layout
-        self.rank = data_parallel_rank
-        self.seed = seed
-        self.steps_per_epoch = num_samples // layout.global_batch_size
-        self._epoch_order: tuple[int, np.ndarray] | None = None
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._epoch_order is None or self._epoch_order[0] != epoch:
-            indices = np.arange(self.num_samples, dtype=np.int32 if self.num_samples < 2**31 else np.int64)
-            self._epoch_order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(indices))
-        return self._epoch_order[1]
-
-    def global_batch(self, step: int) -> np.ndarray:
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = self._order(epoch)
-        size = self.layout.global_batch_size
-        return order[within * size : (within + 1) * size]
-
-    def microbatches(self, step: int) -> list[np.ndarray]:
-        """This rank's microbatches of optimizer step ``step`` (0-based)."""
-        per_rank = self.layout.micro_batch_size * self.layout.num_microbatches
-        mine = self.global_batch(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
-        mb = self.layout.micro_batch_size
-        return [mine[i * mb : (i + 1) * mb] for i in range(self.layout.num_microbatches)]
 
 
 def eval_microbatches(

@@ -16,7 +16,7 @@ import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, BinaryIO, Iterator, Optional
 
 
 # Faults of a line as a whole, before there is a record to validate: the field names RecordError uses.
@@ -57,27 +57,53 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
+def open_data(path: Path) -> BinaryIO:
+    """A data file (gzipped where its name ends in .gz) opened for reading bytes."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def truncated_gzip(path: Path, line_no: int, err: Exception) -> RecordError:
+    return RecordError(path, -1, "<file>", f"not a complete gzip file, unreadable after line {line_no} ({err})")
+
+
+def decode_line(data: bytes, line_no: int) -> tuple[str, Optional[str]]:
+    """``(text, fault)`` of one line's bytes: bytes that are not UTF-8 spoil only their own line (its
+    fault says so, and its text has them replaced); the fault is None for a good line. A byte-order mark
+    at the start of line 1 is dropped."""
+    if line_no == 1 and data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as err:
+        return data.decode("utf-8", errors="replace"), (
+            f"not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} of line {line_no}")
+
+
+def parse_json_line(path: str | Path, index: int, line_no: int, text: str, fault: Optional[str]) -> Any:
+    """The JSON value of one JSONL line, or the :class:`RecordError` that says why it has none."""
+    if fault is not None:
+        return RecordError(path, index, "<encoding>", fault, line_no)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        return RecordError(path, index, "<json>", f"not valid JSON: {err.msg}", line_no)
+
+
 def _read_lines(path: Path) -> Iterator[tuple[int, str, Optional[str]]]:
     """``(line number, text, fault)`` of every line of a (gzipped) UTF-8 file, decoded one line at a time
-    so that bytes that are not UTF-8 spoil only their own line: its fault says so (and its text has
-    them replaced); the fault is None for good lines. A leading byte-order mark is dropped. A truncated
-    or corrupt gzip stream is an error of the whole file."""
+    (see :func:`decode_line`). A truncated or corrupt gzip stream is an error of the whole file."""
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     line_no = 0
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
+        with open_data(path) as handle:
             for line_no, data in enumerate(handle, start=1):
-                if line_no == 1 and data.startswith(codecs.BOM_UTF8):
-                    data = data[len(codecs.BOM_UTF8):]
-                try:
-                    yield line_no, data.decode("utf-8"), None
-                except UnicodeDecodeError as err:
-                    yield line_no, data.decode("utf-8", errors="replace"), (
-                        f"not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} of line {line_no}")
-    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-        raise RecordError(path, -1, "<file>", f"not a complete gzip file, unreadable after line {line_no} "
-                          f"({err})") from None
+                yield (line_no, *decode_line(data, line_no))
+    except GZIP_ERRORS as err:
+        raise truncated_gzip(path, line_no, err) from None
 
 
 def iter_raw_records(path: str | Path, *, keep_invalid: bool = False) -> Iterator[tuple[int, Optional[int], Any]]:
@@ -108,27 +134,6 @@ def is_json_array(path: str | Path) -> bool:
     finally:
         lines.close()
     return first.lstrip().startswith("[")
-
-
-def iter_jsonl(path: str | Path, select: Callable[[int], bool]) -> Iterator[tuple[int, int, Any]]:
-    """``(record index, line, parsed value)`` of the records of a JSONL file (one value per non-blank
-    line) whose index ``select`` accepts; only those lines are parsed. A line that is not valid JSON or
-    not UTF-8 comes as a :class:`RecordError` in place of its value."""
-    path = Path(path)
-    index = -1
-    for line_no, text, fault in _read_lines(path):
-        if not text.strip():
-            continue
-        index += 1
-        if not select(index):
-            continue
-        if fault is not None:
-            yield index, line_no, RecordError(path, index, "<encoding>", fault, line_no)
-            continue
-        try:
-            yield index, line_no, json.loads(text)
-        except json.JSONDecodeError as err:
-            yield index, line_no, RecordError(path, index, "<json>", f"not valid JSON: {err.msg}", line_no)
 
 
 def _iter_json_array(path: Path) -> Iterator[tuple[int, None, Any]]:

@@ -1,0 +1,46 @@
+"""SIGTERM / SIGUSR1: save at the next step boundary and stop, instead of dying mid-step.
+
+SLURM sends a signal some time before a job's time limit (``--signal``); a preempting scheduler
+sends SIGTERM. The handler only records the signal; every rank checks at the end of each optimizer step,
+all together (the signal may reach ranks at different moments, or only some of them), so that all ranks
+save the same step and stop. See examples/train_llama3_8b_prm.sh for how the signal reaches torchrun's
+workers and how the job requeues itself.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """Records SIGTERM / SIGUSR1 from creation until :meth:`restore`."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+
+    def _record(self, signum: int, frame) -> None:
+        self.received = signum
+
+    def requested(self, device: torch.device) -> bool:
+        """Whether any rank received a stop signal (a collective: every rank calls it at every step)."""
+        flag = torch.tensor([self.received or 0], dtype=torch.int64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.received = int(flag.item())
+        return bool(flag.item())
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
