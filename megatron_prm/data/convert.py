@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tqdm import tqdm
-
 from megatron_prm.data.records import iter_raw_records
+from megatron_prm.progress import progress
 
 STEP_TAG = "ки"
 FORMATS = ("math-shepherd", "processbench", "prm800k", "prmbench", "best-of-n")
@@ -254,8 +253,8 @@ def convert_file(
     report = ConversionReport(source_format)
     try:
         with open(tmp, "w", encoding="utf-8") as out:
-            records = tqdm(iter_raw_records(input_path), desc=f"converting {Path(input_path).name}",
-                           unit=" records", disable=not show_progress)
+            records = progress(iter_raw_records(input_path), desc=f"converting {Path(input_path).name}",
+                               unit="records", enabled=show_progress)
             for index, line, raw in records:
                 if index == 0:
                     _check_signature(raw, source_format, input_path)

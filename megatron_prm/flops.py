@@ -1,0 +1,86 @@
+"""Training FLOPs by Megatron-LM's formula (``num_floating_point_operations`` in
+megatron/training/training.py, dense GQA + SwiGLU path, causal attention counted half since March 2025).
+
+Per token, forward + backward (3 GEMMs each of 2 m n k FLOPs, hence the factor 6), summed over layers:
+- attention: ``h (q + 2 k)`` (QKV projection) + ``q s / 2 x 2`` (QK^T and its product with V, half of the
+  ``s x s`` scores under the causal mask) + ``q h`` (output projection), with ``q = n d`` and ``k = g d``;
+- MLP: ``3 h f`` (SwiGLU: gate, up and down projections);
+and once: ``h V`` for the logits over the padded vocabulary.
+
+Only the attention term depends on the sequence length. In a packed row each sample attends within
+itself, so a sample of ``s_i`` tokens contributes ``s_i x s_i / 2`` scores, not ``s_i x S / 2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# forward + backward (3 GEMMs per weight: forward, wgrad, dgrad) x 2 FLOPs per multiply-add
+_GEMM_FACTOR = 6
+_SWIGLU_PROJECTIONS = 3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shape of a dense GQA + SwiGLU transformer, in Megatron's names."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int  # the padded vocabulary (the LM head's rows)
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelShape.{name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def from_architecture(cls, arch, padded_vocab_size: int) -> "ModelShape":
+        """The shape of an architecture in HF names (``LlamaArchitecture`` and its relatives)."""
+        return cls(
+            num_layers=arch.num_hidden_layers,
+            hidden_size=arch.hidden_size,
+            ffn_hidden_size=arch.intermediate_size,
+            num_attention_heads=arch.num_attention_heads,
+            num_query_groups=arch.num_key_value_heads,
+            kv_channels=arch.head_dim,
+            vocab_size=padded_vocab_size,
+        )
+
+
+def _per_token_terms(shape: ModelShape, with_logits: bool) -> tuple[float, float]:
+    """(FLOPs per token independent of the sequence length, attention FLOPs per token per attended token)."""
+    h = shape.hidden_size
+    query = shape.kv_channels * shape.num_attention_heads
+    key_value = shape.kv_channels * shape.num_query_groups
+    projections = h * (query + 2 * key_value) + query * h
+    mlp = _SWIGLU_PROJECTIONS * h * shape.ffn_hidden_size
+    fixed = _GEMM_FACTOR * shape.num_layers * (projections + mlp)
+    if with_logits:
+        fixed += _GEMM_FACTOR * h * shape.vocab_size
+    # core attention: query x s / 2 (causal) x 2 (QK^T and scores x V) per token of a sequence of s tokens
+    attention_per_length = _GEMM_FACTOR * shape.num_layers * query
+    return float(fixed), float(attention_per_length)
+
+
+def training_flops(shape: ModelShape, sample_lengths: Sequence[int], *, with_logits: bool) -> float:
+    """Forward+backward FLOPs of one row whose packed samples have these lengths (attention per sample,
+    causal counted half, as Megatron-LM's num_floating_point_operations)."""
+    if any(length < 0 for length in sample_lengths):
+        raise ValueError(f"sample lengths must not be negative, got {list(sample_lengths)}")
+    fixed, attention_per_length = _per_token_terms(shape, with_logits)
+    tokens = sum(sample_lengths)
+    attended = sum(length * length for length in sample_lengths)  # sum over samples of s_i x s_i
+    return fixed * tokens + attention_per_length * attended
+
+
+def flops_per_token(shape: ModelShape, seq_len: int, *, with_logits: bool) -> float:
+    """Forward+backward FLOPs per token of unpacked sequences of ``seq_len`` tokens (Megatron-LM's figure
+    for ``--seq-length seq_len`` divided by the tokens of a batch)."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    return training_flops(shape, [seq_len], with_logits=with_logits) / seq_len
