@@ -30,14 +30,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_prm.cli import ArgumentParser  # noqa: E402
 from megatron_prm.config import build_config  # noqa: E402
 from megatron_prm.data.batching import MicroBatch, collate_packed  # noqa: E402
 from megatron_prm.data.packing import PackingOptions  # noqa: E402
 from megatron_prm.data.samples import Sample  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("prm", "lm", "both"), default="both")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per mode")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -61,7 +62,7 @@ def parse_args() -> argparse.Namespace:
                         help="also measure PRM head vs full-vocabulary logits memory (--head-vocab, --head-hidden)")
     parser.add_argument("--head-vocab", type=int, default=128256)
     parser.add_argument("--head-hidden", type=int, default=4096)
-    return parser.parse_args()
+    return parser
 
 
 def synthetic_rows(args, count: int, vocab: int, placeholder: int, seed: int) -> list[MicroBatch]:
@@ -177,7 +178,7 @@ def head_memory(hidden: int, vocab: int, seq_len: int, step_len: int) -> dict:
 
 def main() -> None:
     warnings.filterwarnings("ignore")
-    args = parse_args()
+    args = build_parser().parse_args()
     from megatron_prm.layout import ParallelLayout
     from megatron_prm.model.architecture import resolve_architecture
     from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks, padded_vocab_size

@@ -17,6 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from megatron_prm.cli import ArgumentParser
 from megatron_prm.config import ConfigError
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)?$", re.IGNORECASE)
@@ -31,8 +32,8 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="direction", required=True)
     imp = commands.add_parser("import", help="HF -> Megatron")
     imp.add_argument("--hf", required=True, type=Path, help="HF model directory (config.json, *.safetensors)")
