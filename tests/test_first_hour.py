@@ -225,3 +225,36 @@ def test_wandb_missing_is_one_line_naming_the_package(tmp_path, capsys, monkeypa
         "megatron-prm train: error: report_to wandb needs the wandb package, which is not installed: "
         "pip install 'megatron-prm[wandb]'"]
     assert not (tmp_path / "out").exists()
+
+
+def test_checkpoints_carry_the_tokenizer_training_used(tmp_path):
+    """The config's tokenizer wins over the starting checkpoint's, is copied byte for byte (never the model
+    weights beside it), and is named relative to the checkpoint."""
+    from megatron_prm import checkpoint
+    from megatron_prm.model.architecture import resolve_architecture
+    from megatron_prm.tokenizer import resolve_tokenizer_path
+
+    start = tmp_path / "start"  # a starting checkpoint that carries another tokenizer
+    (start / "tokenizer").mkdir(parents=True)
+    (start / ".metadata").write_bytes(b"")
+    (start / "tokenizer" / "tokenizer.json").write_text("{}")
+    shape = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
+             "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 32000, "max_position_embeddings": 64,
+             "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    (start / "model_config.json").write_text(json.dumps(shape))
+    hf_dir = tmp_path / "hf"  # an HF model directory named as the tokenizer: only its tokenizer files travel
+    hf_dir.mkdir()
+    (hf_dir / "tokenizer.model").write_bytes(resolve_tokenizer_path(MISTRAL).read_bytes())
+    (hf_dir / "model.safetensors").write_bytes(b"weights")
+    for tokenizer, expected in ((MISTRAL, ["tokenizer.model"]), (str(hf_dir), ["tokenizer.model"]),
+                                (None, ["tokenizer.json"])):
+        config = build_config({"model_name_or_path": str(start), "tokenizer_name_or_path": tokenizer})
+        arch = resolve_architecture(config.model, 32000, 64)
+        target = tmp_path / f"iter_{len(expected)}_{tokenizer is None}_{tokenizer == MISTRAL}"
+        target.mkdir()
+        checkpoint._write_metadata(target, config, arch, checkpoint.TrainState())
+        assert sorted(p.name for p in (target / "tokenizer").iterdir()) == expected, tokenizer
+        if tokenizer:
+            assert (target / "tokenizer" / "tokenizer.model").read_bytes() == resolve_tokenizer_path(MISTRAL).read_bytes()
+        saved = json.loads((target / "run_config.json").read_text())
+        assert saved["tokenizer_name_or_path"] == "tokenizer"
