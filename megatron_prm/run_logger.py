@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import secrets
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -41,7 +42,7 @@ class _WandbTracker:
         wandb = import_tracker("wandb")
         ids_path = output_dir / TRACKERS_FILE
         ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
-        run_id = ids.get("wandb_run_id") or wandb.util.generate_id()
+        run_id = ids.get("wandb_run_id") or secrets.token_hex(4)  # wandb ids: up to 128 of [a-z0-9_-]
         self._run = wandb.init(
             id=run_id, resume="allow", name=config.training.run_name or output_dir.resolve().name,
             config=config.to_flat_dict(), dir=str(output_dir),
