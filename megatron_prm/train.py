@@ -27,6 +27,7 @@ from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.data.batching import BatchLayout, Collator, MicroBatch
 from megatron_prm.data.pipeline import PreparedData, StreamedTrainBatches, prepare_data, tokenize_job
 from megatron_prm.data.preprocess import RecordTokenizer
+from megatron_prm.data.store import store_prefix
 from megatron_prm.layout import ParallelLayout, resolve_layout
 from megatron_prm.evaluation import evaluate, labelled_steps
 from megatron_prm.flops import ModelShape, training_flops
@@ -173,8 +174,6 @@ def setup(config: RunConfig) -> Run:
 
 
 def _data_exists(path: str) -> bool:
-    from megatron_prm.data.store import store_prefix
-
     return Path(path).exists() or store_prefix(path) is not None
 
 

@@ -17,8 +17,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from megatron_prm.cli import ArgumentParser
-from megatron_prm.config import ConfigError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package, as the other tools
+
+from megatron_prm.cli import ArgumentParser  # noqa: E402
+from megatron_prm.config import ConfigError  # noqa: E402
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)?$", re.IGNORECASE)
 _UNITS = {None: 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
