@@ -227,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser(
         "score", help="P(good) of every step of every record, and aggregates per record",
-        description="Score records with a trained PRM. Extra --name value arguments override the run settings "
-        "(e.g. --tensor_parallel_degree 2 --device cuda --bf16 true).")
+        description="Score records with a trained PRM, in fp32 unless told (--bf16 true / --fp16 true); the "
+        "precision used is printed. Extra --name value arguments override the run settings "
+        "(e.g. --tensor_parallel_degree 2 --device cuda).")
     source = score.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a megatron-prm checkpoint or run directory (its latest)")
     source.add_argument("--hf", help="an HF Llama/Mistral PRM directory (converted in memory-light streaming first)")
