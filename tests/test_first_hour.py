@@ -258,3 +258,21 @@ def test_checkpoints_carry_the_tokenizer_training_used(tmp_path):
             assert (target / "tokenizer" / "tokenizer.model").read_bytes() == resolve_tokenizer_path(MISTRAL).read_bytes()
         saved = json.loads((target / "run_config.json").read_text())
         assert saved["tokenizer_name_or_path"] == "tokenizer"
+
+
+def test_slurm_dry_run_without_a_model_plans_the_shipped_llama3_8b_shape(tmp_path):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HF_MODEL"))}
+    env.update(DRY_RUN="1", PYTHON=sys.executable, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run(["bash", "examples/train_llama3_8b_prm.sh"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = next(json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"world_size"'))
+    assert plan["parameters_per_gpu"] == 1_004_802_048  # Llama-3-8B under TP8 (examples/configs/llama3_8b_config.json)
+    assert "node 0: torchrun --nnodes 1 --nproc-per-node 8" in result.stdout
+    env.pop("DRY_RUN")
+    refused = subprocess.run(["bash", "examples/train_llama3_8b_prm.sh"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "set HF_MODEL" in refused.stderr
