@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import MISTRAL, REPO, read_log, run_cli, write_jsonl
+from conftest import MISTRAL, REPO, read_log, write_jsonl
 from megatron_prm import cli, strict_json
 from megatron_prm.config import ARGUMENTS, ConfigError, RunConfig, build_config, load_config, parse_overrides
 from megatron_prm.progress import PlainProgress, progress
