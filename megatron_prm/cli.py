@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
-from megatron_prm.config import ConfigError, load_config
+from megatron_prm import strict_json
+from megatron_prm.config import SECTIONS, ConfigError, argument_type_name, load_config
 from megatron_prm.data.convert import FORMATS, NEUTRAL_CHOICES, FormatError
 from megatron_prm.data.records import RecordError
 from megatron_prm.data.store import StoreError
@@ -17,6 +18,40 @@ from megatron_prm.metrics import PRMBENCH_RULES, TIE_BREAKS, ScoresError
 from megatron_prm.tokenizer import TokenizerError
 
 USER_ERRORS = (ConfigError, RecordError, TokenizerError, FileNotFoundError, FormatError, StoreError, ScoresError)
+
+
+def normalize_option_spelling(argv: Sequence[str]) -> list[str]:
+    """``--max_seq_len`` -> ``--max-seq-len``: every long option in either spelling, as torchrun accepts
+    them. Values, and everything after a bare ``--``, are left alone."""
+    normalized: list[str] = []
+    for index, token in enumerate(argv):
+        if token == "--":
+            return normalized + list(argv[index:])
+        if token.startswith("--") and len(token) > 2:
+            name, eq, value = token[2:].partition("=")
+            token = "--" + name.replace("_", "-") + eq + value
+        normalized.append(token)
+    return normalized
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose long options also accept underscores for hyphens (``--batch_size``)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else args
+        return super().parse_known_args(normalize_option_spelling(list(args)), namespace)
+
+
+def config_keys_help() -> str:
+    """Every run config key with its type, default and meaning, grouped by section (``train --help``)."""
+    lines = ["config keys (in CONFIG, or on the command line as --key value; hyphens or underscores):"]
+    for section, cls in SECTIONS.items():
+        lines.append(f"  [{section}]")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  --{f.name} ({argument_type_name(f.name)}, default {default!r})")
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -31,7 +66,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
     finally:
         shutdown()
     if metrics is not None:
-        print(json.dumps(metrics))
+        print(strict_json.dumps(metrics))
 
 
 def _tokenize_job(args: argparse.Namespace):
@@ -59,14 +94,14 @@ def _check_data(args: argparse.Namespace) -> None:
     labels = summary["label_counts"]
     print(f"{summary['kept']} of {summary['records']} records kept, {summary['labelled_positions']} labelled steps: "
           f"{labels['good']} good, {labels['bad']} bad, {labels['soft']} soft", file=sys.stderr)
-    print(json.dumps({"file": args.data, **summary}))
+    print(strict_json.dumps({"file": args.data, **summary}))
 
 
 def _preprocess(args: argparse.Namespace) -> None:
     from megatron_prm.data.preprocess import preprocess
 
     meta = preprocess(_tokenize_job(args), args.output_prefix, workers=args.workers)
-    print(json.dumps({"output_prefix": args.output_prefix, "samples": meta["samples"], "tokens": meta["tokens"],
+    print(strict_json.dumps({"output_prefix": args.output_prefix, "samples": meta["samples"], "tokens": meta["tokens"],
                       "records_per_second": meta["records_per_second"], **meta["report"]}))
 
 
@@ -80,7 +115,7 @@ def _convert_data(args: argparse.Namespace) -> None:
           f"'+', {labels['bad']} '-'); skipped: "
           + (", ".join(f"{n} ({reason})" for reason, n in summary["skipped_by_reason"].items()) or "none"),
           file=sys.stderr)
-    print(json.dumps({"output": args.output, **summary}))
+    print(strict_json.dumps({"output": args.output, **summary}))
 
 
 def _score(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -100,15 +135,18 @@ def _score(args: argparse.Namespace, overrides: list[str]) -> None:
                                   "(tools/convert_hf.py import) and pass --checkpoint")
             from megatron_prm.conversion.importer import import_hf
 
+            # Convert to the precision the scoring runs in (fp32 unless --bf16/--fp16 true), not the file's.
+            precision = load_config(None, ["--bf16", "false", *overrides]).training
+            dtype = "bf16" if precision.bf16 else "fp16" if precision.fp16 else "fp32"
             checkpoint = str(Path(scratch) / "checkpoint")
-            import_hf(Path(args.hf), Path(checkpoint), progress=False)
+            import_hf(Path(args.hf), Path(checkpoint), dtype=dtype, progress=False)
         config = scoring_config(checkpoint, args.data, overrides)
         try:
             summary = score_file(config, Path(args.output), aggregates, args.batch_size, packed=not args.no_packing)
         finally:
             shutdown()
     if summary is not None:
-        print(json.dumps(summary))
+        print(strict_json.dumps(summary))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -136,7 +174,7 @@ def _evaluate(args: argparse.Namespace) -> None:
               file=sys.stderr)
     headline = benchmarks.HEADLINE[args.benchmark]
     print(f"{args.benchmark}: {headline} = {result[headline]}", file=sys.stderr)
-    print(json.dumps({"benchmark": args.benchmark, "scores": args.scores, headline: result[headline],
+    print(strict_json.dumps({"benchmark": args.benchmark, "scores": args.scores, headline: result[headline],
                       **{k: v for k, v in result.items() if k != headline}}))
 
 
@@ -165,7 +203,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> None:
         raise ConfigError("plan reads the vocabulary size from the model config (model_config or vocab_size)")
     result = plan(config, arch, args.nodes, args.gpus_per_node, args.gpu_memory_gib)
     print(describe(result), file=sys.stderr)
-    print(json.dumps(result))
+    print(strict_json.dumps(result))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -178,7 +216,7 @@ def _add_tokenize_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="JSON or JSONL records")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory, .model file or mistral-common:NAME")
     parser.add_argument("--max-seq-len", type=int, default=4096)
-    parser.add_argument("--max-prompt-len", type=int, default=2048)
+    parser.add_argument("--max-prompt-len", type=int, default=None, help="default: max-seq-len // 2")
     parser.add_argument("--placeholder-token", default="ки")
     parser.add_argument("--reward-tokens", default="+,-")
     parser.add_argument("--process-reward", default="true", help="false: ORM mode, only the last step")
@@ -186,14 +224,17 @@ def _add_tokenize_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-prm", description="Process reward model training on Megatron-Core.")
+    parser = ArgumentParser(prog="megatron-prm", description="Process reward model training on Megatron-Core. "
+                            "Options may be spelled with hyphens or underscores (--max-seq-len, --max_seq_len).")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
         "train",
         help="train a PRM",
-        description="Train a PRM. Arguments come from CONFIG (JSON or YAML), then from --name value "
-        "overrides; see the argument table in README.md.",
+        description="Train a PRM. Arguments come from CONFIG (JSON or YAML), then from --key value "
+        "overrides.",
+        epilog=config_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config", nargs="?", help="JSON or YAML file of arguments")
 
@@ -214,8 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser(
         "score", help="P(good) of every step of every record, and aggregates per record",
-        description="Score records with a trained PRM. Extra --name value arguments override the run settings "
-        "(e.g. --tensor_parallel_degree 2 --device cuda --bf16 true).")
+        description="Score records with a trained PRM, in fp32 unless told (--bf16 true / --fp16 true); the "
+        "precision used is printed. Extra --name value arguments override the run settings "
+        "(e.g. --tensor_parallel_degree 2 --device cuda).")
     source = score.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a megatron-prm checkpoint or run directory (its latest)")
     source.add_argument("--hf", help="an HF Llama/Mistral PRM directory (converted in memory-light streaming first)")

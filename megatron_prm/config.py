@@ -86,15 +86,18 @@ class DataArguments:
         default="./data/train.jsonl",
     )
     dev_dataset_path: Optional[str] = _doc(
-        "Evaluation records, in either form; null disables evaluation.", default="./data/dev.jsonl"
+        "Evaluation records, in either form; null (the default) runs no evaluation. A path that does not "
+        "exist is an error.",
+        default=None,
     )
     max_seq_len: int = _doc(
         "Longest token sequence; trailing steps that do not fit are dropped with their labels.",
         default=4096,
     )
-    max_prompt_len: int = _doc(
-        "Longest prompt (all turns before the response); a longer prompt keeps its end.",
-        default=2048,
+    max_prompt_len: Optional[int] = _doc(
+        "Longest prompt (all turns before the response); a longer prompt keeps its end. Default: "
+        "max_seq_len // 2.",
+        default=None,
     )
     skip_invalid: bool = _doc(
         "Skip and count malformed records instead of stopping at the first one.", default=False
@@ -137,6 +140,8 @@ class DataArguments:
             raise ConfigError("shuffle_buffer_size must be at least 1 and dataloader_num_workers at least 0")
         if self.max_seq_len < 2:
             raise ConfigError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
+        if self.max_prompt_len is None:
+            self.max_prompt_len = self.max_seq_len // 2
         if not 1 <= self.max_prompt_len < self.max_seq_len:
             raise ConfigError(
                 f"max_prompt_len ({self.max_prompt_len}) must be at least 1 and below max_seq_len "
@@ -359,6 +364,18 @@ class TrainingArguments:
     fp8_amax_history_len: int = _doc("FP8 delayed scaling: amax history length.", default=1024)
     fp8_amax_compute_algo: str = _doc("FP8 delayed scaling: 'max' or 'most_recent'.", default="max")
     tensorboard_dir: Optional[str] = _doc("Write TensorBoard scalars here.", default=None)
+    report_to: Optional[str] = _doc(
+        "Experiment trackers besides log.jsonl, comma-separated: 'tensorboard' (into tensorboard_dir, default "
+        "output_dir/tensorboard), 'wandb' (Weights & Biases; pip install 'megatron-prm[wandb]'; WANDB_MODE=offline "
+        "works without a network). A resumed run continues the same tracker run.",
+        default=None,
+    )
+    run_name: Optional[str] = _doc("Name of the run in the trackers; default: output_dir's name.", default=None)
+    peak_tflops: Optional[float] = _doc(
+        "Peak dense TFLOP/s of one accelerator for the MFU figure; default: looked up by GPU name (H100/H200 "
+        "989, A100 312 in bf16), none on CPU.",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cuda", "cpu"):
@@ -369,6 +386,12 @@ class TrainingArguments:
             )
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both true; choose one")
+        unknown_trackers = set(self.trackers) - {"tensorboard", "wandb"}
+        if unknown_trackers:
+            raise ConfigError(f"report_to: unknown tracker(s) {', '.join(sorted(unknown_trackers))}; choose from "
+                              "tensorboard, wandb")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"peak_tflops must be positive, got {self.peak_tflops}")
         if self.fp16_opt_level not in ("O1", "O2"):
             raise ConfigError(f"fp16_opt_level must be 'O1' or 'O2', got {self.fp16_opt_level!r}")
         if self.fp8 not in (None, "e4m3", "hybrid"):
@@ -420,6 +443,15 @@ class TrainingArguments:
                     f"load_best_model_at_end needs save_steps ({self.save_steps}) to be a multiple of eval_steps "
                     f"({self.eval_steps}) so that every checkpoint has an evaluation"
                 )
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers of ``report_to`` ('none' and empty entries dropped); TensorBoard also when
+        ``tensorboard_dir`` is set."""
+        names = [n.strip() for n in (self.report_to or "").split(",") if n.strip() and n.strip() != "none"]
+        if self.tensorboard_dir and "tensorboard" not in names:
+            names.append("tensorboard")
+        return names
 
     @property
     def best_is_greater(self) -> bool:
@@ -484,15 +516,6 @@ class RunConfig:
         tmp.write_text(json.dumps(self.to_flat_dict(), indent=2, ensure_ascii=False) + "\n")
         tmp.replace(path)
 
-    def describe(self) -> str:
-        """Human-readable resolved config, grouped by section."""
-        lines = []
-        for section in SECTIONS:
-            lines.append(f"[{section}]")
-            for key, value in dataclasses.asdict(getattr(self, section)).items():
-                lines.append(f"  {key} = {value!r}")
-        return "\n".join(lines)
-
 
 def _field_owner() -> dict[str, tuple[str, dataclasses.Field]]:
     owner: dict[str, tuple[str, dataclasses.Field]] = {}
@@ -516,6 +539,14 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
         if len(args) == 1:
             return args[0], True
     return tp, False
+
+
+def argument_type_name(name: str) -> str:
+    """The type of argument ``name`` as users write it: ``int``, ``float or null``, ..."""
+    section, _ = ARGUMENTS[name]
+    base, optional = _unwrap_optional(_resolved_type(section, name))
+    kind = getattr(base, "__name__", str(base))
+    return f"{kind} or null" if optional else kind
 
 
 _TRUE = {"true", "1", "yes", "on"}

@@ -2,17 +2,17 @@
 
 The model uses the real Mistral-7B v0.1 tokenizer shipped by ``mistral-common`` (``ки`` = 12902,
 ``+`` = 648, ``-`` = 387, the Math-Shepherd ids) and a 3-layer, 64-wide Mistral-shaped network (GQA,
-RMSNorm, SwiGLU, RoPE, untied embeddings). The last line printed is one JSON object with the
-held-out figures beside the majority-class baseline.
+RMSNorm, SwiGLU, RoPE, untied embeddings). It ends with the held-out figures beside the majority-class
+baseline; all of them are also written to ``OUTPUT_DIR/summary.json``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional
 
+from megatron_prm import strict_json
 from megatron_prm.config import build_config
 from megatron_prm.data.synthetic import write_dataset
 
@@ -44,7 +44,7 @@ DEMO_ARGUMENTS = {
     "max_steps": 2000,
     "eval_steps": 500,
     "save_steps": 100000,
-    "logging_steps": 100,
+    "logging_steps": 200,
     "seed": 1234,
 }
 
@@ -110,7 +110,13 @@ def run_demo(output_dir: str | Path, quick: bool = False) -> dict:
         **scored,
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
-    print("\nheld-out figures (synthetic arithmetic, planted errors):")
+    summary_path = output_dir / "summary.json"
+    summary_path.write_text(strict_json.dumps(summary, indent=2) + "\n")
+    print(f"scored again from the saved checkpoint: step accuracy {summary['scored_step_accuracy']:.4f}, "
+          f"ProcessBench-style F1 {summary['scored_processbench_f1']:.4f} (scores: {summary['scores_file']}); "
+          f"all figures in {summary_path}")
+    print(f"held-out figures after {summary['train_steps']} steps ({summary['eval_records']} records, "
+          f"{summary['eval_steps']} steps, planted errors):")
     print(f"  {'':24}{'PRM':>10}{'majority':>10}")
     for label, key, base_key in (
         ("step accuracy", "step_accuracy", "majority_step_accuracy"),
@@ -119,7 +125,4 @@ def run_demo(output_dir: str | Path, quick: bool = False) -> dict:
         print(f"  {label:24}{summary[key]:>10.4f}{summary[base_key]:>10.4f}")
     print(f"  {'negative-class F1':24}{summary['neg_f1']:>10.4f}")
     print(f"  {'AUROC':24}{summary['auroc'] if summary['auroc'] is not None else float('nan'):>10.4f}")
-    print(f"scored again from the saved checkpoint ({summary['scores_file']}): step accuracy "
-          f"{summary['scored_step_accuracy']:.4f}, ProcessBench-style F1 {summary['scored_processbench_f1']:.4f}")
-    print(json.dumps(summary))
     return summary

@@ -13,6 +13,11 @@ from megatron_prm.data.batching import Collator, without_labels
 from megatron_prm.data.pipeline import Packing, SampleSource, eval_plan
 from megatron_prm.forward_step import eval_forward_step, run_schedule
 from megatron_prm.metrics import StepPredictions, prm_metrics
+from megatron_prm.progress import progress
+
+# Micro batches per forward-only schedule without pipeline parallelism (any number works; a few at a
+# time let the progress bar move).
+_UNPIPELINED_GROUP = 16
 
 
 def _to_predictions(reports: list[dict]) -> tuple[StepPredictions, float]:
@@ -32,12 +37,12 @@ def _to_predictions(reports: list[dict]) -> tuple[StepPredictions, float]:
 
 def predict(
     model: list, samples: SampleSource, micro_batch_size: int, collator: Collator, device: torch.device,
-    packing: Optional[Packing] = None,
+    packing: Optional[Packing] = None, show_progress: bool = False,
 ) -> tuple[StepPredictions, float] | None:
     """Every sample's step predictions and the summed loss, gathered from all data-parallel ranks.
 
-    Micro batches are length-sorted. Without pipeline parallelism one schedule runs them all; with it,
-    each schedule runs a group of similar lengths padded to one shape (the interleaved schedule also
+    Micro batches are length-sorted and run in groups, one forward-only schedule each; with pipeline
+    parallelism a group holds similar lengths padded to one shape (the interleaved schedule also
     gets label-free micro batches up to a multiple of the pipeline size). Returns None on ranks that
     are not on the last pipeline stage (they hold no predictions).
     """
@@ -45,16 +50,17 @@ def predict(
     dp_size = parallel_state.get_data_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     plan = eval_plan(samples, micro_batch_size, packing, dp_rank, dp_size)
-    group = len(plan) if pp == 1 else 4 * pp
+    group = _UNPIPELINED_GROUP if pp == 1 else 4 * pp
     for chunk in model:
         chunk.eval()
     reports: list[dict] = []
-    with torch.no_grad():
-        for start in range(0, len(plan), max(group, 1)):
+    with torch.no_grad(), progress(desc="evaluating", total=len(plan), unit="batches", enabled=show_progress) as bar:
+        for start in range(0, len(plan), group):
             batches = collator([[samples[i] for i in indices] for indices in plan[start:start + group]])
             if len(model) > 1:
                 batches += [without_labels(batches[0])] * (-len(batches) % pp)
             reports += run_schedule(model, eval_forward_step(device), batches, forward_only=True)
+            bar.update(len(plan[start:start + group]))
     for chunk in model:
         chunk.train()
     if not parallel_state.is_pipeline_last_stage():
@@ -75,9 +81,10 @@ def evaluate(
     threshold: float,
     process_reward: bool,
     packing: Optional[Packing] = None,
+    show_progress: bool = False,
 ) -> dict | None:
     """Loss and PRM metrics over ``samples``; None on ranks without predictions."""
-    result = predict(model, samples, micro_batch_size, collator, device, packing)
+    result = predict(model, samples, micro_batch_size, collator, device, packing, show_progress)
     if result is None:
         return None
     predictions, loss_sum = result

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -19,7 +20,8 @@ import numpy as np
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_prm.checkpoint import CONFIG_NAME, load_model_weights, resolve_checkpoint
+from megatron_prm import strict_json
+from megatron_prm.checkpoint import CONFIG_NAME, checkpoint_tokenizer, load_model_weights, resolve_checkpoint
 from megatron_prm.config import ConfigError, RunConfig, load_config, read_config_file
 from megatron_prm.data.batching import Collator
 from megatron_prm.data.packing import PackingOptions
@@ -35,9 +37,10 @@ from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
 from megatron_prm.runtime import init_runtime
 
 AGGREGATES = ("min", "last", "prod", "mean", "max")
-# Settings a scoring run takes over from the training run that wrote the checkpoint.
+# Settings a scoring run takes over from the training run that wrote the checkpoint. Not the precision:
+# scoring runs in fp32 unless told (--bf16 true / --fp16 true), whatever the training used.
 _INHERITED = ("tokenizer_name_or_path", "placeholder_token", "reward_tokens", "process_reward", "max_seq_len",
-              "max_prompt_len", "score_threshold", "bf16", "fp16")
+              "max_prompt_len", "score_threshold")
 
 
 def aggregate(scores: list[float], how: str) -> Optional[float]:
@@ -58,16 +61,23 @@ def aggregate(scores: list[float], how: str) -> Optional[float]:
 
 
 def scoring_config(checkpoint: str, data: str, overrides: list[str]) -> RunConfig:
-    """The checkpoint's own run settings (tokenizer, special tokens, lengths), then ``overrides``."""
+    """The checkpoint's own run settings (special tokens, lengths) and the tokenizer it carries, fp32,
+    then ``overrides``."""
     saved = resolve_checkpoint(checkpoint) / CONFIG_NAME
+    values = read_config_file(saved) if saved.is_file() else {}
+    own_tokenizer = checkpoint_tokenizer(checkpoint)  # resolved against the checkpoint, not the working directory
+    if own_tokenizer:
+        values["tokenizer_name_or_path"] = own_tokenizer
     inherited: list[str] = []
-    if saved.is_file():
-        values = read_config_file(saved)
-        for key in _INHERITED:
-            if values.get(key) is not None:
-                inherited += [f"--{key}", json.dumps(values[key]) if not isinstance(values[key], str) else values[key]]
-    return load_config(None, [*inherited, "--model_name_or_path", checkpoint, "--train_dataset_path", data,
-                              "--output_dir", str(Path(data).parent), *overrides])
+    for key in _INHERITED:
+        if values.get(key) is not None:
+            inherited += [f"--{key}", json.dumps(values[key]) if not isinstance(values[key], str) else values[key]]
+    return load_config(None, [*inherited, "--bf16", "false", "--fp16", "false", "--model_name_or_path", checkpoint,
+                              "--train_dataset_path", data, "--output_dir", str(Path(data).parent), *overrides])
+
+
+def compute_dtype(config: RunConfig) -> str:
+    return "bfloat16" if config.training.bf16 else "float16" if config.training.fp16 else "float32"
 
 
 def score_file(config: RunConfig, output: Path, aggregates: tuple[str, ...], batch_size: int, packed: bool) -> Optional[dict]:
@@ -93,13 +103,17 @@ def score_file(config: RunConfig, output: Path, aggregates: tuple[str, ...], bat
     samples, report = load_samples(data_path, tokenizer.tokenizer, tokenizer.special,
                                    job.options, job.reward_tokens,
                                    require_labels=False, show_progress=runtime.is_logging_rank)
+    if runtime.is_logging_rank:
+        print(f"scoring {len(samples)} records in {compute_dtype(config)} on {runtime.world_size} "
+              f"{runtime.device.type} process(es)", file=sys.stderr, flush=True)
     packing = Packing("greedy_zero_padding", PackingOptions(config.data.max_seq_len, row_multiple=layout.sequence_multiple),
                       config.data.packing_buffer_size) if packed else None
     eos = tokenizer.tokenizer.eos_id
     collator = Collator(eos if eos is not None else 0,
                         multiple=layout.sequence_multiple, uniform_length=layout.pipeline_parallel_size > 1,
                         packing=packing.options if packing else None)
-    result = predict(chunks, InMemorySamples(samples), 1 if packed else batch_size, collator, runtime.device, packing)
+    result = predict(chunks, InMemorySamples(samples), 1 if packed else batch_size, collator, runtime.device, packing,
+                     show_progress=runtime.is_logging_rank)
     writer = (result is not None and parallel_state.get_tensor_model_parallel_rank() == 0
               and parallel_state.get_data_parallel_rank() == 0)
     summary = None
@@ -109,6 +123,7 @@ def score_file(config: RunConfig, output: Path, aggregates: tuple[str, ...], bat
         for record, step, p in zip(predictions.record_ids, predictions.step_ids, predictions.p_good):
             by_record[int(record)][int(step)] = float(p)
         summary = _write_scores(data_path, output, by_record, aggregates, config.prm.process_reward)
+        summary["dtype"] = compute_dtype(config)
         summary["data"] = report.as_dict()
     dist.barrier()
     return summary
@@ -130,7 +145,7 @@ def _write_scores(data_path: str, output: Path, by_record: dict[int, dict[int, f
             else:
                 out["outcome_score"] = scores[-1] if scores else None
             out["aggregates"] = {how: aggregate(scores, how) for how in aggregates}
-            handle.write(json.dumps(out, ensure_ascii=False) + "\n")
+            handle.write(strict_json.dumps(out, ensure_ascii=False) + "\n")
             records += 1
             unscored += not scores
     tmp.replace(output)

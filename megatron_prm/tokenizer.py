@@ -107,6 +107,30 @@ def resolve_tokenizer_path(name_or_path: str) -> Path:
     return path
 
 
+# The files of a tokenizer directory (added tokens live in tokenizer.json / added_tokens.json); never weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+
+
+def save_tokenizer(name_or_path: str, target: Path) -> list[str]:
+    """Copy the tokenizer ``name_or_path`` names into the directory ``target`` (created), byte for byte so
+    that its fingerprint stays the same: a directory's tokenizer files (not the model weights beside
+    them), or a SentencePiece model as ``tokenizer.model``. Returns the files written."""
+    import shutil
+
+    path = resolve_tokenizer_path(name_or_path)
+    target.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        shutil.copy2(path, target / "tokenizer.model")
+        return ["tokenizer.model"]
+    copied = [name for name in TOKENIZER_FILES if (path / name).is_file()]
+    if not copied:
+        raise TokenizerError(f"{path} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+    for name in copied:
+        shutil.copy2(path / name, target / name)
+    return copied
+
+
 def load_tokenizer(name_or_path: Optional[str]) -> Tokenizer:
     """Load a SentencePiece ``.model`` file or a local HF tokenizer directory."""
     if not name_or_path:

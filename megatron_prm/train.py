@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from tqdm import tqdm
 
 from megatron_prm.checkpoint import (
     LATEST,
@@ -28,15 +27,19 @@ from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.data.batching import BatchLayout, Collator, MicroBatch
 from megatron_prm.data.pipeline import PreparedData, prepare_data, tokenize_job
 from megatron_prm.data.preprocess import RecordTokenizer
+from megatron_prm.data.store import store_prefix
 from megatron_prm.layout import ParallelLayout, resolve_layout
 from megatron_prm.evaluation import evaluate, labelled_steps
+from megatron_prm.flops import ModelShape, training_flops
 from megatron_prm.forward_step import make_train_forward_step, run_schedule
 from megatron_prm.metrics import majority_baseline
 from megatron_prm.model.architecture import LlamaArchitecture, resolve_architecture
-from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
-from megatron_prm.run_logger import RunLogger
+from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks, padded_vocab_size
+from megatron_prm.provenance import record_launch
+from megatron_prm.run_logger import RunLogger, check_trackers
 from megatron_prm.runtime import Runtime, init_runtime
 from megatron_prm.stop_signals import StopSignals
+from megatron_prm.throughput import mfu, peak_memory_gib, peak_tflops, progress_line
 from megatron_prm.training_state import CommunicationOverlap, TrainingState, build_training_state, parameters_gathered
 
 
@@ -89,24 +92,28 @@ def restore_data_position(data: PreparedData, saved: TrainState, data_parallel_r
         raise ConfigError(f"{checkpoint}: cannot continue the training data: {err}") from err
 
 
-def _reduce_step_report(reports: list[dict], batches: list[MicroBatch], device: torch.device) -> dict:
-    """Loss, accuracy, tokens and samples of one optimizer step, summed over microbatches and data
-    parallel. Runs on every rank; only the last pipeline stage has losses."""
-    totals = torch.zeros(5, dtype=torch.float64, device=device)
+def _reduce_step_report(reports: list[dict], batches: list[MicroBatch], flops: float, device: torch.device) -> dict:
+    """Loss, accuracy, tokens, samples and model FLOPs of one optimizer step, summed over microbatches and
+    data parallel. Runs on every rank; only the last pipeline stage has losses."""
+    totals = torch.zeros(6, dtype=torch.float64, device=device)
     for report in reports:
         totals[:3] += report["prm"].to(totals)
     totals[3] = sum(b.num_real_tokens for b in batches)
     totals[4] = sum(b.num_samples for b in batches)
+    totals[5] = flops
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    loss_sum, steps, correct, tokens, samples = totals.tolist()
-    figures = {"tokens": int(tokens), "samples": int(samples)}
+    loss_sum, steps, correct, tokens, samples, flops = totals.tolist()
+    figures = {"tokens": int(tokens), "samples": int(samples), "flops": flops}
     if parallel_state.is_pipeline_last_stage():
         figures.update(loss=loss_sum / steps if steps else 0.0, accuracy=correct / steps if steps else 0.0,
                        labelled_steps=int(steps))
     return figures
 
 
-def train_step(state: TrainingState, batches: list[MicroBatch], runtime: Runtime, threshold: float) -> dict:
+def train_step(state: TrainingState, batches: list[MicroBatch], runtime: Runtime, threshold: float,
+               flops: float = 0.0) -> dict:
+    """One optimizer step over ``batches``; ``flops`` (this replica's model FLOPs) is summed over data
+    parallel into the figures."""
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
@@ -118,17 +125,16 @@ def train_step(state: TrainingState, batches: list[MicroBatch], runtime: Runtime
     figures = {"lr": learning_rate, "grad_norm": float(grad_norm or 0.0), "skipped": not updated}
     if state.model[0].config.fp16:
         figures["loss_scale"] = float(state.optimizer.get_loss_scale())
-    figures.update(_reduce_step_report(reports, batches, runtime.device))
+    figures.update(_reduce_step_report(reports, batches, flops, runtime.device))
     return figures
 
 
-def _format(prefix: str, step: int, total: int, figures: dict, keys: tuple[str, ...]) -> str:
-    parts = [f"{prefix} step {step}/{total}"]
-    for key in keys:
-        value = figures.get(key)
-        if value is None:
-            continue
-        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+def _eval_line(step: int, total: int, metrics: dict) -> str:
+    auroc = metrics.get("auroc")
+    parts = [f"eval at step {step}/{total}", f"loss {metrics['loss']:.4f}", f"step acc {metrics['accuracy']:.3f}",
+             f"neg F1 {metrics['neg_f1']:.3f}", f"AUROC {'n/a' if auroc is None else f'{auroc:.3f}'}"]
+    if "first_error_f1" in metrics:  # PRM mode only
+        parts.append(f"first-error F1 {metrics['first_error_f1']:.3f}")
     return " | ".join(parts)
 
 
@@ -150,6 +156,7 @@ class Run:
     collator: Collator
     total_steps: int
     train_state: TrainState
+    shape: ModelShape
 
     @property
     def output_dir(self) -> Path:
@@ -159,23 +166,28 @@ class Run:
 def setup(config: RunConfig) -> Run:
     """Process group, data, model, optimizer; restores a checkpoint when resuming."""
     args = config.training
+    check_trackers(config)
+    for key in ("train_dataset_path", "dev_dataset_path"):
+        path = getattr(config.data, key)
+        if path and (key == "train_dataset_path" or args.do_eval) and not _data_exists(path):
+            raise ConfigError(f"{key}: {path} does not exist (neither a file nor a preprocessed store prefix)")
     tokenizer = RecordTokenizer(tokenize_job(config, config.data.train_dataset_path))
     arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len)
     layout, layout_notes = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), arch)
     runtime = init_runtime(args.device, args.seed, layout)
-    logger = RunLogger(runtime.is_logging_rank, args.output_dir, args.tensorboard_dir)
-    logger.message("resolved config:\n" + config.describe())
+    if runtime.rank == 0:
+        record_launch(config, runtime.world_size)
+    logger = RunLogger(runtime.is_logging_rank, config)
+    logger.message(f"run directory {args.output_dir}: resolved config in config.json, provenance in provenance.jsonl")
     for note in layout_notes:
         logger.message(f"note: {note}")
-    if runtime.rank == 0:
-        config.save(Path(args.output_dir) / "config.json")
 
     batch_layout = BatchLayout(args.per_device_train_batch_size, args.gradient_accumulation_steps,
                                layout.data_parallel_size)
     data = prepare_data(config, tokenizer, batch_layout, runtime.data_parallel_rank,
                         show_progress=runtime.is_logging_rank, row_multiple=layout.sequence_multiple)
     logger.scalars("data", 0, data.reports,
-                   line="\n".join(f"{name} data: {report}" for name, report in data.reports.items()))
+                   line="\n".join(_describe_data(name, report) for name, report in data.reports.items()))
 
     options = ModelBuildOptions.from_config(config, layout, runtime.use_transformer_engine, runtime.is_cpu)
     chunks = build_model_chunks(arch, tokenizer.special.reward_ids, config.data.max_seq_len, options)
@@ -202,7 +214,27 @@ def setup(config: RunConfig) -> Run:
     collator = Collator(data.pad_id, layout.sequence_multiple, uniform_length=layout.pipeline_parallel_size > 1,
                         packing=data.packing.options if data.packing else None,
                         fixed_length=config.data.max_seq_len if config.parallel.tp_comm_overlap else None)
-    return Run(config, runtime, logger, arch, layout, data, state, collator, total_steps, train_state)
+    shape = ModelShape.from_architecture(arch, padded_vocab_size(arch.vocab_size, layout.tensor_parallel_size))
+    return Run(config, runtime, logger, arch, layout, data, state, collator, total_steps, train_state, shape)
+
+
+def _data_exists(path: str) -> bool:
+    return Path(path).exists() or store_prefix(path) is not None
+
+
+def _describe_data(name: str, report: dict) -> str:
+    """One line about a data set: what was read, kept and dropped."""
+    if "records" not in report:
+        return f"{name} data: {', '.join(f'{k} {v}' for k, v in report.items())}"
+    good = report.get("positive_share")
+    parts = [f"{report['records']} records", f"{report['kept']} kept", f"{report['truncated']} truncated",
+             f"{report['dropped']} dropped", f"{report['steps']} steps"
+             + (f" ({good:.1%} good)" if good is not None else "")]
+    if report.get("invalid"):
+        parts.append(f"{report['invalid']} invalid (skipped)")
+    if report.get("tokens") is not None:
+        parts.append(f"{report['tokens']:,} tokens")
+    return f"{name} data: " + ", ".join(parts)
 
 
 def run_eval(run: Run, step: int) -> Optional[dict]:
@@ -212,10 +244,10 @@ def run_eval(run: Run, step: int) -> Optional[dict]:
     config = run.config
     with parameters_gathered(run.state.model):
         metrics = evaluate(run.state.model, run.data.dev, config.training.per_device_eval_batch_size, run.collator,
-                           run.runtime.device, config.prm.score_threshold, config.prm.process_reward, run.data.packing)
+                           run.runtime.device, config.prm.score_threshold, config.prm.process_reward, run.data.packing,
+                           show_progress=run.runtime.is_logging_rank)
     if metrics is not None:
-        run.logger.scalars("eval", step, metrics, line=_format("eval", step, run.total_steps, metrics, (
-            "loss", "accuracy", "neg_f1", "auroc", "first_error_f1")))
+        run.logger.scalars("eval", step, metrics, line=_eval_line(step, run.total_steps, metrics))
     return metrics
 
 
@@ -255,35 +287,39 @@ def run_training(config: RunConfig) -> Optional[dict]:
     stop = StopSignals()  # from the start: a signal during setup stops after the first step
     run = setup(config)
     args = config.training
-    progress = tqdm(total=run.total_steps, initial=run.train_state.step, desc="training",
-                    disable=None if run.runtime.is_logging_rank else True)
+    peak = peak_tflops(run.runtime.device, args.peak_tflops)
+    first_step = run.train_state.step + 1
+    train_seconds = 0.0  # optimizer steps only (no evaluation, no saving): the basis of the ETA
     metrics = None
-    step_start = time.perf_counter()
-    for step in range(run.train_state.step + 1, run.total_steps + 1 if args.do_train else 1):
-        figures = train_step(run.state, run.collator(run.data.train.next_microbatches()), run.runtime,
-                             config.prm.score_threshold)
+    for step in range(first_step, run.total_steps + 1 if args.do_train else 1):
+        step_start = time.perf_counter()
+        samples = run.data.train.next_microbatches()
+        flops = training_flops(run.shape, [len(sample) for micro in samples for sample in micro], with_logits=False)
+        figures = train_step(run.state, run.collator(samples), run.runtime, config.prm.score_threshold, flops)
         run.train_state.consumed_samples += figures["samples"]
         elapsed = time.perf_counter() - step_start
-        progress.update(1)
+        train_seconds += elapsed
         if step % args.logging_steps == 0 and "loss" in figures:
-            figures.update(step_time_s=elapsed, tokens_per_s=figures["tokens"] / elapsed,
-                           tokens_per_s_per_device=figures["tokens"] / elapsed / run.runtime.world_size)
-            run.logger.scalars("train", step, figures, line=_format("train", step, run.total_steps, figures, (
-                "loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "step_time_s")))
+            figures.update(
+                step_time_s=elapsed, tokens_per_s=figures["tokens"] / elapsed,
+                tokens_per_s_per_device=figures["tokens"] / elapsed / run.runtime.world_size,
+                mfu=mfu(figures["flops"], elapsed, run.runtime.world_size, peak),
+                peak_memory_gib=peak_memory_gib(run.runtime.device),
+                eta_s=train_seconds / (step - first_step + 1) * (run.total_steps - step),
+            )
+            run.logger.scalars("train", step, figures,
+                               line=progress_line(step, run.total_steps, figures, run.runtime.device.type))
         metrics = run_eval(run, step) if step % args.eval_steps == 0 or step == run.total_steps else None
         stopping = stop.requested(run.runtime.device) and step < run.total_steps
         if _save_due(run, step) or stopping:
             save(run, step, metrics)
         if stopping:
-            progress.close()
             run.logger.message(f"received {stop.name}: saved the checkpoint of step {step} and stopped; run again "
                                "with resume_from_checkpoint auto (or latest) to continue")
             run.logger.close()
             stop.restore()
             raise TrainingInterrupted(stop.name)
-        step_start = time.perf_counter()
     stop.restore()
-    progress.close()
 
     if not args.do_train:
         metrics = run_eval(run, 0)

@@ -149,7 +149,14 @@ def test_converters_for_prmbench_and_best_of_n_and_the_evaluate_command(tmp_path
 
 def test_quick_demo_scores_and_evaluates_its_held_out_set(tmp_path):
     result = run_cli(["demo", "--quick", "--output-dir", str(tmp_path)])
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    # Quiet output that ends with the learned figures (all of them also in summary.json).
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) < 40, "\n".join(lines)
+    assert result.stdout.strip().splitlines()[-6:][0].startswith("held-out figures after 20 steps")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    figures = {line.split()[0]: line for line in result.stdout.strip().splitlines()[-4:]}
+    assert figures["step"].split()[-2:] == [f"{summary['step_accuracy']:.4f}", f"{summary['majority_step_accuracy']:.4f}"]
+    assert figures["AUROC"].split()[-1] == f"{summary['auroc']:.4f}"
     # Scoring the saved checkpoint reproduces the training run's own evaluation.
     assert summary["scored_step_accuracy"] == summary["step_accuracy"]
     assert summary["scored_processbench_f1"] == summary["first_error_f1"]

@@ -40,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_prm.cli import ArgumentParser  # noqa: E402
 from megatron_prm.config import build_config  # noqa: E402
 from megatron_prm.data.batching import MicroBatch, collate_packed  # noqa: E402
 from megatron_prm.data.packing import PackingOptions  # noqa: E402
@@ -47,8 +48,8 @@ from megatron_prm.data.samples import Sample  # noqa: E402
 from megatron_prm.flops import ModelShape, training_flops  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("prm", "lm", "both"), default="both")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per mode")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -74,7 +75,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--head-hidden", type=int, default=4096)
     parser.add_argument("--preset", choices=tuple(PRESETS), help="a real model's shape; --layers still counts")
     parser.add_argument("--profile", action="store_true", help="print the largest costs of one PRM step")
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    args = build_parser().parse_args()
     for name, value in PRESETS.get(args.preset, {}).items():
         setattr(args, name, value)
     return args
@@ -232,7 +237,7 @@ def head_memory(hidden: int, vocab: int, seq_len: int, step_len: int) -> dict:
 
 def main() -> None:
     warnings.filterwarnings("ignore")
-    args = parse_args()
+    args = build_parser().parse_args()
     from megatron_prm.layout import ParallelLayout
     from megatron_prm.model.architecture import resolve_architecture
     from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks, padded_vocab_size

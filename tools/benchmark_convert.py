@@ -23,6 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from megatron_prm.cli import ArgumentParser  # noqa: E402
 from megatron_prm.conversion.mapping import LLAMA_RULES, hf_shapes  # noqa: E402
 from megatron_prm.conversion.safetensors_io import PlannedTensor, ShardedSafetensorsWriter  # noqa: E402
 from megatron_prm.model.architecture import LlamaArchitecture  # noqa: E402
@@ -82,12 +83,16 @@ def measured(script_and_args: list[str], workdir: Path) -> tuple[float, int]:
     return time.perf_counter() - started, int(peak_file.read_text()) * 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/megatron-prm-convert-benchmark"))
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     hf, megatron, exported = args.workdir / "hf", args.workdir / "megatron", args.workdir / "exported"
     print(f"writing a random {args.layers}-layer Llama-shaped checkpoint to {hf} ...", flush=True)

@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_prm.cli import ArgumentParser  # noqa: E402
 from megatron_prm.config import build_config  # noqa: E402
 from megatron_prm.data.packing import PackingOptions, pack  # noqa: E402
 from megatron_prm.data.pipeline import open_source, tokenize_job  # noqa: E402
@@ -48,15 +49,19 @@ def packed_shares(lengths: np.ndarray, mode: str, max_seq_len: int, buffer_size:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="records (JSON/JSONL) or a preprocessed store")
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--max-seq-len", type=int, default=4096)
-    parser.add_argument("--max-prompt-len", type=int, default=2048)
+    parser.add_argument("--max-prompt-len", type=int, default=None, help="default: max-seq-len // 2")
     parser.add_argument("--batch-size", type=int, default=8, help="for pad-to-longest")
     parser.add_argument("--buffer-size", type=int, default=1000, help="for greedy_zero_padding")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     config = build_config({"tokenizer_name_or_path": args.tokenizer, "max_seq_len": args.max_seq_len,
                            "max_prompt_len": args.max_prompt_len})

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_prm.cli import ArgumentParser  # noqa: E402
 from megatron_prm.config import build_config  # noqa: E402
 from megatron_prm.data.convert import convert_file  # noqa: E402
 from megatron_prm.data.pipeline import tokenize_job  # noqa: E402
@@ -98,13 +99,17 @@ def measure_dataset(store: Path, config_values: dict, steps: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=50_000)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--steps", type=int, default=300, help="training steps of batches read per store")
     parser.add_argument("--workdir", default=None, help="keep the files here (default: a temporary folder)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="prm-preprocess-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from megatron_prm.config import ConfigError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package, as the other tools
+
+from megatron_prm.cli import ArgumentParser  # noqa: E402
+from megatron_prm.config import ConfigError  # noqa: E402
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)?$", re.IGNORECASE)
 _UNITS = {None: 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
@@ -31,8 +34,8 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="direction", required=True)
     imp = commands.add_parser("import", help="HF -> Megatron")
     imp.add_argument("--hf", required=True, type=Path, help="HF model directory (config.json, *.safetensors)")

@@ -40,9 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from tqdm import tqdm
-
 from megatron_prm.data.records import RecordError, iter_raw_records
+from megatron_prm.progress import progress
 
 STEP_TAG = "ки"
 # PRMBench: the rows whose original_process also serves as an all-correct sample, and that sample's class.
@@ -339,8 +338,8 @@ def convert_file(
     signature_checked = False
     try:
         with open(tmp, "w", encoding="utf-8") as out:
-            records = tqdm(iter_raw_records(input_path, keep_invalid=True), desc=f"converting {Path(input_path).name}",
-                           unit=" records", disable=not show_progress)
+            records = progress(iter_raw_records(input_path, keep_invalid=True),
+                               desc=f"converting {Path(input_path).name}", unit="records", enabled=show_progress)
             for _, _, raw in records:
                 report.read += 1
                 if isinstance(raw, RecordError):

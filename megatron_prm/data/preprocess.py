@@ -9,14 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from tqdm import tqdm
-
 from megatron_prm.data.records import iter_raw_records
 from megatron_prm.data.samples import (
     DataReport, Sample, SampleBuilder, SampleOptions, check_not_empty, samples_from_raw,
 )
 from megatron_prm.data.store import StoreIdentity, TokenStoreWriter
 from megatron_prm.tokenizer import SpecialTokenIds, Tokenizer, load_tokenizer, special_token_ids
+from megatron_prm.progress import progress
 
 
 @dataclass(frozen=True)
@@ -105,12 +104,12 @@ def preprocess(job: TokenizeJob, output_prefix: str | Path, workers: int = 1, ch
             results = pool.imap(_tokenize_in_worker, chunks)
         else:
             results = map(local, chunks)
-        progress = tqdm(desc=f"preprocessing {Path(job.data_path).name}", unit=" records", disable=not show_progress)
+        bar = progress(desc=f"preprocessing {Path(job.data_path).name}", unit="records", enabled=show_progress)
         for samples, part in results:
             writer.add_all(samples)
             report.merge(part)
-            progress.update(part.records)
-        progress.close()
+            bar.update(part.records)
+        bar.close()
         check_not_empty(report, job.data_path)
         elapsed = time.perf_counter() - started
         return writer.finish(identity, {

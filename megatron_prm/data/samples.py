@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
-from tqdm import tqdm
-
 from megatron_prm.data.records import Record, RecordError, iter_raw_records, validate_record
 from megatron_prm.tokenizer import SpecialTokenIds, Tokenizer
+from megatron_prm.progress import progress
 
 
 @dataclass(frozen=True)
@@ -236,8 +235,8 @@ def load_samples(
 ) -> tuple[list[Sample], DataReport]:
     """Read, validate and tokenize every record of a file; a file without a usable record is an error."""
     builder = SampleBuilder(tokenizer, special, options)
-    raw = tqdm(iter_raw_records(path, keep_invalid=skip_invalid), desc=f"tokenizing {Path(path).name}",
-               unit=" records", disable=not show_progress)
+    raw = progress(iter_raw_records(path, keep_invalid=skip_invalid), desc=f"tokenizing {Path(path).name}",
+                   unit="records", enabled=show_progress)
     samples = list(samples_from_raw(raw, builder, path, reward_tokens, skip_invalid=skip_invalid,
                                     require_labels=require_labels))
     check_not_empty(builder.report, path)

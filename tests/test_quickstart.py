@@ -1,0 +1,126 @@
+"""The README quick start, run as written: its marked block, in order, in a temporary directory, on a tiny
+Llama model on CPU. Only the three variables at its top change (the training recipe becomes a CPU one, one
+process); ``hf``, ``curl`` and ``sbatch`` are offline stand-ins (tests/quickstart_stub.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+START, END = "<!-- quickstart:start -->", "<!-- quickstart:end -->"
+CPU_RECIPE = """\
+# Starts from a checkpoint (model_name_or_path, given on the command line).
+tokenizer_name_or_path: checkpoints/base/tokenizer   # relative: the checkpoints must not depend on it
+device: cpu
+bf16: false
+max_seq_len: 256
+learning_rate: 1.0e-3
+warmup_steps: 0
+per_device_train_batch_size: 4
+gradient_accumulation_steps: 1
+max_steps: 4
+logging_steps: 2
+save_steps: 4
+"""
+
+
+def quickstart_script() -> str:
+    text = (REPO / "README.md").read_text()
+    block = text.split(START, 1)[1].split(END, 1)[0]
+    return re.search(r"```bash\n(.*?)```", block, re.S).group(1)
+
+
+def _last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    work = tmp_path_factory.mktemp("quickstart")
+    for name in ("tools", "examples"):  # the quick start runs from a checkout
+        (work / name).symlink_to(REPO / name)
+    stubs = work / ".stubs"
+    stubs.mkdir()
+    for command in ("hf", "curl", "sbatch"):
+        wrapper = stubs / command
+        wrapper.write_text(f'#!/bin/bash\nexec "{sys.executable}" "{REPO}/tests/quickstart_stub.py" {command} "$@"\n')
+        wrapper.chmod(0o755)
+    (work / ".cpu_recipe.yaml").write_text(CPU_RECIPE)
+
+    script = quickstart_script()
+    variables = {"CONFIG": ".cpu_recipe.yaml", "GPUS": "1"}
+    for name, value in variables.items():
+        script, count = re.subn(rf"^{name}=\S+", f"{name}={value}", script, flags=re.M)
+        assert count == 1, f"the quick start no longer sets {name} at its top"
+    env = {**os.environ, "PATH": f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "QUICKSTART_SBATCH_LOG": str(work / ".sbatch.log")}
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, f"the quick start failed:\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+    return work, result, env
+
+
+def test_the_quick_start_runs_in_order(quickstart):
+    work, result, _ = quickstart
+    out = result.stdout
+    # train: one progress line per logging step, the data and run directory lines, no config dump
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in steps] == ["step 2/4", "step 4/4"], out
+    assert all(re.search(r"\| MFU n/a \| peak rss [\d.]+ GiB \| ETA \d+s$", line) for line in steps), steps
+    assert "run directory runs/prm" in out and "[training]" not in out and "learning_rate" not in out
+    # SLURM: the dry run printed the plan and the torchrun line; the submission named the script
+    assert "node 0: torchrun --nnodes 1 --nproc-per-node 8" in out
+    submitted = json.loads((work / ".sbatch.log").read_text())
+    assert submitted[-1] == "examples/train_llama3_8b_prm.sh" and "--nodes" in submitted
+    # evaluate on ProcessBench, scored from the checkpoint; the exported model scores the same in fp32
+    evaluated = next(json.loads(line) for line in out.splitlines() if line.startswith('{"benchmark"'))
+    assert evaluated["benchmark"] == "processbench" and 0.0 <= evaluated["average_f1"] <= 1.0
+    assert result.stderr.count("scoring 40 records in float32") == 2
+    summaries = [json.loads(line) for line in out.splitlines() if line.startswith('{"output"') and '"records"' in line]
+    assert [s["dtype"] for s in summaries] == ["float32", "float32"]
+    trained = [json.loads(line) for line in (work / "runs/prm/pb_gsm8k_scores.jsonl").read_text().splitlines()]
+    exported = [json.loads(line) for line in (work / "models/prm/pb_gsm8k_scores.jsonl").read_text().splitlines()]
+    assert len(trained) == len(exported) == 40
+    worst = max(abs(a - b) for r, e in zip(trained, exported) for a, b in zip(r["step_scores"], e["step_scores"]))
+    assert worst < 1e-5
+
+
+def test_the_run_directory_is_self_describing(quickstart):
+    work, _, env = quickstart
+    run = work / "runs" / "prm"
+    config = json.loads((run / "config.json").read_text())
+    assert config["train_dataset_path"] == "data/train.jsonl" and config["max_prompt_len"] == 128
+    (launch,) = [json.loads(line) for line in (run / "provenance.jsonl").read_text().splitlines()]
+    import megatron.core
+    import torch
+
+    assert launch["versions"]["torch"] == torch.__version__.split("+")[0] or launch["versions"]["torch"] == torch.__version__
+    assert launch["versions"]["megatron-core"] == megatron.core.__version__
+    assert set(launch["versions"]) >= {"megatron-prm", "transformer-engine", "python"}
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    assert launch["git_sha"] == (git.stdout.strip() if git.returncode == 0 else None)
+    assert launch["command"][-6:] == ["--model-name-or-path", "checkpoints/base", "--train-dataset-path",
+                                      "data/train.jsonl", "--output-dir", "runs/prm"]
+    assert launch["config"] == config
+    # The checkpoint carries the tokenizer and names it relative to itself; scoring works from elsewhere.
+    checkpoint = run / (run / "latest").read_text().strip()
+    assert json.loads((checkpoint / "run_config.json").read_text())["tokenizer_name_or_path"] == "tokenizer"
+    assert (checkpoint / "tokenizer" / "tokenizer.json").read_bytes() == (
+        work / "checkpoints/base/tokenizer/tokenizer.json").read_bytes()
+    elsewhere = work / "elsewhere"
+    elsewhere.mkdir()
+    scored = subprocess.run(["megatron-prm", "score", "--checkpoint", str(run), "--data",
+                             str(work / "data/pb_gsm8k.jsonl"), "--output", "scores.jsonl", "--bf16", "true"],
+                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert "scoring 40 records in bfloat16" in scored.stderr and json.loads(
+        scored.stdout.strip().splitlines()[-1])["dtype"] == "bfloat16"
