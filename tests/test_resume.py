@@ -211,7 +211,7 @@ def test_sigterm_saves_stops_cleanly_and_auto_resumes_exactly_one_process(tmp_pa
     expected = uninterrupted(run_config, tmp_path, 1)
     output = tmp_path / "run"
     process = start(run_config, output, 1, "--resume_from_checkpoint", "auto")
-    text = run_until(process, "train step 2/", signal.SIGTERM)
+    text = run_until(process, "step 2/", signal.SIGTERM)
     assert process.returncode == 0, text[-3000:]
     assert "received SIGTERM: saved the checkpoint of step" in text, text[-3000:]
     stopped = int((output / "latest").read_text().strip()[len("iter_"):])
@@ -235,7 +235,7 @@ def test_kill_at_random_steps_then_signal_resumes_exactly_stage1_two_ranks(tmp_p
         at = rng.randint(done + 1, done + 2)
         process = start(run_config, output, 2, "--save_steps", "1", "--resume_from_checkpoint", "auto")
         if sig == signal.SIGUSR1:  # at a step line: the run saves at the end of the step it is in
-            text = run_until(process, f"train step {at}/", sig)
+            text = run_until(process, f"step {at}/", sig)
             assert process.returncode == 0 and "received SIGUSR1: saved" in text, text[-3000:]
         else:  # SIGKILL once step `at` is saved (mid-way through the next step or save)
             text = run_until(process, f"saved checkpoint {output / f'iter_{at:07d}'}", sig)
