@@ -15,9 +15,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
+from megatron_prm import megatron_compat
 from megatron_prm.checkpoint import (
     TrainState,
-    checkpoint_name,
     layout_record,
     load_checkpoint,
     load_model_weights,
@@ -34,7 +34,17 @@ from megatron_prm.forward_step import make_train_forward_step, run_schedule
 from megatron_prm.metrics import majority_baseline
 from megatron_prm.model.architecture import LlamaArchitecture, resolve_architecture
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
+from megatron_prm.nonfinite import NonFiniteBudget
 from megatron_prm.run_logger import RunLogger
+from megatron_prm.run_directory import (
+    checkpoint_in_run,
+    checkpoint_name,
+    checkpoints,
+    check_output_dir,
+    move_earlier_run_aside,
+    read_latest,
+    resolve_checkpoint,
+)
 from megatron_prm.runtime import Runtime, init_runtime
 from megatron_prm.training_state import TrainingState, build_training_state
 
@@ -63,16 +73,31 @@ def _reduce_step_report(reports: list[dict], batches: list[MicroBatch], device: 
     return figures
 
 
+def _finite_everywhere(state: TrainingState, reports: list[dict], device: torch.device) -> bool:
+    """Whether the losses (last pipeline stage) and, except under fp16's loss scaler, which skips
+    overflowing steps itself, the gradients of every rank are finite."""
+    finite = all(bool(torch.isfinite(report["prm"]).all()) for report in reports)
+    if finite and not state.model[0].config.fp16:
+        finite = megatron_compat.local_gradients_finite(state.model)
+    flag = torch.tensor([0.0 if finite else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
 def train_step(state: TrainingState, batches: list[MicroBatch], runtime: Runtime, threshold: float) -> dict:
+    """One optimizer step; with a non-finite loss or gradient anywhere, no update and ``nonfinite``."""
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
     reports = run_schedule(state.model, make_train_forward_step(runtime.device, threshold), batches, forward_only=False)
+    if not _finite_everywhere(state, reports, runtime.device):
+        return {"nonfinite": True, **_reduce_step_report(reports, batches, runtime.device)}
     learning_rate = state.optimizer.param_groups[0]["lr"]  # the rate this step applies
     updated, grad_norm, _ = state.optimizer.step()
     if updated:
         state.scheduler.step(increment=1)
-    figures = {"lr": learning_rate, "grad_norm": float(grad_norm or 0.0), "skipped": not updated}
+    figures = {"lr": learning_rate, "grad_norm": float(grad_norm or 0.0), "skipped": not updated,
+               "nonfinite": not math.isfinite(float(grad_norm or 0.0))}
     if state.model[0].config.fp16:
         figures["loss_scale"] = float(state.optimizer.get_loss_scale())
     figures.update(_reduce_step_report(reports, batches, runtime.device))
@@ -112,10 +137,18 @@ class Run:
 def setup(config: RunConfig) -> Run:
     """Process group, data, model, optimizer; restores a checkpoint when resuming."""
     args = config.training
+    resume_source = _resume_source(config)
+    check_output_dir(Path(args.output_dir), _resumes_in_place(resume_source, Path(args.output_dir))
+                     or args.resume_from_checkpoint == "auto", args.overwrite_output_dir)
     tokenizer = RecordTokenizer(tokenize_job(config, config.data.train_dataset_path))
     arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len)
     layout, layout_notes = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), arch)
     runtime = init_runtime(args.device, args.seed, layout)
+    if args.overwrite_output_dir and resume_source is None and runtime.rank == 0:
+        aside = move_earlier_run_aside(Path(args.output_dir))
+        if aside is not None:
+            print(f"overwrite_output_dir: the earlier files of {args.output_dir} are now in {aside}", flush=True)
+    dist.barrier()
     logger = RunLogger(runtime.is_logging_rank, args.output_dir, args.tensorboard_dir)
     logger.message("resolved config:\n" + config.describe())
     for note in layout_notes:
@@ -134,15 +167,16 @@ def setup(config: RunConfig) -> Run:
 
     options = ModelBuildOptions.from_config(config, layout, runtime.use_transformer_engine, runtime.is_cpu)
     chunks = build_model_chunks(arch, tokenizer.special.reward_ids, config.data.max_seq_len, options)
-    if config.model.model_name_or_path and not args.resume_from_checkpoint:
-        load_model_weights(chunks, config.model.model_name_or_path, arch)
+    if config.model.model_name_or_path and resume_source is None:
+        load_model_weights(chunks, config.model.model_name_or_path, arch, args.verify_checkpoint_checksums)
     total_steps = total_training_steps(config, data.train.steps_per_epoch)
     state = build_training_state(chunks, args, total_steps, layout.distributed_optimizer)
     fmt = optimizer_format(layout.distributed_optimizer, args.unified_checkpoint)
-    train_state = TrainState(layout=layout_record(layout), optimizer_format=fmt)
-    if args.resume_from_checkpoint:
-        source = args.output_dir if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
-        saved, checkpoint = load_checkpoint(state, source, arch, layout, fmt)
+    run_id = [TrainState().run_id]
+    dist.broadcast_object_list(run_id, src=0)  # one identity for the run on every rank
+    train_state = TrainState(layout=layout_record(layout), optimizer_format=fmt, run_id=run_id[0])
+    if resume_source is not None:
+        saved, checkpoint = load_checkpoint(state, resume_source, arch, layout, fmt, args.verify_checkpoint_checksums)
         train_state = dataclasses.replace(saved, layout=layout_record(layout), optimizer_format=fmt)
         if isinstance(data.train, StreamedTrainBatches):
             data.train.fast_forward(train_state.step)
@@ -158,6 +192,29 @@ def setup(config: RunConfig) -> Run:
     collator = Collator(data.pad_id, layout.sequence_multiple, uniform_length=layout.pipeline_parallel_size > 1,
                         packing=data.packing.options if data.packing else None)
     return Run(config, runtime, logger, arch, layout, data, state, collator, total_steps, train_state)
+
+
+def _resume_source(config: RunConfig) -> Optional[str]:
+    """The checkpoint or run directory to resume from; None for a fresh start. ``auto`` resumes from
+    output_dir's ``latest`` when there is one (a requeued job) and starts fresh otherwise."""
+    setting, output_dir = config.training.resume_from_checkpoint, Path(config.training.output_dir)
+    if setting == "auto":
+        if read_latest(output_dir) is not None:
+            return str(output_dir)
+        if checkpoints(output_dir):
+            raise ConfigError(f"resume_from_checkpoint auto: {output_dir} holds checkpoints but no latest; name "
+                              "the one to resume from")
+        return None
+    return str(output_dir) if setting == "latest" else setting
+
+
+def _resumes_in_place(source: Optional[str], output_dir: Path) -> bool:
+    """Whether ``source`` is a checkpoint of ``output_dir`` itself (a resume that writes on in its own run
+    directory); a resume into another directory must find that one empty."""
+    if source is None:
+        return False
+    checkpoint = resolve_checkpoint(source)
+    return output_dir.is_dir() and checkpoint.parent.resolve() == output_dir.resolve()
 
 
 def run_eval(run: Run, step: int) -> Optional[dict]:
@@ -209,10 +266,16 @@ def run_training(config: RunConfig) -> Optional[dict]:
     progress = tqdm(total=run.total_steps, initial=run.train_state.step, desc="training",
                     disable=None if run.runtime.is_logging_rank else True)
     metrics = None
+    nonfinite = NonFiniteBudget(args.max_skipped_nonfinite_steps)
     step_start = time.perf_counter()
     for step in range(run.train_state.step + 1, run.total_steps + 1 if args.do_train else 1):
         figures = train_step(run.state, run.collator(run.data.train.microbatches(step - 1)), run.runtime,
                              config.prm.score_threshold)
+        if figures.pop("nonfinite"):
+            nonfinite.record(step, figures.pop("loss", None))
+            figures.pop("accuracy", None)
+            run.logger.message(f"step {step}: non-finite loss or gradient, no update "
+                               f"({nonfinite.skipped} of {nonfinite.limit} allowed)")
         run.train_state.consumed_samples += figures["samples"]
         elapsed = time.perf_counter() - step_start
         progress.update(1)
@@ -223,6 +286,8 @@ def run_training(config: RunConfig) -> Optional[dict]:
                 "loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "step_time_s")))
         metrics = run_eval(run, step) if step % args.eval_steps == 0 or step == run.total_steps else None
         if _save_due(run, step):
+            if metrics is None and args.load_best_model_at_end:
+                metrics = run_eval(run, step)  # an epoch end between evaluations: rank this checkpoint too
             save(run, step, metrics)
         step_start = time.perf_counter()
     progress.close()
@@ -230,7 +295,8 @@ def run_training(config: RunConfig) -> Optional[dict]:
     if not args.do_train:
         metrics = run_eval(run, 0)
     elif args.load_best_model_at_end and run.train_state.best_checkpoint not in (None, checkpoint_name(run.total_steps)):
-        load_model_weights(run.state.model, run.output_dir / run.train_state.best_checkpoint, run.arch)
+        best = checkpoint_in_run(run.output_dir, run.train_state.best_checkpoint, f"{run.output_dir} best_checkpoint")
+        load_model_weights(run.state.model, best, run.arch, args.verify_checkpoint_checksums)
         run.logger.message(f"loaded the best checkpoint {run.train_state.best_checkpoint} "
                            f"({args.metric_for_best_model} {run.train_state.best_metric:.4g})")
         metrics = run_eval(run, run.total_steps)
