@@ -59,7 +59,7 @@ from megatron_prm.run_directory import (
     resolve_checkpoint,
     staging_dir,
 )
-from megatron_prm.safe_loading import SafeFileSystemReader
+from megatron_prm.safe_loading import SafeFileSystemReader, load_errors_named
 from megatron_prm.tokenizer import resolve_tokenizer_path
 
 CONFIG_NAME = "run_config.json"
@@ -270,30 +270,9 @@ def check_architecture(checkpoint: Path, arch: LlamaArchitecture) -> None:
         raise ConfigError(f"{checkpoint} holds a model of another shape ({'; '.join(differences)})")
 
 
-def _checkpoint_error_in(err: BaseException) -> Optional[CheckpointError]:
-    """The CheckpointError that torch's DCP wrapped (per rank, in ``failures``) or chained, if any."""
-    seen, pending = set(), [err]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, CheckpointError):
-            return current
-        pending += [current.__cause__, current.__context__]
-        for failure in getattr(current, "failures", {}).values():
-            pending.append(failure[0] if isinstance(failure, tuple) else failure)
-    return None
-
-
 def _load(requested: dict, checkpoint: Path, what: str) -> dict:
-    try:
+    with load_errors_named(checkpoint, what):
         return megatron_compat.load_dist_checkpoint(requested, checkpoint)
-    except Exception as err:  # noqa: BLE001 - dist_checkpointing raises many kinds on a mismatch
-        found = _checkpoint_error_in(err)
-        if found is not None:
-            raise CheckpointError(str(found)) from err
-        raise ConfigError(f"cannot load {what} of {checkpoint}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
 
 
 def load_model_weights(chunks: list, path: str | Path, arch: Optional[LlamaArchitecture] = None,

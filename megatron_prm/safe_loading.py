@@ -9,13 +9,15 @@ metadata is made of (listed below; read from what torch 2.13 and 2.14 write) and
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from megatron_prm.run_directory import CheckpointError
@@ -120,3 +122,34 @@ class SafeFileSystemReader(FileSystemReader):
 
     def read_data(self, plan, planner):
         return super().read_data(plan, _SafeBytesPlanner(planner, self))
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and what it wraps: chained exceptions and the per-rank failures of torch's DCP."""
+    seen, pending = set(), [err]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [current.__cause__, current.__context__]
+        for failure in getattr(current, "failures", {}).values():
+            pending.append(failure[0] if isinstance(failure, tuple) else failure)
+
+
+@contextlib.contextmanager
+def load_errors_named(checkpoint: Path, what: str) -> Iterator[None]:
+    """Turn whatever a load raises (torch's DCP wraps errors per rank in a BaseException) into one
+    :class:`CheckpointError`: ours where one was raised inside, else one naming ``checkpoint``."""
+    try:
+        yield
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - loaders raise many kinds
+        causes = list(_causes(err))
+        ours: Optional[CheckpointError] = next((c for c in causes if isinstance(c, CheckpointError)), None)
+        if ours is not None:
+            raise CheckpointError(str(ours)) from err
+        innermost = next((c for c in reversed(causes) if not isinstance(c, CheckpointException)), err)
+        text = str(innermost).strip().splitlines()
+        raise CheckpointError(f"cannot load {what} of {checkpoint}: "
+                              f"{text[0] if text else type(innermost).__name__}") from err

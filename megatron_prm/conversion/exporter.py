@@ -19,7 +19,7 @@ from megatron_prm.conversion.mapping import ParamRule, Transform, hf_shapes, meg
 from megatron_prm.conversion.safetensors_io import CheckpointFormatError, PlannedTensor, ShardedSafetensorsWriter
 from megatron_prm.conversion.staging import staged_output
 from megatron_prm.model.architecture import LlamaArchitecture, read_hf_config
-from megatron_prm.safe_loading import SafeFileSystemReader
+from megatron_prm.safe_loading import SafeFileSystemReader, load_errors_named
 
 HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -63,7 +63,8 @@ def _load(reader: SafeFileSystemReader, rules: list[ParamRule], layer: Optional[
                                                   (layer,) + (0,) * (len(shape) - 1))
         else:
             request[rule.checkpoint_key] = _Slice(torch.empty(shape, dtype=stored.properties.dtype), (0,) * len(shape))
-    dcp.load(request, storage_reader=reader, planner=_SliceLoadPlanner(), no_dist=True)
+    with load_errors_named(Path(reader.path), "the weights"):
+        dcp.load(request, storage_reader=reader, planner=_SliceLoadPlanner(), no_dist=True)
     return {key: piece.buffer[0] if rule.per_layer else piece.buffer
             for rule, (key, piece) in zip(rules, request.items())}
 
