@@ -75,8 +75,10 @@ def load_plain(source: Any, where: str) -> Any:
     except FileNotFoundError as err:
         raise CheckpointError(f"{where} is missing") from err
     except Exception as err:  # noqa: BLE001
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else type(err).__name__)
         raise CheckpointError(f"{where} holds more than tensors and plain values, or is damaged; refused to "
-                              f"load it ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+                              f"load it ({reason[:300]})") from err
 
 
 class _SafeBytesPlanner:

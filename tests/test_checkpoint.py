@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import MISTRAL, REPO, free_port, read_log, run_cli
-from megatron_prm.checkpoint import prune_checkpoints
+from megatron_prm.run_directory import prune_checkpoints
 from megatron_prm.data.synthetic import write_dataset
 
 BASE = {
