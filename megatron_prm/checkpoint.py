@@ -330,7 +330,7 @@ def load_checkpoint(state, path: str | Path, arch: LlamaArchitecture, layout: Pa
     if not saved.optimizer_format:
         raise ConfigError(f"{checkpoint} holds model weights only; start from it with model_name_or_path")
     same_layout = saved.layout == layout_record(layout)
-    if saved.optimizer_format != fmt and "dp_reshardable" in (saved.optimizer_format, fmt):
+    if saved.optimizer_format != fmt:  # measured: model_space <-> fully_reshardable fails inside Megatron
         raise ConfigError(
             f"{checkpoint} stores the optimizer state as {saved.optimizer_format!r} but this run uses "
             f"{fmt!r}; resume with the same sharding setting, or start from its weights with model_name_or_path"
@@ -352,10 +352,11 @@ def load_checkpoint(state, path: str | Path, arch: LlamaArchitecture, layout: Pa
     if same_layout:
         requested["rng_state"] = _rng_sharded_object(None)
     loaded = _load(requested, checkpoint, "the training state")
-    for key, chunk in zip(model_sd, unwrap_model(state.model)):
-        chunk.load_state_dict(loaded[key])
-    state.optimizer.load_state_dict(loaded["optimizer"])
-    state.scheduler.load_state_dict(loaded["scheduler"])
-    if same_layout:
-        _set_rng_state(loaded["rng_state"].data if hasattr(loaded["rng_state"], "data") else loaded["rng_state"])
-    return TrainState.from_dict(loaded["train_state"]), checkpoint
+    with load_errors_named(checkpoint, "the training state"):  # a state that loaded but does not fit
+        for key, chunk in zip(model_sd, unwrap_model(state.model)):
+            chunk.load_state_dict(loaded[key])
+        state.optimizer.load_state_dict(loaded["optimizer"])
+        state.scheduler.load_state_dict(loaded["scheduler"])
+        if same_layout:
+            _set_rng_state(loaded["rng_state"].data if hasattr(loaded["rng_state"], "data") else loaded["rng_state"])
+        return TrainState.from_dict(loaded["train_state"]), checkpoint

@@ -172,15 +172,16 @@ def setup(config: RunConfig) -> Run:
     total_steps = total_training_steps(config, data.train.steps_per_epoch)
     state = build_training_state(chunks, args, total_steps, layout.distributed_optimizer)
     fmt = optimizer_format(layout.distributed_optimizer, args.unified_checkpoint)
-    run_id = [TrainState().run_id]
-    dist.broadcast_object_list(run_id, src=0)  # one identity for the run on every rank
-    train_state = TrainState(layout=layout_record(layout), optimizer_format=fmt, run_id=run_id[0])
+    train_state = TrainState(layout=layout_record(layout), optimizer_format=fmt)
     if resume_source is not None:
         saved, checkpoint = load_checkpoint(state, resume_source, arch, layout, fmt, args.verify_checkpoint_checksums)
         train_state = dataclasses.replace(saved, layout=layout_record(layout), optimizer_format=fmt)
         if isinstance(data.train, StreamedTrainBatches):
             data.train.fast_forward(train_state.step)
         logger.message(f"resumed from {checkpoint} at step {train_state.step} ({train_state.consumed_samples} samples)")
+    run_id = [train_state.run_id]  # a fresh run's (or a checkpoint's from before run ids): rank 0's for all
+    dist.broadcast_object_list(run_id, src=0)
+    train_state.run_id = run_id[0]
     n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
     logger.message(
         f"model: {arch.num_hidden_layers} layers, hidden {arch.hidden_size}, {n_params / 1e6:.2f}M parameters on "
