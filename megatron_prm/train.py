@@ -34,7 +34,7 @@ from megatron_prm.forward_step import make_train_forward_step, run_schedule
 from megatron_prm.metrics import majority_baseline
 from megatron_prm.model.architecture import LlamaArchitecture, resolve_architecture
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
-from megatron_prm.nonfinite import NonFiniteBudget
+from megatron_prm.nonfinite import NonFiniteBudget, NonFiniteError
 from megatron_prm.run_logger import RunLogger
 from megatron_prm.run_directory import (
     checkpoint_in_run,
@@ -96,8 +96,10 @@ def train_step(state: TrainingState, batches: list[MicroBatch], runtime: Runtime
     updated, grad_norm, _ = state.optimizer.step()
     if updated:
         state.scheduler.step(increment=1)
-    figures = {"lr": learning_rate, "grad_norm": float(grad_norm or 0.0), "skipped": not updated,
-               "nonfinite": not math.isfinite(float(grad_norm or 0.0))}
+    if grad_norm is not None and not math.isfinite(grad_norm):  # finite gradients whose norm overflowed
+        raise NonFiniteError(f"the gradient norm is {grad_norm} although every gradient is finite; the run stops "
+                             "before saving (lower learning_rate or max_grad_norm)")
+    figures = {"lr": learning_rate, "grad_norm": float(grad_norm or 0.0), "skipped": not updated, "nonfinite": False}
     if state.model[0].config.fp16:
         figures["loss_scale"] = float(state.optimizer.get_loss_scale())
     figures.update(_reduce_step_report(reports, batches, runtime.device))
