@@ -24,7 +24,7 @@ from megatron_prm.run_directory import CheckpointError
 
 # (module, name) pairs that ``.metadata`` legitimately references, as written by torch 2.13 and 2.14
 # (with and without Megatron-Core 0.16 / 0.19 on top): the metadata dataclasses, the save plan kept in
-# planner_data, and torch's layout look-up. torch.Size and the dtypes are handled in find_class.
+# planner_data, torch's layout look-up and pathlib paths (constructing one runs nothing). torch.Size and the dtypes are handled in find_class.
 _METADATA_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
@@ -34,6 +34,9 @@ _METADATA_CLASSES = {
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "collections": {"OrderedDict"},
+    # StorageMeta.checkpoint_id: the directory a checkpoint was saved to, as a path (dcp.save(no_dist=True))
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "pathlib._local": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
 }
 _TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
 
