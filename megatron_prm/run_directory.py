@@ -158,10 +158,6 @@ def prune_checkpoints(run_dir: Path, keep: int, own: Iterable[int], protect: Ite
 # --------------------------------------------------------------------------------- the run directory
 
 
-def holds_checkpoints(run_dir: Path) -> bool:
-    return (run_dir / LATEST).exists() or bool(checkpoints(run_dir))
-
-
 def _earlier_files(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(EARLIER_RUN_PREFIX))
 
