@@ -5,16 +5,18 @@ weights, loss scaler), the LR schedule, the RNG states, the training position an
 plus ``model_config.json`` (the architecture, HF names) and ``train_state.json`` (a readable copy of the
 position). The file ``output_dir/latest`` names the newest complete checkpoint.
 
-Crash safety: a checkpoint is written under ``iter_XXXXXXX.tmp`` and renamed only after every rank has
-finished; ``latest`` is then replaced atomically, and old checkpoints beyond ``save_total_limit`` are
-removed only after that. A process killed mid-save leaves the previous checkpoint and ``latest`` intact.
+Crash safety: a checkpoint is written under ``iter_XXXXXXX.tmp``, a ``manifest.json`` (sizes and CRC-32
+of every file) is added, and it is published only after every rank has finished (run_directory.py: an
+existing step is swapped atomically); old checkpoints of this run beyond ``save_total_limit`` are removed
+only after that. A process killed at any moment leaves ``latest`` naming a complete checkpoint.
 
 Layouts: every tensor is stored under its global name and offsets, so model weights load into any
 tensor/pipeline/data-parallel layout. Optimizer state does too, except the distributed optimizer's fast
 ``dp_reshardable`` format, which only reshards over data parallelism; ``unified_checkpoint: true`` saves
 it fully reshardable instead. A resume that cannot carry the optimizer state over is refused before
-anything is loaded. Nothing is unpickled beyond ``torch.load(weights_only=True)`` (the common state holds
-plain values and tensors only).
+anything is loaded. Nothing read from a checkpoint runs code: ``.metadata`` goes through an allow-list
+unpickler, byte items and ``common.pt`` through ``torch.load(weights_only=True)`` (safe_loading.py), and
+the manifest is checked before anything is read.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import re
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -34,24 +36,35 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
-from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_prm import megatron_compat
+from megatron_prm.checkpoint_manifest import (
+    check_backend,
+    raise_problems,
+    rank_files,
+    records_for,
+    verify_checkpoint,
+    write_manifest,
+)
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.layout import ParallelLayout
 from megatron_prm.model.architecture import LlamaArchitecture, read_hf_config
+from megatron_prm.run_directory import (
+    MODEL_CONFIG_NAME,
+    CheckpointError,
+    checkpoint_name,
+    checkpoints,
+    prune_checkpoints,
+    publish_checkpoint,
+    resolve_checkpoint,
+    staging_dir,
+)
+from megatron_prm.safe_loading import SafeFileSystemReader, load_errors_named
 from megatron_prm.tokenizer import save_tokenizer
 
-LATEST = "latest"
 CONFIG_NAME = "run_config.json"
-MODEL_CONFIG_NAME = "model_config.json"
 TRAIN_STATE_NAME = "train_state.json"
 TOKENIZER_DIR = "tokenizer"
-_ITER = re.compile(r"^iter_(\d{7})$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"iter_{step:07d}"
 
 
 @dataclass
@@ -65,6 +78,7 @@ class TrainState:
     layout: dict = field(default_factory=dict)
     optimizer_format: str = ""
     data_position: dict = field(default_factory=dict)  # the batch source's state (megatron_prm.data.loader)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # kept on resume; pruning touches only its own
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainState":
@@ -129,12 +143,6 @@ def _rng_sharded_object(data: Optional[dict]) -> ShardedObject:
 # ---------------------------------------------------------------------------------------------- save
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def checkpoint_tokenizer(path: Optional[str]) -> Optional[str]:
     """The tokenizer directory a checkpoint carries (one converted from HF, or saved by a run), if any."""
     if not path:
@@ -166,17 +174,8 @@ def _write_metadata(directory: Path, config: RunConfig, arch: LlamaArchitecture,
     (directory / TRAIN_STATE_NAME).write_text(json.dumps(dataclasses.asdict(train_state), indent=2))
 
 
-def _publish(staging: Path, final: Path, output_dir: Path) -> None:
-    """Rank 0: make a finished checkpoint visible, then point ``latest`` at it."""
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
-    _write_atomically(output_dir / LATEST, final.name + "\n")
-
-
 def _save(sharded: dict, output_dir: Path, step: int, write_metadata) -> Path:
-    final = output_dir / checkpoint_name(step)
-    staging = output_dir / (checkpoint_name(step) + ".tmp")
+    staging = staging_dir(output_dir, step)
     is_writer = dist.get_rank() == 0
     if is_writer:
         shutil.rmtree(staging, ignore_errors=True)
@@ -184,9 +183,14 @@ def _save(sharded: dict, output_dir: Path, step: int, write_metadata) -> Path:
     dist.barrier()
     dist_checkpointing.save(sharded, str(staging))
     dist.barrier()
+    # Every rank checksums the files it wrote while they are still in its page cache.
+    records: list = [None] * dist.get_world_size()
+    dist.all_gather_object(records, records_for(staging, rank_files(staging, dist.get_rank())))
+    final = output_dir / checkpoint_name(step)
     if is_writer:
         write_metadata(staging)
-        _publish(staging, final, output_dir)
+        write_manifest(staging, {name: record for part in records for name, record in part.items()})
+        final = publish_checkpoint(staging)
     dist.barrier()
     return final
 
@@ -213,31 +217,40 @@ def save_checkpoint(state, output_dir: Path, config: RunConfig, arch: LlamaArchi
     final = _save(sharded, output_dir, train_state.step,
                   lambda d: _write_metadata(d, config, arch, train_state))
     if keep is not None and dist.get_rank() == 0:
-        prune_checkpoints(output_dir, keep, protect=train_state.best_checkpoint)
+        prune_checkpoints(output_dir, keep, own=run_steps(output_dir, train_state.run_id),
+                          protect=[train_state.best_checkpoint])
     dist.barrier()
     return final
 
 
-def prune_checkpoints(output_dir: Path, keep: int, protect: Optional[str] = None) -> list[str]:
-    """Remove the oldest complete checkpoints beyond ``keep`` (never ``protect``, never the newest)."""
-    complete = sorted(p.name for p in output_dir.iterdir() if p.is_dir() and _ITER.match(p.name))
-    removable = [name for name in complete[:-keep] if name != protect] if keep > 0 else []
-    for name in removable:
-        shutil.rmtree(output_dir / name)
-    return removable
+def run_steps(output_dir: Path, run_id: str) -> list[int]:
+    """The steps of the checkpoints in ``output_dir`` that run ``run_id`` wrote."""
+    steps = []
+    for step, path in checkpoints(output_dir).items():
+        try:
+            saved = json.loads((path / TRAIN_STATE_NAME).read_text())
+        except (OSError, ValueError):
+            continue  # not a checkpoint of this run that we can vouch for: never pruned
+        if isinstance(saved, dict) and saved.get("run_id") == run_id:
+            steps.append(step)
+    return steps
 
 
 # ---------------------------------------------------------------------------------------------- load
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory that ``path`` names: itself, or the one its ``latest`` file names."""
-    path = Path(path)
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
-    if not (path / ".metadata").is_file() or not (path / MODEL_CONFIG_NAME).is_file():
-        raise ConfigError(f"{path} is not a megatron-prm checkpoint (no .metadata / {MODEL_CONFIG_NAME})")
-    return path
+def check_integrity(checkpoint: Path, checksums: bool = True) -> None:
+    """Refuse a checkpoint whose files differ from its manifest or whose storage format is not torch_dist,
+    naming the file. With several processes each recomputes a share of the checksums."""
+    distributed = dist.is_available() and dist.is_initialized()
+    share = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    problems = verify_checkpoint(checkpoint, checksums, share)
+    if distributed:
+        gathered: list = [None] * share[1]
+        dist.all_gather_object(gathered, problems)
+        problems = sorted({p for part in gathered for p in part})
+    raise_problems(problems)
+    check_backend(checkpoint)
 
 
 def check_architecture(checkpoint: Path, arch: LlamaArchitecture) -> None:
@@ -251,19 +264,23 @@ def check_architecture(checkpoint: Path, arch: LlamaArchitecture) -> None:
         raise ConfigError(f"{checkpoint} holds a model of another shape ({'; '.join(differences)})")
 
 
-def load_model_weights(chunks: list, path: str | Path, arch: Optional[LlamaArchitecture] = None) -> Path:
+def _load(requested: dict, checkpoint: Path, what: str) -> dict:
+    with load_errors_named(checkpoint, what):
+        return megatron_compat.load_dist_checkpoint(requested, checkpoint)
+
+
+def load_model_weights(chunks: list, path: str | Path, arch: Optional[LlamaArchitecture] = None,
+                       verify_checksums: bool = True) -> Path:
     """Load a checkpoint's weights into this rank's model chunks, whatever the layout it was saved
     under."""
     checkpoint = resolve_checkpoint(path)
+    check_integrity(checkpoint, verify_checksums)
     if arch is not None:
         check_architecture(checkpoint, arch)
     requested = model_sharded_state_dict(chunks)
-    stored = set(FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+    stored = set(SafeFileSystemReader(checkpoint).read_metadata().state_dict_metadata)
     absent_extra_state = _drop_absent_extra_state(requested, stored)
-    try:
-        loaded = dist_checkpointing.load(requested, str(checkpoint))
-    except Exception as err:  # noqa: BLE001 - dist_checkpointing raises many kinds on a mismatch
-        raise ConfigError(f"cannot load the model weights of {checkpoint}: {err}") from err
+    loaded = _load(requested, checkpoint, "the model weights")
     for key, chunk in zip(requested, unwrap_model(chunks)):
         result = chunk.load_state_dict(loaded[key], strict=not absent_extra_state)
         missing = [k for k in getattr(result, "missing_keys", []) if not k.endswith("_extra_state")]
@@ -290,19 +307,24 @@ def read_train_state(checkpoint: Path) -> TrainState:
     if not path.is_file():
         raise ConfigError(f"{checkpoint} has no {TRAIN_STATE_NAME}: it holds model weights only, not a "
                           "training state to resume (use model_name_or_path to start from its weights)")
-    return TrainState.from_dict(json.loads(path.read_text()))
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        return TrainState.from_dict(values)
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is damaged: {err}") from err
 
 
 def load_checkpoint(state, path: str | Path, arch: LlamaArchitecture, layout: ParallelLayout,
-                    fmt: str) -> tuple[TrainState, Path]:
+                    fmt: str, verify_checksums: bool = True) -> tuple[TrainState, Path]:
     """Restore model, optimizer, LR schedule and (same layout only) RNG states for a resume."""
     checkpoint = resolve_checkpoint(path)
+    check_integrity(checkpoint, verify_checksums)
     check_architecture(checkpoint, arch)
     saved = read_train_state(checkpoint)
     if not saved.optimizer_format:
         raise ConfigError(f"{checkpoint} holds model weights only; start from it with model_name_or_path")
     same_layout = saved.layout == layout_record(layout)
-    if saved.optimizer_format != fmt and "dp_reshardable" in (saved.optimizer_format, fmt):
+    if saved.optimizer_format != fmt:  # measured: model_space <-> fully_reshardable fails inside Megatron
         raise ConfigError(
             f"{checkpoint} stores the optimizer state as {saved.optimizer_format!r} but this run uses "
             f"{fmt!r}; resume with the same sharding setting, or start from its weights with model_name_or_path"
@@ -323,14 +345,12 @@ def load_checkpoint(state, path: str | Path, arch: LlamaArchitecture, layout: Pa
     }
     if same_layout:
         requested["rng_state"] = _rng_sharded_object(None)
-    try:
-        loaded = dist_checkpointing.load(requested, str(checkpoint))
-    except Exception as err:  # noqa: BLE001
-        raise ConfigError(f"cannot load {checkpoint}: {err}") from err
-    for key, chunk in zip(model_sd, unwrap_model(state.model)):
-        chunk.load_state_dict(loaded[key])
-    state.optimizer.load_state_dict(loaded["optimizer"])
-    state.scheduler.load_state_dict(loaded["scheduler"])
-    if same_layout:
-        _set_rng_state(loaded["rng_state"].data if hasattr(loaded["rng_state"], "data") else loaded["rng_state"])
-    return TrainState.from_dict(loaded["train_state"]), checkpoint
+    loaded = _load(requested, checkpoint, "the training state")
+    with load_errors_named(checkpoint, "the training state"):  # a state that loaded but does not fit
+        for key, chunk in zip(model_sd, unwrap_model(state.model)):
+            chunk.load_state_dict(loaded[key])
+        state.optimizer.load_state_dict(loaded["optimizer"])
+        state.scheduler.load_state_dict(loaded["scheduler"])
+        if same_layout:
+            _set_rng_state(loaded["rng_state"].data if hasattr(loaded["rng_state"], "data") else loaded["rng_state"])
+        return TrainState.from_dict(loaded["train_state"]), checkpoint

@@ -1,5 +1,5 @@
 """The ``megatron-prm`` command: ``train``, ``check-data``, ``convert-data``, ``preprocess``, ``score``, ``evaluate``,
-``plan`` and ``demo``."""
+``plan``, ``check-checkpoint`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from megatron_prm.data.convert import FORMATS, NEUTRAL_CHOICES, FormatError
 from megatron_prm.data.records import RecordError
 from megatron_prm.data.store import StoreError
 from megatron_prm.metrics import PRMBENCH_RULES, TIE_BREAKS, ScoresError
+from megatron_prm.nonfinite import NonFiniteError
 from megatron_prm.tokenizer import TokenizerError
 
-USER_ERRORS = (ConfigError, RecordError, TokenizerError, FileNotFoundError, FormatError, StoreError, ScoresError)
+USER_ERRORS = (ConfigError, RecordError, TokenizerError, FileNotFoundError, FormatError, StoreError, ScoresError,
+               NonFiniteError)
 
 
 def normalize_option_spelling(argv: Sequence[str]) -> list[str]:
@@ -206,6 +208,30 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> None:
     print(strict_json.dumps(result))
 
 
+def _check_checkpoint(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from megatron_prm.checkpoint_manifest import checkpoint_verdict
+    from megatron_prm.run_directory import DCP_METADATA_NAME, checkpoints, read_latest
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        raise ConfigError(f"{directory} is not a directory")
+    if (directory / DCP_METADATA_NAME).is_file():
+        targets = [directory]
+    else:
+        latest = read_latest(directory)
+        targets = list(checkpoints(directory).values())
+        if latest is not None and latest not in targets:
+            targets.append(latest)
+        if not targets:
+            raise ConfigError(f"{directory} holds no checkpoint (neither a checkpoint nor a run directory)")
+    verdicts = [checkpoint_verdict(path, checksums=not args.no_checksums) for path in targets]
+    for _, line in verdicts:
+        print(line)
+    return 0 if all(ok for ok, _ in verdicts) else 1
+
+
 def _demo(args: argparse.Namespace) -> None:
     from megatron_prm.demo import run_demo
 
@@ -287,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus-per-node", type=int, default=8)
     plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (H100: 80)")
 
+    check_ckpt = commands.add_parser(
+        "check-checkpoint", help="verify checkpoints against their manifests; one verdict line per checkpoint")
+    check_ckpt.add_argument("directory", help="a checkpoint (iter_NNNNNNN) or a run directory (all its checkpoints)")
+    check_ckpt.add_argument("--no-checksums", action="store_true", help="check sizes only, not CRC-32")
+
     demo = commands.add_parser("demo", help="generate synthetic data, train a tiny PRM on CPU, print metrics")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test), not for the figures")
@@ -323,6 +354,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             _plan(args, rest)
         elif args.command == "demo":
             _demo(args)
+        elif args.command == "check-checkpoint":
+            return _check_checkpoint(args)
     except USER_ERRORS as err:
         print(f"megatron-prm {args.command}: error: {err}", file=sys.stderr)
         return 2

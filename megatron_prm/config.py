@@ -294,6 +294,10 @@ class TrainingArguments:
     """Optimisation, schedule, evaluation and logging."""
 
     output_dir: str = _doc("Run directory: resolved config, logs, checkpoints.", default="./output")
+    overwrite_output_dir: bool = _doc(
+        "Let a fresh run start in a non-empty output_dir. Nothing is deleted: the earlier files move into "
+        "output_dir/earlier_run_<UTC time>/.", default=False,
+    )
     device: str = _doc(
         "'auto' (GPU when present, else the CPU mode), 'cuda' or 'cpu'. The CPU mode runs Megatron-Core "
         "with gloo and is meant for tests and tiny models.",
@@ -337,6 +341,14 @@ class TrainingArguments:
         "output_dir's, or 'auto' (output_dir's latest if there is one, else a fresh start: for requeued "
         "jobs). Restores model, optimizer, LR schedule, RNG and the data position.",
         default=None,
+    )
+    verify_checkpoint_checksums: bool = _doc(
+        "Check every file of a checkpoint against its manifest's CRC-32 before loading it (sizes and the "
+        "format version are always checked).", default=True,
+    )
+    max_skipped_nonfinite_steps: int = _doc(
+        "Optimizer steps with a non-finite loss or gradient that may be skipped (no update) before the run "
+        "stops with an error; 0 stops at the first. Nothing non-finite is ever saved.", default=0,
     )
     load_best_model_at_end: bool = _doc(
         "Track the checkpoint with the best metric_for_best_model and load it at the end.", default=False
@@ -425,6 +437,8 @@ class TrainingArguments:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_skipped_nonfinite_steps < 0:
+            raise ConfigError(f"max_skipped_nonfinite_steps must not be negative, got {self.max_skipped_nonfinite_steps}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must not be negative, got {self.warmup_steps}")
         if 0 < self.max_steps <= self.warmup_steps:

@@ -87,6 +87,7 @@ def run_demo(output_dir: str | Path, quick: bool = False) -> dict:
         "train_dataset_path": str(train_path),
         "dev_dataset_path": str(dev_path),
         "output_dir": str(output_dir / "run"),
+        "overwrite_output_dir": True,  # a repeated demo moves the earlier run aside (run/earlier_run_*)
         **(QUICK_OVERRIDES if quick else {}),
     }
     config = build_config(arguments, "demo")

@@ -96,3 +96,74 @@ def prime_adam_state(optimizer) -> None:
                     slot["step"] = torch.tensor(0.0)
                     slot["exp_avg"] = torch.zeros_like(param.data)
                     slot["exp_avg_sq"] = torch.zeros_like(param.data)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Safe checkpoint loading (issue 14). Megatron-Core's ``dist_checkpointing.load`` builds its own DCP
+# readers (``strategies.torch._get_filesystem_reader``: torch's FileSystemReader, which unpickles
+# ``.metadata`` and byte items) and reads ``common.pt`` with a bare ``torch.load`` (whose default a
+# TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD environment turns unsafe). :func:`load_dist_checkpoint` swaps in the
+# project's safe reader and a weights_only common load for the duration of one load.
+# Checked on megatron-core 0.16.1 (common.pt via TorchCommonLoadStrategy.load_common) and 0.19.2 (common
+# state as a byte item read through serialization._get_filesystem_reader, or a legacy common.pt through
+# serialization.load_common).
+# ------------------------------------------------------------------------------------------------------
+
+import contextlib  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from megatron.core import dist_checkpointing  # noqa: E402
+from megatron.core.dist_checkpointing import serialization as _serialization  # noqa: E402
+from megatron.core.dist_checkpointing.strategies import common as _common_strategies  # noqa: E402
+from megatron.core.dist_checkpointing.strategies import torch as _torch_strategies  # noqa: E402
+
+from megatron_prm.safe_loading import SafeFileSystemReader, load_plain  # noqa: E402
+
+
+def _safe_reader(checkpoint_dir, *_args, **_kwargs) -> SafeFileSystemReader:
+    return SafeFileSystemReader(checkpoint_dir)
+
+
+def _safe_common(checkpoint_dir) -> dict:
+    path = Path(checkpoint_dir) / _common_strategies.COMMON_STATE_FNAME
+    return load_plain(path, str(path))
+
+
+def _safe_common_method(_self, checkpoint_dir) -> dict:
+    return _safe_common(checkpoint_dir)
+
+
+@contextlib.contextmanager
+def _safe_megatron_readers():
+    replacements = [(_torch_strategies, "_get_filesystem_reader", _safe_reader),
+                    (_serialization, "_get_filesystem_reader", _safe_reader),
+                    (_serialization, "load_common", _safe_common)]
+    common_class = getattr(_common_strategies, "TorchCommonLoadStrategy", None)
+    if common_class is not None:
+        replacements.append((common_class, "load_common", _safe_common_method))
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements if hasattr(owner, name)]
+    try:
+        for owner, name, replacement in replacements:
+            if hasattr(owner, name):
+                setattr(owner, name, replacement)
+        yield
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+def load_dist_checkpoint(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike) -> dict:
+    """``dist_checkpointing.load`` with every file read through the safe readers."""
+    with _safe_megatron_readers():
+        return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir))
+
+
+def local_gradients_finite(model_chunks: list) -> bool:
+    """Whether this rank's gradient buffers (Megatron DDP's ``buffers`` / ``expert_parallel_buffers``,
+    ``grad_data``; checked on 0.16.1 and 0.19.2) hold only finite numbers."""
+    for chunk in model_chunks:
+        for buffer in list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", [])):
+            if buffer.grad_data is not None and not bool(torch.isfinite(buffer.grad_data).all()):
+                return False
+    return True

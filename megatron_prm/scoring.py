@@ -94,7 +94,8 @@ def score_file(config: RunConfig, output: Path, aggregates: tuple[str, ...], bat
     runtime = init_runtime(config.training.device, config.training.seed, layout)
     options = ModelBuildOptions.from_config(config, layout, runtime.use_transformer_engine, runtime.is_cpu)
     chunks = build_model_chunks(arch, tokenizer.special.reward_ids, config.data.max_seq_len, options)
-    load_model_weights(chunks, config.model.model_name_or_path, arch)
+    load_model_weights(chunks, config.model.model_name_or_path, arch,
+                       verify_checksums=config.training.verify_checkpoint_checksums)
     if config.training.bf16 or config.training.fp16:
         from megatron.core.transformer.module import Float16Module
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -13,10 +14,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_prm import megatron_compat
 from megatron_prm.checkpoint import (
-    LATEST,
     TrainState,
-    checkpoint_name,
     layout_record,
     load_checkpoint,
     load_model_weights,
@@ -35,8 +35,18 @@ from megatron_prm.forward_step import make_train_forward_step, run_schedule
 from megatron_prm.metrics import majority_baseline
 from megatron_prm.model.architecture import LlamaArchitecture, resolve_architecture
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks, padded_vocab_size
+from megatron_prm.nonfinite import NonFiniteBudget, NonFiniteError
 from megatron_prm.provenance import record_launch
 from megatron_prm.run_logger import RunLogger, check_trackers
+from megatron_prm.run_directory import (
+    checkpoint_in_run,
+    checkpoint_name,
+    checkpoints,
+    check_output_dir,
+    move_earlier_run_aside,
+    read_latest,
+    resolve_checkpoint,
+)
 from megatron_prm.runtime import Runtime, init_runtime
 from megatron_prm.stop_signals import StopSignals
 from megatron_prm.throughput import mfu, peak_memory_gib, peak_tflops, progress_line
@@ -49,16 +59,6 @@ def total_training_steps(config: RunConfig, data: PreparedData) -> int:
     steps = data.train.steps_for_epochs(config.training.num_train_epochs)
     assert steps is not None, "a streamed data set needs max_steps (checked in config.py)"
     return steps
-
-
-def resume_source(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:
-    """What a run resumes from: ``latest`` is output_dir's newest checkpoint; ``auto`` is the same where
-    output_dir has one and a fresh start otherwise (a requeued job's first and later runs)."""
-    if resume_from_checkpoint == "auto":
-        return output_dir if (Path(output_dir) / LATEST).is_file() else None
-    if resume_from_checkpoint == "latest":
-        return output_dir
-    return resume_from_checkpoint
 
 
 def data_position(data: PreparedData) -> dict:
@@ -110,19 +110,35 @@ def _reduce_step_report(reports: list[dict], batches: list[MicroBatch], flops: f
     return figures
 
 
+def _finite_everywhere(state: TrainingState, reports: list[dict], device: torch.device) -> bool:
+    """Whether the losses (last pipeline stage) and, except under fp16's loss scaler, which skips
+    overflowing steps itself, the gradients of every rank are finite."""
+    finite = all(bool(torch.isfinite(report["prm"]).all()) for report in reports)
+    if finite and not state.model[0].config.fp16:
+        finite = megatron_compat.local_gradients_finite(state.model)
+    flag = torch.tensor([0.0 if finite else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
 def train_step(state: TrainingState, batches: list[MicroBatch], runtime: Runtime, threshold: float,
                flops: float = 0.0) -> dict:
-    """One optimizer step over ``batches``; ``flops`` (this replica's model FLOPs) is summed over data
-    parallel into the figures."""
+    """One optimizer step over ``batches``; with a non-finite loss or gradient anywhere, no update and
+    ``nonfinite``. ``flops`` (this replica's model FLOPs) is summed over data parallel into the figures."""
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
     reports = run_schedule(state.model, make_train_forward_step(runtime.device, threshold), batches, forward_only=False)
+    if not _finite_everywhere(state, reports, runtime.device):
+        return {"nonfinite": True, **_reduce_step_report(reports, batches, flops, runtime.device)}
     learning_rate = state.optimizer.param_groups[0]["lr"]  # the rate this step applies
     updated, grad_norm, _ = state.optimizer.step()
     if updated:
         state.scheduler.step(increment=1)
-    figures = {"lr": learning_rate, "grad_norm": float(grad_norm or 0.0), "skipped": not updated}
+    if grad_norm is not None and not math.isfinite(grad_norm):  # finite gradients whose norm overflowed
+        raise NonFiniteError(f"the gradient norm is {grad_norm} although every gradient is finite; the run stops "
+                             "before saving (lower learning_rate or max_grad_norm)")
+    figures = {"lr": learning_rate, "grad_norm": float(grad_norm or 0.0), "skipped": not updated, "nonfinite": False}
     if state.model[0].config.fp16:
         figures["loss_scale"] = float(state.optimizer.get_loss_scale())
     figures.update(_reduce_step_report(reports, batches, flops, runtime.device))
@@ -171,10 +187,18 @@ def setup(config: RunConfig) -> Run:
         path = getattr(config.data, key)
         if path and (key == "train_dataset_path" or args.do_eval) and not _data_exists(path):
             raise ConfigError(f"{key}: {path} does not exist (neither a file nor a preprocessed store prefix)")
+    resume_source = _resume_source(config)
+    check_output_dir(Path(args.output_dir), _resumes_in_place(resume_source, Path(args.output_dir))
+                     or args.resume_from_checkpoint == "auto", args.overwrite_output_dir)
     tokenizer = RecordTokenizer(tokenize_job(config, config.data.train_dataset_path))
     arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len)
     layout, layout_notes = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), arch)
     runtime = init_runtime(args.device, args.seed, layout)
+    if args.overwrite_output_dir and resume_source is None and runtime.rank == 0:
+        aside = move_earlier_run_aside(Path(args.output_dir))
+        if aside is not None:
+            print(f"overwrite_output_dir: the earlier files of {args.output_dir} are now in {aside}", flush=True)
+    dist.barrier()
     if runtime.rank == 0:
         record_launch(config, runtime.world_size)
     logger = RunLogger(runtime.is_logging_rank, config)
@@ -191,19 +215,21 @@ def setup(config: RunConfig) -> Run:
 
     options = ModelBuildOptions.from_config(config, layout, runtime.use_transformer_engine, runtime.is_cpu)
     chunks = build_model_chunks(arch, tokenizer.special.reward_ids, config.data.max_seq_len, options)
-    if config.model.model_name_or_path and resume_source(args.resume_from_checkpoint, args.output_dir) is None:
-        load_model_weights(chunks, config.model.model_name_or_path, arch)
+    if config.model.model_name_or_path and resume_source is None:
+        load_model_weights(chunks, config.model.model_name_or_path, arch, args.verify_checkpoint_checksums)
     total_steps = total_training_steps(config, data)
     state = build_training_state(chunks, args, total_steps, layout.distributed_optimizer,
                                  CommunicationOverlap.from_config(config.parallel))
     fmt = optimizer_format(layout.distributed_optimizer, args.unified_checkpoint)
     train_state = TrainState(layout=layout_record(layout), optimizer_format=fmt)
-    source = resume_source(args.resume_from_checkpoint, args.output_dir)
-    if source is not None:
-        saved, checkpoint = load_checkpoint(state, source, arch, layout, fmt)
+    if resume_source is not None:
+        saved, checkpoint = load_checkpoint(state, resume_source, arch, layout, fmt, args.verify_checkpoint_checksums)
         train_state = dataclasses.replace(saved, layout=layout_record(layout), optimizer_format=fmt)
         restore_data_position(data, train_state, runtime.data_parallel_rank, checkpoint)
         logger.message(f"resumed from {checkpoint} at step {train_state.step} ({train_state.consumed_samples} samples)")
+    run_id = [train_state.run_id]  # a fresh run's (or a checkpoint's from before run ids): rank 0's for all
+    dist.broadcast_object_list(run_id, src=0)
+    train_state.run_id = run_id[0]
     n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
     logger.message(
         f"model: {arch.num_hidden_layers} layers, hidden {arch.hidden_size}, {n_params / 1e6:.2f}M parameters on "
@@ -235,6 +261,29 @@ def _describe_data(name: str, report: dict) -> str:
     if report.get("tokens") is not None:
         parts.append(f"{report['tokens']:,} tokens")
     return f"{name} data: " + ", ".join(parts)
+
+
+def _resume_source(config: RunConfig) -> Optional[str]:
+    """The checkpoint or run directory to resume from; None for a fresh start. ``auto`` resumes from
+    output_dir's ``latest`` when there is one (a requeued job) and starts fresh otherwise."""
+    setting, output_dir = config.training.resume_from_checkpoint, Path(config.training.output_dir)
+    if setting == "auto":
+        if read_latest(output_dir) is not None:
+            return str(output_dir)
+        if checkpoints(output_dir):
+            raise ConfigError(f"resume_from_checkpoint auto: {output_dir} holds checkpoints but no latest; name "
+                              "the one to resume from")
+        return None
+    return str(output_dir) if setting == "latest" else setting
+
+
+def _resumes_in_place(source: Optional[str], output_dir: Path) -> bool:
+    """Whether ``source`` is a checkpoint of ``output_dir`` itself (a resume that writes on in its own run
+    directory); a resume into another directory must find that one empty."""
+    if source is None:
+        return False
+    checkpoint = resolve_checkpoint(source)
+    return output_dir.is_dir() and checkpoint.parent.resolve() == output_dir.resolve()
 
 
 def run_eval(run: Run, step: int) -> Optional[dict]:
@@ -291,11 +340,17 @@ def run_training(config: RunConfig) -> Optional[dict]:
     first_step = run.train_state.step + 1
     train_seconds = 0.0  # optimizer steps only (no evaluation, no saving): the basis of the ETA
     metrics = None
+    nonfinite = NonFiniteBudget(args.max_skipped_nonfinite_steps)
     for step in range(first_step, run.total_steps + 1 if args.do_train else 1):
         step_start = time.perf_counter()
         samples = run.data.train.next_microbatches()
         flops = training_flops(run.shape, [len(sample) for micro in samples for sample in micro], with_logits=False)
         figures = train_step(run.state, run.collator(samples), run.runtime, config.prm.score_threshold, flops)
+        if figures.pop("nonfinite"):
+            nonfinite.record(step, figures.pop("loss", None))
+            figures.pop("accuracy", None)
+            run.logger.message(f"step {step}: non-finite loss or gradient, no update "
+                               f"({nonfinite.skipped} of {nonfinite.limit} allowed)")
         run.train_state.consumed_samples += figures["samples"]
         elapsed = time.perf_counter() - step_start
         train_seconds += elapsed
@@ -312,6 +367,8 @@ def run_training(config: RunConfig) -> Optional[dict]:
         metrics = run_eval(run, step) if step % args.eval_steps == 0 or step == run.total_steps else None
         stopping = stop.requested(run.runtime.device) and step < run.total_steps
         if _save_due(run, step) or stopping:
+            if metrics is None and args.load_best_model_at_end:
+                metrics = run_eval(run, step)  # an epoch end between evaluations: rank this checkpoint too
             save(run, step, metrics)
         if stopping:
             run.logger.message(f"received {stop.name}: saved the checkpoint of step {step} and stopped; run again "
@@ -324,7 +381,8 @@ def run_training(config: RunConfig) -> Optional[dict]:
     if not args.do_train:
         metrics = run_eval(run, 0)
     elif args.load_best_model_at_end and run.train_state.best_checkpoint not in (None, checkpoint_name(run.total_steps)):
-        load_model_weights(run.state.model, run.output_dir / run.train_state.best_checkpoint, run.arch)
+        best = checkpoint_in_run(run.output_dir, run.train_state.best_checkpoint, f"{run.output_dir} best_checkpoint")
+        load_model_weights(run.state.model, best, run.arch, args.verify_checkpoint_checksums)
         run.logger.message(f"loaded the best checkpoint {run.train_state.best_checkpoint} "
                            f"({args.metric_for_best_model} {run.train_state.best_metric:.4g})")
         metrics = run_eval(run, run.total_steps)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import MISTRAL, REPO, free_port, read_log, run_cli
-from megatron_prm.checkpoint import prune_checkpoints
+from megatron_prm.run_directory import prune_checkpoints
 from megatron_prm.data.synthetic import write_dataset
 
 BASE = {
@@ -159,10 +159,12 @@ def test_loading_refuses_other_shapes_and_non_checkpoints(tmp_path, config_path)
     assert nothing.returncode == 2 and "is not a megatron-prm checkpoint" in nothing.stderr
 
 
-def test_pruning_keeps_the_newest_and_the_best(tmp_path):
-    for step in (2, 4, 6, 8):
+def test_pruning_keeps_the_newest_and_the_best_of_this_run_by_step(tmp_path):
+    for step in (2, 4, 6, 8, 10_000_000):
         (tmp_path / f"iter_{step:07d}").mkdir()
     (tmp_path / "iter_0000010.tmp").mkdir()
-    removed = prune_checkpoints(tmp_path, keep=2, protect="iter_0000002")
-    assert removed == ["iter_0000004"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "iter_0000006", "iter_0000008", "iter_0000010.tmp"]
+    (tmp_path / "latest").write_text("iter_10000000\n")
+    removed = prune_checkpoints(tmp_path, keep=2, own=[2, 4, 8, 10_000_000], protect=["iter_0000002"])
+    assert removed == ["iter_0000004"]  # 6 belongs to another run; by name iter_10000000 would sort first
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000002", "iter_0000006", "iter_0000008", "iter_0000010.tmp", "iter_10000000", "latest"]

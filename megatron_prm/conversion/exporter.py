@@ -9,17 +9,17 @@ from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 from tqdm import tqdm
 
-from megatron_prm.checkpoint import MODEL_CONFIG_NAME, TOKENIZER_DIR, resolve_checkpoint
+from megatron_prm.checkpoint import MODEL_CONFIG_NAME, TOKENIZER_DIR, check_integrity, resolve_checkpoint
 from megatron_prm.conversion.importer import DTYPES, copy_tokenizer_files
 from megatron_prm.conversion.mapping import ParamRule, Transform, hf_shapes, megatron_shape, rules_for, to_hf
 from megatron_prm.conversion.safetensors_io import CheckpointFormatError, PlannedTensor, ShardedSafetensorsWriter
 from megatron_prm.conversion.staging import staged_output
 from megatron_prm.model.architecture import LlamaArchitecture, read_hf_config
+from megatron_prm.safe_loading import SafeFileSystemReader, load_errors_named
 
 HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -52,7 +52,7 @@ class _SliceLoadPlanner(DefaultLoadPlanner):
         return self.state_dict[index.fqn].buffer
 
 
-def _load(checkpoint: Path, rules: list[ParamRule], layer: Optional[int], metadata: dict) -> dict[str, torch.Tensor]:
+def _load(reader: SafeFileSystemReader, rules: list[ParamRule], layer: Optional[int], metadata: dict) -> dict[str, torch.Tensor]:
     """The Megatron tensors of ``rules`` for one layer (or the non-layer ones), read from the checkpoint."""
     request = {}
     for rule in rules:
@@ -63,7 +63,8 @@ def _load(checkpoint: Path, rules: list[ParamRule], layer: Optional[int], metada
                                                   (layer,) + (0,) * (len(shape) - 1))
         else:
             request[rule.checkpoint_key] = _Slice(torch.empty(shape, dtype=stored.properties.dtype), (0,) * len(shape))
-    dcp.load(request, storage_reader=FileSystemReader(str(checkpoint)), planner=_SliceLoadPlanner(), no_dist=True)
+    with load_errors_named(Path(reader.path), "the weights"):
+        dcp.load(request, storage_reader=reader, planner=_SliceLoadPlanner(), no_dist=True)
     return {key: piece.buffer[0] if rule.per_layer else piece.buffer
             for rule, (key, piece) in zip(rules, request.items())}
 
@@ -101,11 +102,13 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
     """Write the weights of a Megatron checkpoint (a run directory's ``latest`` or one ``iter_*``) as an
     HF model directory that ``AutoModelForCausalLM.from_pretrained`` loads without custom code."""
     checkpoint = resolve_checkpoint(megatron_dir)
+    check_integrity(checkpoint, checksums=True)
     config_path = checkpoint / MODEL_CONFIG_NAME
     saved_config = read_hf_config(config_path)  # the stored config as it is; refuses unsupported architectures
     arch = LlamaArchitecture.from_hf_config(saved_config, str(config_path))
     rules = rules_for(saved_config["model_type"], arch)
-    metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    reader = SafeFileSystemReader(checkpoint)
+    metadata = reader.read_metadata().state_dict_metadata
     _check_stored(metadata, rules, arch, checkpoint)
     target_dtype = DTYPES[dtype] if dtype else metadata[rules[0].checkpoint_key].properties.dtype
 
@@ -120,7 +123,7 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
     with staged_output(out_dir) as staging:
         writer = ShardedSafetensorsWriter(staging, planned, max_shard_bytes)
         for layer, group in tqdm(groups, desc="export", unit="layer", disable=not progress):
-            loaded = _load(checkpoint, group, layer, metadata)
+            loaded = _load(reader, group, layer, metadata)
             for rule in group:
                 for name, tensor in zip(rule.hf_names(layer), to_hf(rule, loaded.pop(rule.checkpoint_key), arch)):
                     writer.write(name, tensor.to(target_dtype))

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_prm.checkpoint import MODEL_CONFIG_NAME, TOKENIZER_DIR, TRAIN_STATE_NAME, TrainState
+from megatron_prm.checkpoint_manifest import write_manifest
 from megatron_prm.config import ConfigError
 from megatron_prm.conversion.mapping import (
     IGNORED_HF_SUFFIXES,
@@ -102,6 +103,7 @@ def import_hf(hf_dir: Path, out_dir: Path, tensor_parallel: int = 1, pipeline_pa
         shutil.copy2(config_path, staging / MODEL_CONFIG_NAME)  # verbatim: export writes it back unchanged
         (staging / TRAIN_STATE_NAME).write_text(json.dumps(dataclasses.asdict(TrainState()), indent=2))
         tokenizer_files = copy_tokenizer_files(hf_dir, staging / TOKENIZER_DIR)
+        write_manifest(staging)
     return {"output": str(out_dir), "model_type": config["model_type"], "layers": arch.num_hidden_layers,
             "vocab_size": arch.vocab_size, "padded_vocab_size": padded_vocab, "dtype": str(target_dtype),
             "tensors": total, "tokenizer_files": tokenizer_files}

@@ -15,7 +15,7 @@ from megatron_prm.data.batching import BatchLayout, eval_microbatches
 from megatron_prm.data.loader import BatchSource, IndexedBatches, PackedBatches, Packing, SampleSource, StreamedBatches
 from megatron_prm.data.packing import PackingOptions, pack_best_fit_decreasing
 from megatron_prm.data.preprocess import RecordTokenizer, TokenizeJob, store_identity
-from megatron_prm.data.samples import Sample, SampleOptions, load_samples
+from megatron_prm.data.samples import SampleOptions, load_samples
 from megatron_prm.data.store import InMemorySamples, TokenStore, store_prefix
 from megatron_prm.data.streaming import SampleStream, StreamShard
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_prm.config import ConfigError, ModelArguments
+from megatron_prm.run_directory import MODEL_CONFIG_NAME, resolve_checkpoint
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
@@ -152,8 +153,6 @@ def resolve_architecture(
     source = args.model_config or (Path(args.model_name_or_path) if args.model_name_or_path else None)
     if source is not None:
         if args.model_name_or_path:
-            from megatron_prm.checkpoint import MODEL_CONFIG_NAME, resolve_checkpoint
-
             source = resolve_checkpoint(source) / MODEL_CONFIG_NAME
         where = str(source)
         hf = read_hf_config(source)
