@@ -39,8 +39,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from megatron_prm import megatron_compat
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.layout import ParallelLayout
-from megatron_prm.model.architecture import LlamaArchitecture, read_hf_config
-from megatron_prm.tokenizer import resolve_tokenizer_path
+from megatron_prm.model.architecture import Architecture, read_hf_config
+from megatron_prm.tokenizer import resolve_tokenizer_path, save_with_special_tokens
 
 LATEST = "latest"
 CONFIG_NAME = "run_config.json"
@@ -163,13 +163,14 @@ def _copy_tokenizer(config: RunConfig, target: Path) -> None:
         shutil.copy2(path, target / "tokenizer.model")
 
 
-def _write_metadata(directory: Path, config: RunConfig, arch: LlamaArchitecture, train_state: TrainState) -> None:
+def _write_metadata(directory: Path, config: RunConfig, arch: Architecture, train_state: TrainState) -> None:
     config.save(directory / CONFIG_NAME)
     model_config = {**_base_hf_config(config), **arch.to_hf_config()}
     model_config.pop("rope_parameters", None)  # superseded by rope_theta / rope_scaling just written
     (directory / MODEL_CONFIG_NAME).write_text(json.dumps(model_config, indent=2))
     (directory / TRAIN_STATE_NAME).write_text(json.dumps(dataclasses.asdict(train_state), indent=2))
     _copy_tokenizer(config, directory / TOKENIZER_DIR)
+    save_with_special_tokens(directory / TOKENIZER_DIR, config.prm.placeholder_token, config.prm.reward_token_list)
 
 
 def _publish(staging: Path, final: Path, output_dir: Path) -> None:
@@ -198,13 +199,13 @@ def _save(sharded: dict, output_dir: Path, step: int, write_metadata) -> Path:
 
 
 def save_model_checkpoint(model: list, output_dir: Path, step: int, config: RunConfig,
-                          arch: LlamaArchitecture) -> Path:
+                          arch: Architecture) -> Path:
     """Model weights only (initial checkpoints, exports); loadable with ``model_name_or_path``."""
     return _save(model_sharded_state_dict(model), output_dir, step,
                  lambda d: _write_metadata(d, config, arch, TrainState(step=step)))
 
 
-def save_checkpoint(state, output_dir: Path, config: RunConfig, arch: LlamaArchitecture,
+def save_checkpoint(state, output_dir: Path, config: RunConfig, arch: Architecture,
                     train_state: TrainState, keep: Optional[int] = None) -> Path:
     """Everything a resume needs (``state`` is the TrainingState); prunes beyond ``keep`` afterwards."""
     model_sd = model_sharded_state_dict(state.model)
@@ -246,18 +247,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def check_architecture(checkpoint: Path, arch: LlamaArchitecture) -> None:
+def check_architecture(checkpoint: Path, arch: Architecture) -> None:
     """Refuse a checkpoint of another model shape, naming the fields that differ."""
     path = checkpoint / MODEL_CONFIG_NAME
-    saved = LlamaArchitecture.from_hf_config(read_hf_config(path), str(path)).to_hf_config()
+    saved = Architecture.from_hf_config(read_hf_config(path), str(path)).to_hf_config()
     current = arch.to_hf_config()
+    # The vocabulary may grow by added special tokens; the reward head is checked when the model is resolved.
     differences = [f"{k}: checkpoint {saved.get(k)!r}, model {v!r}" for k, v in current.items()
-                   if k not in ("initializer_range", "max_position_embeddings") and saved.get(k) != v]
+                   if k not in ("initializer_range", "max_position_embeddings", "architectures")
+                   and saved.get(k) != v and not (k == "vocab_size" and v > saved[k])]
     if differences:
         raise ConfigError(f"{checkpoint} holds a model of another shape ({'; '.join(differences)})")
 
 
-def load_model_weights(chunks: list, path: str | Path, arch: Optional[LlamaArchitecture] = None) -> Path:
+def load_model_weights(chunks: list, path: str | Path, arch: Optional[Architecture] = None) -> Path:
     """Load a checkpoint's weights into this rank's model chunks, whatever the layout it was saved
     under."""
     checkpoint = resolve_checkpoint(path)
@@ -299,7 +302,7 @@ def read_train_state(checkpoint: Path) -> TrainState:
     return TrainState.from_dict(json.loads(path.read_text()))
 
 
-def load_checkpoint(state, path: str | Path, arch: LlamaArchitecture, layout: ParallelLayout,
+def load_checkpoint(state, path: str | Path, arch: Architecture, layout: ParallelLayout,
                     fmt: str) -> tuple[TrainState, Path]:
     """Restore model, optimizer, LR schedule and (same layout only) RNG states for a resume."""
     checkpoint = resolve_checkpoint(path)

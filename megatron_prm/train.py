@@ -32,7 +32,7 @@ from megatron_prm.layout import ParallelLayout, resolve_layout
 from megatron_prm.evaluation import evaluate, labelled_steps
 from megatron_prm.forward_step import make_train_forward_step, run_schedule
 from megatron_prm.metrics import majority_baseline
-from megatron_prm.model.architecture import LlamaArchitecture, resolve_architecture
+from megatron_prm.model.architecture import Architecture, resolve_architecture
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
 from megatron_prm.run_logger import RunLogger
 from megatron_prm.runtime import Runtime, init_runtime
@@ -96,7 +96,7 @@ class Run:
     config: RunConfig
     runtime: Runtime
     logger: RunLogger
-    arch: LlamaArchitecture
+    arch: Architecture
     layout: ParallelLayout
     data: PreparedData
     state: TrainingState
@@ -113,7 +113,8 @@ def setup(config: RunConfig) -> Run:
     """Process group, data, model, optimizer; restores a checkpoint when resuming."""
     args = config.training
     tokenizer = RecordTokenizer(tokenize_job(config, config.data.train_dataset_path))
-    arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len)
+    arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len,
+                                config.prm.reward_head, added_tokens=len(tokenizer.special.added))
     layout, layout_notes = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), arch)
     runtime = init_runtime(args.device, args.seed, layout)
     logger = RunLogger(runtime.is_logging_rank, args.output_dir, args.tensorboard_dir)
