@@ -77,7 +77,7 @@ def write_qwen2_prm(directory: Path, vocab_size: int, **shape) -> Path:
     tensors.update({f"score.{k}": v.contiguous() for k, v in score.state_dict().items()})
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    saved = {**config.to_dict(), "architectures": ["Qwen2ForProcessRewardModel"],
+    saved = {**config.to_dict(), "dtype": "float32", "architectures": ["Qwen2ForProcessRewardModel"],
              "auto_map": {"AutoModel": "modeling_qwen2_rm.Qwen2ForProcessRewardModel"}}
     (directory / "config.json").write_text(json.dumps(saved, indent=2))
     return directory
