@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_log, run_cli, write_jsonl
+from conftest import read_log, run_cli
 from qwen_fixtures import qwen2_prm_reference, write_qwen2_prm, write_qwen2_tokenizer
 from test_convert_hf import convert
 

@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from megatron_prm.config import ConfigError, ModelArguments
 
@@ -49,7 +49,7 @@ class Llama3RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
-    rope_type = "llama3"
+    rope_type: ClassVar[str] = "llama3"
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class LinearRopeScaling:
     """HF ``rope_type: linear``: positions divided by ``factor`` (Megatron's ``seq_len_interpolation_factor``)."""
 
     factor: float
-    rope_type = "linear"
+    rope_type: ClassVar[str] = "linear"
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class YarnRopeScaling:
     mscale: Optional[float] = None
     mscale_all_dim: Optional[float] = None
     truncate: bool = True
-    rope_type = "yarn"
+    rope_type: ClassVar[str] = "yarn"
 
 
 RopeScaling = Union[Llama3RopeScaling, LinearRopeScaling, YarnRopeScaling]
