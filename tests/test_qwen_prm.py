@@ -19,6 +19,7 @@ from test_convert_hf import convert
 pytest.importorskip("transformers")
 from transformers import AutoModelForTokenClassification, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
+from megatron_prm.data.convert import convert_file  # noqa: E402
 from megatron_prm.data.records import validate_record  # noqa: E402
 from megatron_prm.data.samples import SampleBuilder, SampleOptions  # noqa: E402
 from megatron_prm.tokenizer import load_tokenizer, special_token_ids  # noqa: E402
@@ -57,7 +58,7 @@ def processbench_records(shared_data, tmp_path):
     with gzip.open(shared_data / "processbench" / "gsm8k.json.gz", "rt", encoding="utf-8") as handle:
         source.write_text(json.dumps(json.load(handle)[:8]))
     out = tmp_path / "pb.jsonl"
-    run_cli(["convert-data", "--from", "processbench", "--input", str(source), "--output", str(out)])
+    convert_file("processbench", source, out, show_progress=False)
     return out
 
 

@@ -111,7 +111,8 @@ def _fp8_settings(precision: Precision) -> dict:
 @dataclass
 class YarnTransformerConfig(TransformerConfig):
     """TransformerConfig with the YaRN fields that GPTModel's ``position_embedding_type="yarn"`` and the
-    attention's cos/sin scaling read from the config (Megatron-Core declares them on its MLA config only)."""
+    attention's cos/sin scaling (``_yarn_get_concentration_factor_from_config``) read from the config by
+    name; Megatron-Core declares them on its MLA config only. Checked on megatron-core 0.16.1 and 0.19.2."""
 
     yarn_rotary_scaling_factor: float = 1.0
     yarn_original_max_position_embeddings: int = 4096
