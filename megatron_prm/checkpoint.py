@@ -48,7 +48,7 @@ from megatron_prm.checkpoint_manifest import (
 )
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.layout import ParallelLayout
-from megatron_prm.model.architecture import LlamaArchitecture, read_hf_config
+from megatron_prm.model.architecture import Architecture, read_hf_config
 from megatron_prm.run_directory import (
     MODEL_CONFIG_NAME,
     CheckpointError,
@@ -60,7 +60,7 @@ from megatron_prm.run_directory import (
     staging_dir,
 )
 from megatron_prm.safe_loading import SafeFileSystemReader, load_errors_named
-from megatron_prm.tokenizer import save_tokenizer
+from megatron_prm.tokenizer import save_tokenizer, save_with_special_tokens
 
 CONFIG_NAME = "run_config.json"
 TRAIN_STATE_NAME = "train_state.json"
@@ -160,12 +160,13 @@ def _base_hf_config(config: RunConfig) -> dict:
     return {"model_type": "llama"}
 
 
-def _write_metadata(directory: Path, config: RunConfig, arch: LlamaArchitecture, train_state: TrainState) -> None:
-    # The tokenizer training used (the config's wins over the starting checkpoint's), kept in the checkpoint
-    # and named relative to it, so that the checkpoint can move.
+def _write_metadata(directory: Path, config: RunConfig, arch: Architecture, train_state: TrainState) -> None:
+    # The tokenizer training used (the config's wins over the starting checkpoint's) with the step tag and
+    # reward tokens it added, kept in the checkpoint and named relative to it, so that the checkpoint can move.
     tokenizer = config.model.tokenizer_name_or_path or checkpoint_tokenizer(config.model.model_name_or_path)
     if tokenizer:
         save_tokenizer(tokenizer, directory / TOKENIZER_DIR)
+        save_with_special_tokens(directory / TOKENIZER_DIR, config.prm.placeholder_token, config.prm.reward_token_list)
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, tokenizer_name_or_path=TOKENIZER_DIR))
     config.save(directory / CONFIG_NAME)
     model_config = {**_base_hf_config(config), **arch.to_hf_config()}
@@ -196,13 +197,13 @@ def _save(sharded: dict, output_dir: Path, step: int, write_metadata) -> Path:
 
 
 def save_model_checkpoint(model: list, output_dir: Path, step: int, config: RunConfig,
-                          arch: LlamaArchitecture) -> Path:
+                          arch: Architecture) -> Path:
     """Model weights only (initial checkpoints, exports); loadable with ``model_name_or_path``."""
     return _save(model_sharded_state_dict(model), output_dir, step,
                  lambda d: _write_metadata(d, config, arch, TrainState(step=step)))
 
 
-def save_checkpoint(state, output_dir: Path, config: RunConfig, arch: LlamaArchitecture,
+def save_checkpoint(state, output_dir: Path, config: RunConfig, arch: Architecture,
                     train_state: TrainState, keep: Optional[int] = None) -> Path:
     """Everything a resume needs (``state`` is the TrainingState); prunes beyond ``keep`` afterwards."""
     model_sd = model_sharded_state_dict(state.model)
@@ -253,13 +254,15 @@ def check_integrity(checkpoint: Path, checksums: bool = True) -> None:
     check_backend(checkpoint)
 
 
-def check_architecture(checkpoint: Path, arch: LlamaArchitecture) -> None:
+def check_architecture(checkpoint: Path, arch: Architecture) -> None:
     """Refuse a checkpoint of another model shape, naming the fields that differ."""
     path = checkpoint / MODEL_CONFIG_NAME
-    saved = LlamaArchitecture.from_hf_config(read_hf_config(path), str(path)).to_hf_config()
+    saved = Architecture.from_hf_config(read_hf_config(path), str(path)).to_hf_config()
     current = arch.to_hf_config()
+    # The vocabulary may grow by added special tokens; the reward head is checked when the model is resolved.
     differences = [f"{k}: checkpoint {saved.get(k)!r}, model {v!r}" for k, v in current.items()
-                   if k not in ("initializer_range", "max_position_embeddings") and saved.get(k) != v]
+                   if k not in ("initializer_range", "max_position_embeddings", "architectures")
+                   and saved.get(k) != v and not (k == "vocab_size" and v > saved[k])]
     if differences:
         raise ConfigError(f"{checkpoint} holds a model of another shape ({'; '.join(differences)})")
 
@@ -269,7 +272,7 @@ def _load(requested: dict, checkpoint: Path, what: str) -> dict:
         return megatron_compat.load_dist_checkpoint(requested, checkpoint)
 
 
-def load_model_weights(chunks: list, path: str | Path, arch: Optional[LlamaArchitecture] = None,
+def load_model_weights(chunks: list, path: str | Path, arch: Optional[Architecture] = None,
                        verify_checksums: bool = True) -> Path:
     """Load a checkpoint's weights into this rank's model chunks, whatever the layout it was saved
     under."""
@@ -314,7 +317,7 @@ def read_train_state(checkpoint: Path) -> TrainState:
         raise CheckpointError(f"{path} is damaged: {err}") from err
 
 
-def load_checkpoint(state, path: str | Path, arch: LlamaArchitecture, layout: ParallelLayout,
+def load_checkpoint(state, path: str | Path, arch: Architecture, layout: ParallelLayout,
                     fmt: str, verify_checksums: bool = True) -> tuple[TrainState, Path]:
     """Restore model, optimizer, LR schedule and (same layout only) RNG states for a resume."""
     checkpoint = resolve_checkpoint(path)

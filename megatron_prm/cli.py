@@ -200,7 +200,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> None:
     from megatron_prm.plan import describe, plan
 
     config = load_config(args.config, overrides)
-    arch = resolve_architecture(config.model, 1, config.data.max_seq_len)
+    arch = resolve_architecture(config.model, 1, config.data.max_seq_len, config.prm.reward_head)
     if arch.vocab_size == 1:
         raise ConfigError("plan reads the vocabulary size from the model config (model_config or vocab_size)")
     result = plan(config, arch, args.nodes, args.gpus_per_node, args.gpu_memory_gib)
@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. --tensor_parallel_degree 2 --device cuda).")
     source = score.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a megatron-prm checkpoint or run directory (its latest)")
-    source.add_argument("--hf", help="an HF Llama/Mistral PRM directory (converted in memory-light streaming first)")
+    source.add_argument("--hf", help="an HF Llama / Mistral / Qwen2 / Qwen3 PRM directory (converted in memory-light "
+                        "streaming first)")
     score.add_argument("--data", required=True, help="JSON or JSONL records; labels optional")
     score.add_argument("--output", required=True, help="JSONL of scores to write")
     score.add_argument("--aggregate", default="min,last,prod,mean", help="comma-separated: min,last,prod,mean,max")

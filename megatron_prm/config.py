@@ -52,6 +52,12 @@ class PRMArguments:
         "A step is judged correct when P(good) >= this; used by step accuracy and first-error metrics.",
         default=0.5,
     )
+    reward_head: str = _doc(
+        "'lm_head': the LM-head logits of the reward tokens form the classifier. 'mlp': Qwen2.5-Math-PRM's "
+        "head (Linear h->h, ReLU, Linear h->2) on the final hidden states, replicated on every tensor-parallel "
+        "rank; a checkpoint converted from such a PRM needs it.",
+        default="lm_head",
+    )
 
     def __post_init__(self) -> None:
         tokens = self.reward_token_list
@@ -69,6 +75,8 @@ class PRMArguments:
             raise ConfigError("placeholder_token must not be empty")
         if not 0.0 < self.score_threshold < 1.0:
             raise ConfigError(f"score_threshold must lie in (0, 1), got {self.score_threshold}")
+        if self.reward_head not in ("lm_head", "mlp"):
+            raise ConfigError(f"reward_head must be 'lm_head' or 'mlp', got {self.reward_head!r}")
 
     @property
     def reward_token_list(self) -> list[str]:
@@ -151,7 +159,8 @@ class DataArguments:
 
 @dataclass
 class ModelArguments:
-    """The Llama/Mistral-family architecture (Hugging Face names), the starting weights and the tokenizer.
+    """The architecture (Llama, Mistral, Qwen2/2.5, Qwen3; Hugging Face names), the starting weights and the
+    tokenizer.
 
     The shape comes from ``model_name_or_path`` (a checkpoint), ``model_config`` (an HF ``config.json``)
     or the shape fields; a field given in two places must agree. Without ``model_name_or_path`` the
@@ -169,7 +178,7 @@ class ModelArguments:
         default=None,
     )
     model_config: Optional[str] = _doc(
-        "An HF config.json (model_type llama or mistral), or a directory with one, giving the shape.",
+        "An HF config.json (model_type llama, mistral, qwen2 or qwen3), or a directory with one, giving the shape.",
         default=None,
     )
     num_hidden_layers: Optional[int] = _doc("Transformer layers.", default=None)
@@ -184,7 +193,8 @@ class ModelArguments:
     max_position_embeddings: Optional[int] = _doc("Longest position the model is built for.", default=None)
     rope_theta: Optional[float] = _doc("RoPE base (Llama 3: 500000).", default=None)
     rope_scaling: Optional[dict] = _doc(
-        "HF rope_scaling; only rope_type 'llama3' (Llama 3.1+) is supported.", default=None
+        "HF rope_scaling: rope_type 'llama3' (Llama 3.1+), 'linear' or 'yarn' (Qwen2.5 / Qwen3 long context); "
+        "other types are refused.", default=None
     )
     rms_norm_eps: Optional[float] = _doc("RMSNorm epsilon.", default=None)
     tie_word_embeddings: Optional[bool] = _doc("Share the input embedding and the LM head.", default=None)

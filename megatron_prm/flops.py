@@ -40,7 +40,7 @@ class ModelShape:
 
     @classmethod
     def from_architecture(cls, arch, padded_vocab_size: int) -> "ModelShape":
-        """The shape of an architecture in HF names (``LlamaArchitecture`` and its relatives)."""
+        """The shape of an architecture in HF names (:class:`~megatron_prm.model.architecture.Architecture`)."""
         return cls(
             num_layers=arch.num_hidden_layers,
             hidden_size=arch.hidden_size,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_prm.config import ConfigError, RunConfig
-from megatron_prm.model.architecture import LlamaArchitecture
+from megatron_prm.model.architecture import Architecture
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class ParallelLayout:
         return self.tensor_parallel_size if self.sequence_parallel else 1
 
 
-def model_split_problems(arch: LlamaArchitecture, tp: int, pp: int, vpp: int = 1) -> list[str]:
+def model_split_problems(arch: Architecture, tp: int, pp: int, vpp: int = 1) -> list[str]:
     """Why the model cannot be cut into ``tp`` tensor and ``pp`` x ``vpp`` pipeline parts (empty: it can)."""
     problems = []
     if arch.num_hidden_layers % (pp * vpp):
@@ -46,7 +46,7 @@ def model_split_problems(arch: LlamaArchitecture, tp: int, pp: int, vpp: int = 1
     return problems
 
 
-def resolve_layout(config: RunConfig, world_size: int, arch: LlamaArchitecture) -> tuple[ParallelLayout, list[str]]:
+def resolve_layout(config: RunConfig, world_size: int, arch: Architecture) -> tuple[ParallelLayout, list[str]]:
     """The layout, and notes on settings that were adjusted; a ConfigError naming the clashing numbers."""
     p = config.parallel
     tp, pp, vpp = p.tensor_parallel_degree, p.pipeline_parallel_degree, p.virtual_pp_degree

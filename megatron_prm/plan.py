@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.flops import ModelShape, flops_per_token
 from megatron_prm.layout import ParallelLayout, resolve_layout
-from megatron_prm.model.architecture import LlamaArchitecture
+from megatron_prm.model.architecture import Architecture
 from megatron_prm.model.provider import padded_vocab_size
 
 GIB = 2**30
@@ -43,15 +43,18 @@ class StageParameters:
         return self.embedding + self.layers + self.output_layer + self.final_norm
 
 
-def layer_parameters(arch: LlamaArchitecture, tp: int) -> int:
+def layer_parameters(arch: Architecture, tp: int) -> int:
     """Parameters of one transformer layer held by one tensor-parallel rank."""
     h, d, f = arch.hidden_size, arch.head_dim, arch.intermediate_size
     n, g = arch.num_attention_heads, arch.num_key_value_heads
     sharded = (n + 2 * g) * d * h + h * n * d + 2 * f * h + f * h
-    return sharded // tp + 2 * h  # the two RMSNorm weights are replicated
+    if arch.family.qkv_bias:
+        sharded += (n + 2 * g) * d
+    replicated = 2 * h + (2 * d if arch.family.qk_norm else 0)  # RMSNorm weights (Qwen3: per-head Q/K norms too)
+    return sharded // tp + replicated
 
 
-def stage_parameters(arch: LlamaArchitecture, layout: ParallelLayout, stage: int) -> StageParameters:
+def stage_parameters(arch: Architecture, layout: ParallelLayout, stage: int) -> StageParameters:
     """Parameters on one GPU of pipeline stage ``stage`` (all its virtual chunks)."""
     tp, pp = layout.tensor_parallel_size, layout.pipeline_parallel_size
     vocab_rows = padded_vocab_size(arch.vocab_size, tp) // tp * arch.hidden_size
@@ -65,7 +68,7 @@ def stage_parameters(arch: LlamaArchitecture, layout: ParallelLayout, stage: int
     )
 
 
-def activation_bytes(arch: LlamaArchitecture, layout: ParallelLayout, tokens: int, recompute: bool) -> int:
+def activation_bytes(arch: Architecture, layout: ParallelLayout, tokens: int, recompute: bool) -> int:
     """Activations kept for the backward pass on the first pipeline stage (see the module docstring)."""
     h, f, tp, pp = arch.hidden_size, arch.intermediate_size, layout.tensor_parallel_size, layout.pipeline_parallel_size
     per_layer = tokens * h * (10 + 24 * f / (4 * h)) / tp
@@ -77,7 +80,7 @@ def activation_bytes(arch: LlamaArchitecture, layout: ParallelLayout, tokens: in
     return int(kept * pp)
 
 
-def plan(config: RunConfig, arch: LlamaArchitecture, nodes: int, gpus_per_node: int, gpu_memory_gib: float) -> dict:
+def plan(config: RunConfig, arch: Architecture, nodes: int, gpus_per_node: int, gpu_memory_gib: float) -> dict:
     for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")

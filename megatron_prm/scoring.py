@@ -21,7 +21,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_prm import strict_json
-from megatron_prm.checkpoint import CONFIG_NAME, checkpoint_tokenizer, load_model_weights, resolve_checkpoint
+from megatron_prm.checkpoint import (
+    CONFIG_NAME,
+    MODEL_CONFIG_NAME,
+    checkpoint_tokenizer,
+    load_model_weights,
+    resolve_checkpoint,
+)
 from megatron_prm.config import ConfigError, RunConfig, load_config, read_config_file
 from megatron_prm.data.batching import Collator
 from megatron_prm.data.packing import PackingOptions
@@ -32,7 +38,7 @@ from megatron_prm.data.samples import load_samples
 from megatron_prm.data.store import InMemorySamples
 from megatron_prm.evaluation import predict
 from megatron_prm.layout import resolve_layout
-from megatron_prm.model.architecture import resolve_architecture
+from megatron_prm.model.architecture import read_hf_config, resolve_architecture, reward_head_of
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
 from megatron_prm.runtime import init_runtime
 
@@ -40,7 +46,7 @@ AGGREGATES = ("min", "last", "prod", "mean", "max")
 # Settings a scoring run takes over from the training run that wrote the checkpoint. Not the precision:
 # scoring runs in fp32 unless told (--bf16 true / --fp16 true), whatever the training used.
 _INHERITED = ("tokenizer_name_or_path", "placeholder_token", "reward_tokens", "process_reward", "max_seq_len",
-              "max_prompt_len", "score_threshold")
+              "max_prompt_len", "score_threshold", "reward_head")
 
 
 def aggregate(scores: list[float], how: str) -> Optional[float]:
@@ -61,10 +67,14 @@ def aggregate(scores: list[float], how: str) -> Optional[float]:
 
 
 def scoring_config(checkpoint: str, data: str, overrides: list[str]) -> RunConfig:
-    """The checkpoint's own run settings (special tokens, lengths) and the tokenizer it carries, fp32,
-    then ``overrides``."""
-    saved = resolve_checkpoint(checkpoint) / CONFIG_NAME
-    values = read_config_file(saved) if saved.is_file() else {}
+    """The checkpoint's own run settings (special tokens, lengths, reward head) and the tokenizer it
+    carries, fp32, then ``overrides``."""
+    directory = resolve_checkpoint(checkpoint)
+    saved = directory / CONFIG_NAME
+    # A checkpoint converted from an MLP-head PRM has no run settings but says so in its model config.
+    values = {"reward_head": reward_head_of(read_hf_config(directory / MODEL_CONFIG_NAME))}
+    if saved.is_file():
+        values.update(read_config_file(saved))
     own_tokenizer = checkpoint_tokenizer(checkpoint)  # resolved against the checkpoint, not the working directory
     if own_tokenizer:
         values["tokenizer_name_or_path"] = own_tokenizer
@@ -89,7 +99,8 @@ def score_file(config: RunConfig, output: Path, aggregates: tuple[str, ...], bat
     data_path = config.data.train_dataset_path
     job = tokenize_job(config, data_path)
     tokenizer = RecordTokenizer(job)
-    arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len)
+    arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len,
+                                config.prm.reward_head, added_tokens=len(tokenizer.special.added))
     layout, _ = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), arch)
     runtime = init_runtime(config.training.device, config.training.seed, layout)
     options = ModelBuildOptions.from_config(config, layout, runtime.use_transformer_engine, runtime.is_cpu)

@@ -1,4 +1,11 @@
-"""Tokenizers from local files only, and the one-id check for the placeholder and reward tokens."""
+"""Tokenizers from local files only, and the one-id check for the placeholder and reward tokens.
+
+A step tag or reward token that a Hugging Face tokenizer does not hold as one piece (Qwen2.5-Math-PRM's
+``<extra_0>`` in a tokenizer without it, say) is added to it as a special token; the model's vocabulary
+grows with it (see :func:`megatron_prm.model.architecture.resolve_architecture`) and every checkpoint
+saves the tokenizer with the tokens added (:func:`save_with_special_tokens`). Adding is deterministic
+(the missing tokens, in the order step tag, good, bad), so a tokenizer loaded again gets the same ids.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,9 @@ MISTRAL_COMMON_PREFIX = "mistral-common:"
 
 class TokenizerError(ValueError):
     """A tokenizer that cannot be loaded, or a special token that is not exactly one id."""
+
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 class Tokenizer(Protocol):
@@ -72,7 +82,20 @@ class HFTokenizer:
             raise TokenizerError(f"cannot load a Hugging Face tokenizer from {path}: {err}") from err
         self.bos_id = self._tok.bos_token_id
         self.eos_id = self._tok.eos_token_id
-        self.vocab_size = len(self._tok)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    def add_special_token(self, text: str) -> int:
+        """Add ``text`` as a special token (matched whole, never split or normalised); its new id."""
+        from tokenizers import AddedToken
+
+        self._tok.add_tokens([AddedToken(text, special=True, normalized=False)], special_tokens=True)
+        return self._tok.convert_tokens_to_ids(text)
+
+    def save(self, directory: Path) -> None:
+        self._tok.save_pretrained(str(directory))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
@@ -137,7 +160,7 @@ def load_tokenizer(name_or_path: Optional[str]) -> Tokenizer:
         raise TokenizerError("tokenizer_name_or_path is not set")
     path = resolve_tokenizer_path(name_or_path)
     if path.is_dir():
-        hf_files = [name for name in ("tokenizer.json", "tokenizer_config.json") if (path / name).is_file()]
+        hf_files = [name for name in HF_TOKENIZER_FILES if (path / name).is_file()]
         if not hf_files and (path / "tokenizer.model").is_file():
             return SentencePieceTokenizer(path / "tokenizer.model", str(path))
         return HFTokenizer(path)
@@ -149,38 +172,63 @@ def load_tokenizer(name_or_path: Optional[str]) -> Tokenizer:
 
 @dataclass(frozen=True)
 class SpecialTokenIds:
-    """The placeholder id and the good/bad reward ids, each a single vocabulary entry."""
+    """The placeholder id and the good/bad reward ids, each a single vocabulary entry; ``added`` names
+    those that were added to the tokenizer as special tokens."""
 
     placeholder: int
     good: int
     bad: int
+    added: tuple[str, ...] = ()
 
     @property
     def reward_ids(self) -> tuple[int, int]:
         return (self.good, self.bad)
 
 
-def single_token_id(tokenizer: Tokenizer, text: str, argument: str) -> int:
-    """The one id that ``text`` encodes to; an error that shows the tokenization otherwise."""
+def single_token_id(tokenizer: Tokenizer, text: str, argument: str, add_missing: bool = False) -> tuple[int, bool]:
+    """The one id that ``text`` encodes to, and whether it was added: a Hugging Face tokenizer that
+    splits it gets it as a special token when ``add_missing``; otherwise an error that shows the
+    tokenization."""
     ids = tokenizer.encode(text)
-    if len(ids) != 1:
-        raise TokenizerError(
-            f"{argument} {text!r} must be exactly one token with {tokenizer.name}, but it encodes to "
-            f"{len(ids)} ids {ids} (pieces {tokenizer.pieces(ids)}); choose a token the vocabulary "
-            "holds as one piece"
-        )
-    return ids[0]
+    if len(ids) == 1:
+        return ids[0], False
+    if add_missing and isinstance(tokenizer, HFTokenizer):
+        return tokenizer.add_special_token(text), True
+    hint = ("; a Hugging Face tokenizer directory would get it added as a special token"
+            if add_missing else "")
+    raise TokenizerError(
+        f"{argument} {text!r} must be exactly one token with {tokenizer.name}, but it encodes to "
+        f"{len(ids)} ids {ids} (pieces {tokenizer.pieces(ids)}); choose a token the vocabulary "
+        f"holds as one piece{hint}"
+    )
 
 
-def special_token_ids(tokenizer: Tokenizer, placeholder_token: str, reward_tokens: list[str]) -> SpecialTokenIds:
+def special_token_ids(tokenizer: Tokenizer, placeholder_token: str, reward_tokens: list[str],
+                      add_missing: bool = True) -> SpecialTokenIds:
+    """The step tag's and reward tokens' ids; those a Hugging Face tokenizer lacks are added to it
+    (``add_missing``)."""
     good, bad = reward_tokens
+    found = [single_token_id(tokenizer, text, argument, add_missing) for text, argument in (
+        (placeholder_token, "placeholder_token"), (good, "reward_tokens[0] (good)"), (bad, "reward_tokens[1] (bad)"))]
     ids = SpecialTokenIds(
-        placeholder=single_token_id(tokenizer, placeholder_token, "placeholder_token"),
-        good=single_token_id(tokenizer, good, "reward_tokens[0] (good)"),
-        bad=single_token_id(tokenizer, bad, "reward_tokens[1] (bad)"),
+        placeholder=found[0][0], good=found[1][0], bad=found[2][0],
+        added=tuple(text for text, (_, added) in zip((placeholder_token, good, bad), found) if added),
     )
     if len({ids.placeholder, ids.good, ids.bad}) != 3:
         raise TokenizerError(
             f"placeholder_token and reward_tokens must map to three different ids, got {ids}"
         )
     return ids
+
+
+def save_with_special_tokens(directory: Path, placeholder_token: str, reward_tokens: list[str]) -> tuple[str, ...]:
+    """Add the step tag and reward tokens that the HF tokenizer saved in ``directory`` lacks, and save it
+    there again (a checkpoint's tokenizer then holds the ids its model was trained with); returns the
+    tokens added."""
+    if not any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
+        return ()  # a SentencePiece model: nothing can have been added
+    tokenizer = HFTokenizer(directory)
+    added = special_token_ids(tokenizer, placeholder_token, reward_tokens).added
+    if added:
+        tokenizer.save(directory)
+    return added

@@ -33,7 +33,7 @@ from megatron_prm.evaluation import evaluate, labelled_steps
 from megatron_prm.flops import ModelShape, training_flops
 from megatron_prm.forward_step import make_train_forward_step, run_schedule
 from megatron_prm.metrics import majority_baseline
-from megatron_prm.model.architecture import LlamaArchitecture, resolve_architecture
+from megatron_prm.model.architecture import Architecture, resolve_architecture
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks, padded_vocab_size
 from megatron_prm.nonfinite import NonFiniteBudget, NonFiniteError
 from megatron_prm.provenance import record_launch
@@ -165,7 +165,7 @@ class Run:
     config: RunConfig
     runtime: Runtime
     logger: RunLogger
-    arch: LlamaArchitecture
+    arch: Architecture
     layout: ParallelLayout
     data: PreparedData
     state: TrainingState
@@ -191,7 +191,8 @@ def setup(config: RunConfig) -> Run:
     check_output_dir(Path(args.output_dir), _resumes_in_place(resume_source, Path(args.output_dir))
                      or args.resume_from_checkpoint == "auto", args.overwrite_output_dir)
     tokenizer = RecordTokenizer(tokenize_job(config, config.data.train_dataset_path))
-    arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len)
+    arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len,
+                                config.prm.reward_head, added_tokens=len(tokenizer.special.added))
     layout, layout_notes = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), arch)
     runtime = init_runtime(args.device, args.seed, layout)
     if args.overwrite_output_dir and resume_source is None and runtime.rank == 0:

@@ -16,7 +16,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from megatron_prm.checkpoint import MODEL_CONFIG_NAME, load_model_weights
 from megatron_prm.layout import ParallelLayout
-from megatron_prm.model.architecture import LlamaArchitecture, read_hf_config
+from megatron_prm.model.architecture import Architecture, read_hf_config
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
 from megatron_prm.runtime import init_runtime, shutdown
 
@@ -29,7 +29,7 @@ def fixed_tokens(vocab_size: int) -> torch.Tensor:
 
 def logits_of(checkpoint: Path, layout: ParallelLayout) -> torch.Tensor | None:
     config_path = checkpoint / MODEL_CONFIG_NAME
-    arch = LlamaArchitecture.from_hf_config(read_hf_config(config_path), str(config_path))
+    arch = Architecture.from_hf_config(read_hf_config(config_path), str(config_path))
     chunks = build_model_chunks(arch, (0, 1), SEQ, ModelBuildOptions(layout=layout, use_cpu_initialization=True))
     load_model_weights(chunks, checkpoint, arch)
     tokens = fixed_tokens(arch.vocab_size)

@@ -19,13 +19,13 @@ from megatron_prm.config import TrainingArguments
 from megatron_prm.data.batching import collate
 from megatron_prm.data.samples import Sample
 from megatron_prm.layout import ParallelLayout
-from megatron_prm.model.architecture import LlamaArchitecture
+from megatron_prm.model.architecture import Architecture
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
 from megatron_prm.runtime import init_runtime, shutdown
 from megatron_prm.train import train_step
 from megatron_prm.training_state import CommunicationOverlap, build_training_state, parameters_gathered
 
-ARCH = LlamaArchitecture(
+ARCH = Architecture(
     num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
     head_dim=16, vocab_size=256, max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-5,
     tie_word_embeddings=False, initializer_range=0.02,

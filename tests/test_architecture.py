@@ -39,7 +39,9 @@ def test_explicit_fields_must_agree_with_the_config(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
     ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "rope_scaling type 'dynamic' is not supported"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "rope_scaling type 'longrope' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 1.2}}, "explicit attention_factor"),
     ({"vocab_size": 100}, "smaller than the tokenizer"),
     ({"attention_bias": True}, "attention_bias"),
 ])
@@ -53,6 +55,26 @@ def test_mistral_sliding_window_shorter_than_the_sequence_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="sliding_window 64"):
         resolve_architecture(ModelArguments(model_config=write_config(tmp_path, mistral)), 256, 128)
     assert resolve_architecture(ModelArguments(model_config=write_config(tmp_path, mistral)), 256, 64)
+    # Qwen2 configs state a window that use_sliding_window switches off (Qwen2.5-Math: 4096 of 4096).
+    qwen2 = {**mistral, "model_type": "qwen2", "use_sliding_window": False}
+    arch = resolve_architecture(ModelArguments(model_config=write_config(tmp_path, qwen2)), 256, 128)
+    assert arch.family.qkv_bias and not arch.family.qk_norm
+
+
+def test_vocabulary_grows_only_by_added_special_tokens(tmp_path):
+    path = write_config(tmp_path, {**LLAMA31, "vocab_size": 300})
+    assert resolve_architecture(ModelArguments(model_config=path), 301, 128, added_tokens=1).vocab_size == 301
+    with pytest.raises(ConfigError, match="smaller than the tokenizer"):
+        resolve_architecture(ModelArguments(model_config=path), 302, 128, added_tokens=1)
+
+
+def test_mlp_reward_head_is_read_from_the_config_and_must_be_chosen(tmp_path):
+    prm = {**LLAMA31, "model_type": "qwen2", "architectures": ["Qwen2ForProcessRewardModel"]}
+    path = write_config(tmp_path, prm)
+    with pytest.raises(ConfigError, match="set reward_head: mlp"):
+        resolve_architecture(ModelArguments(model_config=path), 256, 128)
+    arch = resolve_architecture(ModelArguments(model_config=path), 256, 128, reward_head="mlp")
+    assert arch.reward_head == "mlp" and arch.to_hf_config()["architectures"] == ["Qwen2ForProcessRewardModel"]
 
 
 def test_shape_from_arguments_alone():

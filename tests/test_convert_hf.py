@@ -1,5 +1,5 @@
-"""tools/convert_hf.py: HF Llama / Mistral <-> Megatron, logits equal under TP1/TP2/PP2, exact round trip,
-clear errors without partial output, and an exported PRM that scores like the project's scorer."""
+"""tools/convert_hf.py: HF Llama / Mistral / Qwen2 / Qwen3 <-> Megatron, logits equal under TP1/TP2/PP2, exact
+round trip, clear errors without partial output, and an exported PRM that scores like the project's scorer."""
 
 from __future__ import annotations
 
@@ -14,7 +14,17 @@ from safetensors.torch import load_file
 from conftest import MISTRAL, REPO, free_port, run_cli
 
 pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from lm_logits import BATCH, SEQ, fixed_tokens  # noqa: E402
 
@@ -28,7 +38,23 @@ FAMILIES = {
         "original_max_position_embeddings": 64})),
     "llama32": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE, rope_theta=500000.0, tie_word_embeddings=True)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**SHAPE, rope_theta=10000.0, sliding_window=None)),
+    # Qwen2.5 small sizes: Q/K/V bias, tied embeddings; here with linear RoPE scaling.
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SHAPE, rope_theta=1000000.0, tie_word_embeddings=True,
+                                                  rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    # Qwen3: per-head Q/K RMSNorm, head_dim 16 != 64 / 8; here with the YaRN scaling Qwen3 documents.
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SHAPE, head_dim=16, rope_theta=1000000.0, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
 }
+
+
+def _randomize_small_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Biases and norm weights start at 0 / 1 in transformers: make them random so that a swapped or
+    dropped one changes the logits."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
 
 
 def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -39,16 +65,20 @@ def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def test_mapping_names_cover_the_built_model_under_both_spellings():
+@pytest.mark.parametrize("config", [
+    {"model_type": "llama"}, {"model_type": "qwen2", "tie_word_embeddings": True}, {"model_type": "qwen3", "head_dim": 16},
+    {"model_type": "qwen2", "architectures": ["Qwen2ForProcessRewardModel"]},
+], ids=["llama", "qwen2-tied", "qwen3", "qwen2-mlp-head"])
+def test_mapping_names_cover_the_built_model_under_both_spellings(config):
     """Every parameter of a built local-spec model is named by the table (local names), and every
     tensor of its checkpoint by the checkpoint (TE-spec) names."""
     from megatron_prm.conversion.mapping import rules_for
     from megatron_prm.layout import ParallelLayout
-    from megatron_prm.model.architecture import LlamaArchitecture
+    from megatron_prm.model.architecture import Architecture
     from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
     from megatron_prm.runtime import init_runtime, shutdown
 
-    arch = LlamaArchitecture.from_hf_config({"model_type": "llama", **SHAPE}, "test")
+    arch = Architecture.from_hf_config({**SHAPE, **config}, "test")
     init_runtime("cpu", 0, ParallelLayout())
     try:
         (model,) = build_model_chunks(arch, (1, 2), 32, ModelBuildOptions(use_cpu_initialization=True))
@@ -56,7 +86,7 @@ def test_mapping_names_cover_the_built_model_under_both_spellings():
         checkpoint_keys = {v.key for v in model.sharded_state_dict().values() if not v.key.endswith("_extra_state")}
     finally:
         shutdown()
-    rules = rules_for("llama", arch)
+    rules = rules_for(arch)
     assert local_names == {r.megatron_name(layer, spec="local") for r in rules
                            for layer in (range(arch.num_hidden_layers) if r.per_layer else [None])}
     assert checkpoint_keys == {r.checkpoint_key for r in rules}
@@ -64,8 +94,8 @@ def test_mapping_names_cover_the_built_model_under_both_spellings():
         r.megatron_name(0) for r in rules}  # the TE spec's module name
 
 
-def hf_logits(directory) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+def hf_logits(directory, **config_changes) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **config_changes)
     with torch.no_grad():
         return model(fixed_tokens(VOCAB)).logits
 
@@ -79,7 +109,8 @@ def models(tmp_path_factory):
     for name, build in FAMILIES.items():
         torch.manual_seed(0)  # the same weights in every family: only the config differs
         hf = root / name
-        build().save_pretrained(hf, max_shard_size="200KB" if name == "llama3" else "50MB")
+        model = build() if name.startswith(("llama", "mistral")) else _randomize_small_weights(build())
+        model.save_pretrained(hf, max_shard_size="200KB" if name == "llama3" else "50MB")
         (hf / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
         convert("import", "--hf", str(hf), "--out", str(root / f"{name}-tp1"))
         convert("import", "--hf", str(hf), "--out", str(root / f"{name}-tp2"), "--tp", "2", "--pp", "2")
@@ -110,6 +141,8 @@ def test_megatron_logits_equal_transformers(models, tmp_path, tp, pp, padding):
     # The check can see the traps: RoPE theta and Llama-3 scaling change the logits far beyond 1e-4.
     assert (reference["llama3"] - reference["mistral"]).abs().max() > 1e-2
     assert (reference["llama3"] - reference["llama31"]).abs().max() > 1e-3
+    for name in ("qwen2", "qwen3"):  # ... and so do the linear and YaRN scalings
+        assert (reference[name] - hf_logits(paths[name], rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})).abs().max() > 1e-3, name
 
 
 def test_round_trip_is_bitwise_and_sharded_output_loads(models, tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from megatron_prm.flops import ModelShape, flops_per_token, training_flops
-from megatron_prm.model.architecture import LlamaArchitecture
+from megatron_prm.model.architecture import Architecture
 
 LLAMA3_8B = ModelShape(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
                        num_query_groups=8, kv_channels=128, vocab_size=128256)
@@ -60,7 +60,7 @@ def test_packed_row_attention_belongs_to_each_sample():
 
 
 def test_shape_from_architecture():
-    arch = LlamaArchitecture(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+    arch = Architecture(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                              num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
                              rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
                              initializer_range=0.02)

@@ -5,10 +5,10 @@ import torch
 
 from megatron_prm.config import ConfigError, build_config
 from megatron_prm.layout import resolve_layout
-from megatron_prm.model.architecture import LlamaArchitecture
+from megatron_prm.model.architecture import Architecture
 from megatron_prm.model.provider import padded_vocab_size
 
-ARCH = LlamaArchitecture(num_hidden_layers=6, hidden_size=64, intermediate_size=192, num_attention_heads=8,
+ARCH = Architecture(num_hidden_layers=6, hidden_size=64, intermediate_size=192, num_attention_heads=8,
                          num_key_value_heads=2, head_dim=8, vocab_size=32000, max_position_embeddings=128,
                          rope_theta=1e4, rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02)
 

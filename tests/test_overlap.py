@@ -5,11 +5,11 @@ import pytest
 
 from megatron_prm.config import ConfigError, build_config
 from megatron_prm.layout import ParallelLayout
-from megatron_prm.model.architecture import LlamaArchitecture
+from megatron_prm.model.architecture import Architecture
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks, transformer_config
 from megatron_prm.training_state import CommunicationOverlap, build_training_state, parameters_gathered
 
-ARCH = LlamaArchitecture(
+ARCH = Architecture(
     num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
     head_dim=16, vocab_size=256, max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-5,
     tie_word_embeddings=False, initializer_range=0.02,

@@ -84,12 +84,12 @@ def test_packed_epochs_use_every_sample_once_over_data_parallel_ranks():
 @pytest.fixture(scope="module")
 def model():
     from megatron_prm.layout import ParallelLayout
-    from megatron_prm.model.architecture import LlamaArchitecture
+    from megatron_prm.model.architecture import Architecture
     from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
     from megatron_prm.runtime import init_runtime, shutdown
 
     init_runtime("cpu", seed=0, layout=ParallelLayout())
-    arch = LlamaArchitecture(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+    arch = Architecture(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256,
                              rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02)
     yield build_model_chunks(arch, (7, 200), 256, ModelBuildOptions(use_cpu_initialization=True))[0]

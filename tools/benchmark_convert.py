@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from megatron_prm.cli import ArgumentParser  # noqa: E402
 from megatron_prm.conversion.mapping import LLAMA_RULES, hf_shapes  # noqa: E402
 from megatron_prm.conversion.safetensors_io import PlannedTensor, ShardedSafetensorsWriter  # noqa: E402
-from megatron_prm.model.architecture import LlamaArchitecture  # noqa: E402
+from megatron_prm.model.architecture import Architecture  # noqa: E402
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 2048,
@@ -39,7 +39,7 @@ CONFIG = {
 
 def write_random_checkpoint(directory: Path, layers: int) -> int:
     config = {**CONFIG, "num_hidden_layers": layers}
-    arch = LlamaArchitecture.from_hf_config(config, "benchmark")
+    arch = Architecture.from_hf_config(config, "benchmark")
     planned = []
     for rule in LLAMA_RULES:
         for layer in range(layers) if rule.per_layer else [None]:

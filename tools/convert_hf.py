@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Convert Hugging Face Llama / Mistral checkpoints to Megatron-Core checkpoints and back.
+"""Convert Hugging Face Llama / Mistral / Qwen2 / Qwen2.5 / Qwen3 checkpoints to Megatron-Core checkpoints
+and back.
 
   python tools/convert_hf.py import --hf DIR --out DIR [--tp N --pp M --dtype bf16]
   python tools/convert_hf.py export --megatron DIR --out DIR [--dtype bf16 --max-shard-size 5GB]
+                                    [--as causal-lm | token-classifier [--step-tag TAG --reward-tokens GOOD,BAD]]
 
 Tensors are read and written one at a time (peak memory near one layer), the output directory appears
 only when complete, and nothing is unpickled: HF weights are read from safetensors only.
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's p
 
 from megatron_prm.cli import ArgumentParser  # noqa: E402
 from megatron_prm.config import ConfigError  # noqa: E402
+from megatron_prm.tokenizer import TokenizerError  # noqa: E402
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)?$", re.IGNORECASE)
 _UNITS = {None: 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
@@ -48,6 +51,11 @@ def build_parser() -> ArgumentParser:
     exp.add_argument("--out", required=True, type=Path, help="HF model directory to create")
     exp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: the checkpoint's dtype")
     exp.add_argument("--max-shard-size", type=parse_size, default="5GB", help="safetensors shard size (default 5GB)")
+    exp.add_argument("--as", dest="target", choices=("causal-lm", "token-classifier"), default="causal-lm",
+                     help="causal-lm (default): *ForCausalLM (an MLP-head PRM: its *ForProcessRewardModel layout); "
+                     "token-classifier: *ForTokenClassification, 2 labels (good, bad) from the reward tokens' LM-head rows")
+    exp.add_argument("--step-tag", help="token-classifier: the step tag (default: the run's placeholder_token)")
+    exp.add_argument("--reward-tokens", help="token-classifier: GOOD,BAD (default: the run's reward_tokens)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -63,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from megatron_prm.conversion.exporter import export_hf
 
-            summary = export_hf(args.megatron, args.out, args.dtype, args.max_shard_size, progress=not args.no_progress)
-    except (ConfigError, FileNotFoundError) as err:
+            summary = export_hf(args.megatron, args.out, args.dtype, args.max_shard_size, progress=not args.no_progress,
+                                target=args.target, step_tag=args.step_tag, reward_tokens=args.reward_tokens)
+    except (ConfigError, TokenizerError, FileNotFoundError) as err:
         print(f"convert_hf {args.direction}: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

@@ -1,4 +1,10 @@
-"""Megatron-Core ``torch_dist`` checkpoint -> HF Llama / Mistral safetensors, one layer at a time."""
+"""Megatron-Core ``torch_dist`` checkpoint -> HF safetensors, one layer at a time.
+
+Two targets: the family's ``*ForCausalLM`` (the default; a model with an MLP reward head is written back
+in Qwen2.5-Math-PRM's ``*ForProcessRewardModel`` layout instead), or ``*ForTokenClassification`` with two
+labels whose ``score`` rows are the LM-head rows of the good and bad reward tokens, so that a serving
+engine's token classifier gives the PRM's P(good) at every step tag without custom code.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +19,39 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 from tqdm import tqdm
 
-from megatron_prm.checkpoint import MODEL_CONFIG_NAME, TOKENIZER_DIR, check_integrity, resolve_checkpoint
+from megatron_prm.checkpoint import CONFIG_NAME, MODEL_CONFIG_NAME, TOKENIZER_DIR, check_integrity, resolve_checkpoint
+from megatron_prm.config import ConfigError, PRMArguments, read_config_file
 from megatron_prm.conversion.importer import DTYPES, copy_tokenizer_files
-from megatron_prm.conversion.mapping import ParamRule, Transform, hf_shapes, megatron_shape, rules_for, to_hf
+from megatron_prm.conversion.mapping import (
+    EMBEDDING,
+    LM_HEAD,
+    ParamRule,
+    Transform,
+    hf_shapes,
+    megatron_shape,
+    rules_for,
+    to_hf,
+)
 from megatron_prm.conversion.safetensors_io import CheckpointFormatError, PlannedTensor, ShardedSafetensorsWriter
 from megatron_prm.conversion.staging import staged_output
-from megatron_prm.model.architecture import LlamaArchitecture, read_hf_config
+from megatron_prm.model.architecture import Architecture, read_hf_config
 from megatron_prm.safe_loading import SafeFileSystemReader, load_errors_named
+from megatron_prm.tokenizer import load_tokenizer, special_token_ids
 
-HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+TARGETS = ("causal-lm", "token-classifier")
+LABELS = ("good", "bad")  # the token classifier's label order: P(good) is the softmax's first column
+
+
+@dataclass(frozen=True)
+class TokenClassifierHead:
+    """The reward tokens whose LM-head rows become ``score.weight`` (good first), and the step tag that
+    marks where a serving engine reads the scores."""
+
+    good_id: int
+    bad_id: int
+    step_tag: str
+    step_tag_id: int
 
 
 @dataclass(frozen=True)
@@ -69,7 +98,7 @@ def _load(reader: SafeFileSystemReader, rules: list[ParamRule], layer: Optional[
             for rule, (key, piece) in zip(rules, request.items())}
 
 
-def _check_stored(metadata: dict, rules: tuple[ParamRule, ...], arch: LlamaArchitecture, where: Path) -> None:
+def _check_stored(metadata: dict, rules: tuple[ParamRule, ...], arch: Architecture, where: Path) -> None:
     problems = []
     for rule in rules:
         stored = metadata.get(rule.checkpoint_key)
@@ -86,10 +115,17 @@ def _check_stored(metadata: dict, rules: tuple[ParamRule, ...], arch: LlamaArchi
         raise CheckpointFormatError(f"{where} does not match its {MODEL_CONFIG_NAME}: " + "; ".join(problems))
 
 
-def _hf_config(saved: dict, dtype: torch.dtype) -> dict:
-    """The saved HF config; only the dtype field changes, and only if the weights' dtype differs."""
+def _hf_config(saved: dict, arch: Architecture, dtype: torch.dtype, head: Optional[TokenClassifierHead]) -> dict:
+    """The saved HF config; only the dtype field changes, and only if the weights' dtype differs. A token
+    classifier names its class, its two labels and the step tag."""
     config = dict(saved)
-    config.setdefault("architectures", [HF_CLASS[config["model_type"]]])
+    config.setdefault("architectures", [arch.family.hf_prefix + "ForCausalLM"])
+    if head is not None:
+        config.pop("auto_map", None)
+        config["architectures"] = [arch.family.hf_prefix + "ForTokenClassification"]
+        config["id2label"] = dict(enumerate(LABELS))
+        config["label2id"] = {label: i for i, label in enumerate(LABELS)}
+        config["prm_step_tag"], config["prm_step_tag_id"] = head.step_tag, head.step_tag_id
     name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
     key = "dtype" if "dtype" in config else "torch_dtype"
     if config.get(key) != name:
@@ -97,20 +133,60 @@ def _hf_config(saved: dict, dtype: torch.dtype) -> dict:
     return config
 
 
+def token_classifier_head(checkpoint: Path, step_tag: Optional[str], reward_tokens: Optional[str]) -> TokenClassifierHead:
+    """The reward and step-tag ids, from the checkpoint's tokenizer and its run's settings (or the
+    defaults), ``step_tag`` / ``reward_tokens`` overriding them."""
+    run_config = read_config_file(checkpoint / CONFIG_NAME) if (checkpoint / CONFIG_NAME).is_file() else {}
+    defaults = PRMArguments()
+    prm = PRMArguments(placeholder_token=step_tag or run_config.get("placeholder_token") or defaults.placeholder_token,
+                       reward_tokens=reward_tokens or run_config.get("reward_tokens") or defaults.reward_tokens)
+    if not (checkpoint / TOKENIZER_DIR).is_dir():
+        raise ConfigError(f"{checkpoint} carries no tokenizer/ directory: the reward token ids are unknown")
+    tokenizer = load_tokenizer(str(checkpoint / TOKENIZER_DIR))
+    ids = special_token_ids(tokenizer, prm.placeholder_token, prm.reward_token_list, add_missing=False)
+    return TokenClassifierHead(ids.good, ids.bad, prm.placeholder_token, ids.placeholder)
+
+
+def _reward_rows(reader: SafeFileSystemReader, rule: ParamRule, head: TokenClassifierHead,
+                 metadata: dict) -> torch.Tensor:
+    """The LM-head (or tied embedding) rows of the good and bad tokens, ``[2, h]``, read row by row."""
+    stored = metadata[rule.checkpoint_key]
+    rows = []
+    for row in (head.good_id, head.bad_id):
+        piece = _Slice(torch.empty((1, stored.size[1]), dtype=stored.properties.dtype), (row, 0))
+        with load_errors_named(Path(reader.path), "the reward rows"):
+            dcp.load({rule.checkpoint_key: piece}, storage_reader=reader, planner=_SliceLoadPlanner(), no_dist=True)
+        rows.append(piece.buffer)
+    return torch.cat(rows)
+
+
 def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> dict:
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True, target: str = "causal-lm",
+              step_tag: Optional[str] = None, reward_tokens: Optional[str] = None) -> dict:
     """Write the weights of a Megatron checkpoint (a run directory's ``latest`` or one ``iter_*``) as an
-    HF model directory that ``AutoModelForCausalLM.from_pretrained`` loads without custom code."""
+    HF model directory that ``AutoModelForCausalLM`` (``target="causal-lm"``) or
+    ``AutoModelForTokenClassification`` (``"token-classifier"``) loads without custom code."""
+    if target not in TARGETS:
+        raise ConfigError(f"export target {target!r} is not one of {', '.join(TARGETS)}")
     checkpoint = resolve_checkpoint(megatron_dir)
     check_integrity(checkpoint, checksums=True)
     config_path = checkpoint / MODEL_CONFIG_NAME
     saved_config = read_hf_config(config_path)  # the stored config as it is; refuses unsupported architectures
-    arch = LlamaArchitecture.from_hf_config(saved_config, str(config_path))
-    rules = rules_for(saved_config["model_type"], arch)
+    arch = Architecture.from_hf_config(saved_config, str(config_path))
+    rules = rules_for(arch)
     reader = SafeFileSystemReader(checkpoint)
     metadata = reader.read_metadata().state_dict_metadata
     _check_stored(metadata, rules, arch, checkpoint)
     target_dtype = DTYPES[dtype] if dtype else metadata[rules[0].checkpoint_key].properties.dtype
+    head = None
+    if target == "token-classifier":
+        if arch.reward_head == "mlp":
+            raise ConfigError(f"{checkpoint} has an MLP reward head; a token classifier holds one linear layer "
+                              "(export it as causal-lm: the *ForProcessRewardModel layout)")
+        head = token_classifier_head(checkpoint, step_tag, reward_tokens)
+        vocab_rule = EMBEDDING if arch.tie_word_embeddings else LM_HEAD
+        rules = tuple(r for r in rules if r is not LM_HEAD)
+    rules = tuple(r for r in rules if r.transform is not Transform.ZEROS)  # the unused LM head of an MLP PRM
 
     layer_rules = [r for r in rules if r.per_layer]
     groups: list[tuple[Optional[int], list[ParamRule]]] = [(None, [rules[0]])]
@@ -119,6 +195,9 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
     planned = [PlannedTensor(name, target_dtype, shape)
                for layer, group in groups for rule in group
                for name, shape in zip(rule.hf_names(layer), hf_shapes(rule, arch))]
+    if head is not None:
+        planned += [PlannedTensor("score.weight", target_dtype, (2, arch.hidden_size)),
+                    PlannedTensor("score.bias", target_dtype, (2,))]
 
     with staged_output(out_dir) as staging:
         writer = ShardedSafetensorsWriter(staging, planned, max_shard_bytes)
@@ -127,8 +206,16 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
             for rule in group:
                 for name, tensor in zip(rule.hf_names(layer), to_hf(rule, loaded.pop(rule.checkpoint_key), arch)):
                     writer.write(name, tensor.to(target_dtype))
+        if head is not None:
+            writer.write("score.weight", _reward_rows(reader, vocab_rule, head, metadata).to(target_dtype))
+            writer.write("score.bias", torch.zeros(2, dtype=target_dtype))
         writer.close()
-        (staging / "config.json").write_text(json.dumps(_hf_config(saved_config, target_dtype), indent=2) + "\n")
+        hf_config = _hf_config(saved_config, arch, target_dtype, head)
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         tokenizer_files = copy_tokenizer_files(checkpoint / TOKENIZER_DIR, staging)
-    return {"output": str(out_dir), "checkpoint": str(checkpoint), "model_type": saved_config["model_type"],
-            "dtype": str(target_dtype), "files": writer.file_names, "tokenizer_files": tokenizer_files}
+    summary = {"output": str(out_dir), "checkpoint": str(checkpoint), "model_type": saved_config["model_type"],
+               "architecture": hf_config["architectures"][0], "dtype": str(target_dtype),
+               "files": writer.file_names, "tokenizer_files": tokenizer_files}
+    if head is not None:
+        summary.update(step_tag=head.step_tag, step_tag_id=head.step_tag_id, reward_token_ids=[head.good_id, head.bad_id])
+    return summary

@@ -1,4 +1,5 @@
-"""HF Llama / Mistral checkpoint -> Megatron-Core ``torch_dist`` checkpoint, one tensor at a time."""
+"""HF checkpoint (Llama, Mistral, Qwen2/2.5, Qwen3; causal LM or MLP-head PRM) -> Megatron-Core ``torch_dist``
+checkpoint, one tensor at a time."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from megatron_prm.config import ConfigError
 from megatron_prm.conversion.mapping import (
     IGNORED_HF_SUFFIXES,
     ParamRule,
+    Transform,
     hf_shapes,
     megatron_shape,
     rules_for,
@@ -26,15 +28,14 @@ from megatron_prm.conversion.safetensors_io import CheckpointFormatError, Safete
 from megatron_prm.conversion.staging import staged_output
 from megatron_prm.conversion.torch_dist_writer import LazyTensor, stacked, whole, write_torch_dist
 from megatron_prm.layout import model_split_problems
-from megatron_prm.model.architecture import LlamaArchitecture, read_hf_config
+from megatron_prm.model.architecture import Architecture, read_hf_config
 from megatron_prm.model.provider import padded_vocab_size
+from megatron_prm.tokenizer import TOKENIZER_FILES
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def check_tensors(reader: SafetensorsReader, rules: tuple[ParamRule, ...], arch: LlamaArchitecture) -> None:
+def check_tensors(reader: SafetensorsReader, rules: tuple[ParamRule, ...], arch: Architecture) -> None:
     """Every tensor the config implies is present with the implied shape, and nothing else is there."""
     expected: dict[str, tuple[int, ...]] = {}
     for rule in rules:
@@ -73,13 +74,13 @@ def import_hf(hf_dir: Path, out_dir: Path, tensor_parallel: int = 1, pipeline_pa
     """
     config = read_hf_config(hf_dir)
     config_path = hf_dir / "config.json"
-    arch = LlamaArchitecture.from_hf_config(config, str(config_path))
+    arch = Architecture.from_hf_config(config, str(config_path))
     problems = model_split_problems(arch, tensor_parallel, pipeline_parallel)
     if problems:
         raise ConfigError(f"{config_path}: cannot split for --tp {tensor_parallel} --pp {pipeline_parallel}: "
                           + "; ".join(problems))
     reader = SafetensorsReader(hf_dir)
-    rules = rules_for(config["model_type"], arch)
+    rules = rules_for(arch)
     check_tensors(reader, rules, arch)
     first = reader.entries[rules[0].hf_names()[0]]
     target_dtype = DTYPES[dtype] if dtype else first.dtype
@@ -87,6 +88,8 @@ def import_hf(hf_dir: Path, out_dir: Path, tensor_parallel: int = 1, pipeline_pa
 
     def converter(rule: ParamRule):
         def produce(layer: Optional[int] = None) -> torch.Tensor:
+            if rule.transform is Transform.ZEROS:
+                return torch.zeros(megatron_shape(rule, arch, padded_vocab), dtype=target_dtype)
             tensors = [reader.read(name) for name in rule.hf_names(layer)]
             return to_megatron(rule, tensors, arch, padded_vocab)
         return produce

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from megatron_prm.model.architecture import LlamaArchitecture
+from megatron_prm.model.architecture import Architecture
 
 LAYER = "{layer}"
 LAYER_PREFIX = "decoder.layers.{layer}."
@@ -29,6 +29,7 @@ class Transform(enum.Enum):
     QKV = "qkv"  # HF q, k, v  <->  Megatron [q heads of group 0, k0, v0, q heads of group 1, k1, v1, ...]
     GATE_UP = "gate_up"  # HF gate, up  <->  Megatron fc1 = [gate; up] (SwiGLU)
     VOCAB = "vocab"  # copy, rows padded to Megatron's padded vocabulary on import, unpadded on export
+    ZEROS = "zeros"  # no HF tensor: zeros on import, not exported (the unused LM head of an MLP-head PRM)
 
 
 @dataclass(frozen=True)
@@ -57,40 +58,71 @@ class ParamRule:
 
 
 _L = "model.layers.{layer}."
+_ATTENTION = LAYER_PREFIX + "self_attention."
+EMBEDDING = ParamRule(("model.embed_tokens.weight",), "embedding.word_embeddings.weight", Transform.VOCAB, 0)
+LM_HEAD = ParamRule(("lm_head.weight",), "output_layer.weight", Transform.VOCAB, 0)
 LLAMA_RULES: tuple[ParamRule, ...] = (
-    ParamRule(("model.embed_tokens.weight",), "embedding.word_embeddings.weight", Transform.VOCAB, 0),
-    ParamRule((_L + "input_layernorm.weight",), LAYER_PREFIX + "self_attention.linear_qkv.layer_norm_weight",
+    EMBEDDING,
+    ParamRule((_L + "input_layernorm.weight",), _ATTENTION + "linear_qkv.layer_norm_weight",
               Transform.COPY, None, local=LAYER_PREFIX + "input_layernorm.weight"),
     ParamRule((_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"),
-              LAYER_PREFIX + "self_attention.linear_qkv.weight", Transform.QKV, 0),
-    ParamRule((_L + "self_attn.o_proj.weight",), LAYER_PREFIX + "self_attention.linear_proj.weight", Transform.COPY, 1),
+              _ATTENTION + "linear_qkv.weight", Transform.QKV, 0),
+    ParamRule((_L + "self_attn.o_proj.weight",), _ATTENTION + "linear_proj.weight", Transform.COPY, 1),
     ParamRule((_L + "post_attention_layernorm.weight",), LAYER_PREFIX + "mlp.linear_fc1.layer_norm_weight",
               Transform.COPY, None, local=LAYER_PREFIX + "pre_mlp_layernorm.weight"),
     ParamRule((_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), LAYER_PREFIX + "mlp.linear_fc1.weight",
               Transform.GATE_UP, 0),
     ParamRule((_L + "mlp.down_proj.weight",), LAYER_PREFIX + "mlp.linear_fc2.weight", Transform.COPY, 1),
     ParamRule(("model.norm.weight",), "decoder.final_layernorm.weight", Transform.COPY, None),
-    ParamRule(("lm_head.weight",), "output_layer.weight", Transform.VOCAB, 0),
+    LM_HEAD,
 )
+
+
+def _after(rules: tuple[ParamRule, ...], megatron: str, *extra: ParamRule) -> tuple[ParamRule, ...]:
+    """``rules`` with ``extra`` inserted after the rule of that Megatron name (keeps a layer's order)."""
+    index = next(i for i, r in enumerate(rules) if r.megatron == megatron) + 1
+    return rules[:index] + extra + rules[index:]
+
+
 # Mistral (7B v0.1-v0.3) uses Llama's parameter names and layout unchanged.
 MISTRAL_RULES = LLAMA_RULES
-FAMILY_RULES = {"llama": LLAMA_RULES, "mistral": MISTRAL_RULES}
+# Qwen2 / Qwen2.5: Llama plus a bias on Q, K and V, interleaved per query group like the weight.
+QWEN2_RULES = _after(LLAMA_RULES, _ATTENTION + "linear_qkv.weight", ParamRule(
+    (_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"),
+    _ATTENTION + "linear_qkv.bias", Transform.QKV, 0))
+# Qwen3: Llama plus an RMSNorm over each query and key head (one weight of head_dim, shared by the heads).
+QWEN3_RULES = _after(
+    LLAMA_RULES, _ATTENTION + "linear_proj.weight",
+    ParamRule((_L + "self_attn.q_norm.weight",), _ATTENTION + "q_layernorm.weight", Transform.COPY, None),
+    ParamRule((_L + "self_attn.k_norm.weight",), _ATTENTION + "k_layernorm.weight", Transform.COPY, None))
+FAMILY_RULES = {"llama": LLAMA_RULES, "mistral": MISTRAL_RULES, "qwen2": QWEN2_RULES, "qwen3": QWEN3_RULES}
+# Qwen2.5-Math-PRM's classifier (``score = Sequential(Linear(h, h), ReLU, Linear(h, 2))``), replicated
+# on every tensor-parallel rank (see megatron_prm/model/mlp_head.py).
+MLP_HEAD_RULES: tuple[ParamRule, ...] = tuple(
+    ParamRule((f"score.{index}.{kind}",), f"mlp_reward_head.{name}.{kind}", Transform.COPY, None)
+    for index, name in ((0, "hidden"), (2, "output")) for kind in ("weight", "bias"))
 # Buffers some HF checkpoints carry that are recomputed from the config, never weights.
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def rules_for(model_type: str, arch: LlamaArchitecture) -> tuple[ParamRule, ...]:
-    """The family's rules, without the output layer when the embeddings are tied."""
-    rules = FAMILY_RULES[model_type]
-    return tuple(r for r in rules if not (arch.tie_word_embeddings and r.megatron == "output_layer.weight"))
+def rules_for(arch: Architecture) -> tuple[ParamRule, ...]:
+    """The family's rules, without the output layer when the embeddings are tied. A model with an MLP
+    reward head has its ``score`` layers instead of an LM head (its unused output layer is zeros)."""
+    rules = FAMILY_RULES[arch.model_type]
+    if arch.reward_head == "mlp":
+        rules = tuple(r for r in rules if r is not LM_HEAD) + MLP_HEAD_RULES
+        if not arch.tie_word_embeddings:
+            rules += (ParamRule((), LM_HEAD.megatron, Transform.ZEROS, 0),)
+    return tuple(r for r in rules if not (arch.tie_word_embeddings and r is LM_HEAD))
 
 
-def hf_shapes(rule: ParamRule, arch: LlamaArchitecture) -> list[tuple[int, ...]]:
+def hf_shapes(rule: ParamRule, arch: Architecture) -> list[tuple[int, ...]]:
     """The shapes of the rule's HF tensors (one layer)."""
     h, d, f = arch.hidden_size, arch.head_dim, arch.intermediate_size
     n, g = arch.num_attention_heads, arch.num_key_value_heads
     if rule.transform is Transform.QKV:
-        return [(n * d, h), (g * d, h), (g * d, h)]
+        per_head = () if rule.megatron.endswith(".bias") else (h,)
+        return [(n * d, *per_head), (g * d, *per_head), (g * d, *per_head)]
     if rule.transform is Transform.GATE_UP:
         return [(f, h), (f, h)]
     if rule.transform is Transform.VOCAB:
@@ -99,25 +131,34 @@ def hf_shapes(rule: ParamRule, arch: LlamaArchitecture) -> list[tuple[int, ...]]
         return [(h, n * d)]
     if rule.megatron.endswith("linear_fc2.weight"):
         return [(h, f)]
+    if rule.megatron.endswith(("q_layernorm.weight", "k_layernorm.weight")):  # Qwen3 per-head norms
+        return [(d,)]
+    if rule.megatron.startswith("mlp_reward_head."):
+        rows = 2 if ".output." in rule.megatron else h
+        return [(rows, h)] if rule.megatron.endswith("weight") else [(rows,)]
+    if rule.transform is Transform.ZEROS:
+        return []
     return [(h,)]
 
 
-def megatron_shape(rule: ParamRule, arch: LlamaArchitecture, padded_vocab: int) -> tuple[int, ...]:
+def megatron_shape(rule: ParamRule, arch: Architecture, padded_vocab: int) -> tuple[int, ...]:
     """The shape of the rule's Megatron tensor (one layer, all tensor-parallel shards together)."""
     shapes = hf_shapes(rule, arch)
-    if rule.transform is Transform.VOCAB:
+    if rule.transform in (Transform.VOCAB, Transform.ZEROS):
         return (padded_vocab, arch.hidden_size)
     if rule.transform in (Transform.QKV, Transform.GATE_UP):
-        return (sum(s[0] for s in shapes), arch.hidden_size)
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
     return shapes[0]
 
 
-def to_megatron(rule: ParamRule, tensors: list[torch.Tensor], arch: LlamaArchitecture, padded_vocab: int) -> torch.Tensor:
+def to_megatron(rule: ParamRule, tensors: list[torch.Tensor], arch: Architecture, padded_vocab: int) -> torch.Tensor:
     """Merge the rule's HF tensors (one layer) into its Megatron tensor."""
     if rule.transform is Transform.COPY:
         return tensors[0]
     if rule.transform is Transform.GATE_UP:
         return torch.cat(tensors, dim=0)
+    if rule.transform is Transform.ZEROS:
+        raise ValueError(f"{rule.megatron} has no HF tensor; the importer writes zeros")
     if rule.transform is Transform.VOCAB:
         (table,) = tensors
         if padded_vocab == table.shape[0]:
@@ -126,12 +167,13 @@ def to_megatron(rule: ParamRule, tensors: list[torch.Tensor], arch: LlamaArchite
         padded[: table.shape[0]] = table
         return padded
     q, k, v = tensors
-    g, d, h = arch.num_key_value_heads, arch.head_dim, arch.hidden_size
-    per_group = arch.num_attention_heads // g
-    return torch.cat([q.reshape(g, per_group * d, h), k.reshape(g, d, h), v.reshape(g, d, h)], dim=1).reshape(-1, h)
+    g, d = arch.num_key_value_heads, arch.head_dim
+    per_group, rest = arch.num_attention_heads // g, q.shape[1:]  # rest: (h,) for weights, () for biases
+    merged = torch.cat([q.reshape(g, per_group * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1)
+    return merged.reshape(-1, *rest)
 
 
-def to_hf(rule: ParamRule, tensor: torch.Tensor, arch: LlamaArchitecture) -> list[torch.Tensor]:
+def to_hf(rule: ParamRule, tensor: torch.Tensor, arch: Architecture) -> list[torch.Tensor]:
     """Split the rule's Megatron tensor (one layer) into its HF tensors."""
     if rule.transform is Transform.COPY:
         return [tensor]
@@ -139,8 +181,10 @@ def to_hf(rule: ParamRule, tensor: torch.Tensor, arch: LlamaArchitecture) -> lis
         return list(tensor.chunk(2, dim=0))
     if rule.transform is Transform.VOCAB:
         return [tensor[: arch.vocab_size]]
-    g, d, h = arch.num_key_value_heads, arch.head_dim, arch.hidden_size
-    per_group = arch.num_attention_heads // g
-    grouped = tensor.reshape(g, (per_group + 2) * d, h)
+    if rule.transform is Transform.ZEROS:
+        return []
+    g, d = arch.num_key_value_heads, arch.head_dim
+    per_group, rest = arch.num_attention_heads // g, tensor.shape[1:]
+    grouped = tensor.reshape(g, (per_group + 2) * d, *rest)
     q, k, v = grouped.split([per_group * d, d, d], dim=1)
-    return [q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)]
+    return [q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]

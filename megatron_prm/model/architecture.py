@@ -1,4 +1,11 @@
-"""The Llama/Mistral-family architecture, resolved from an HF ``config.json`` and/or explicit fields."""
+"""The model architecture (Llama, Mistral, Qwen2/2.5, Qwen3), resolved from an HF ``config.json`` and/or
+explicit fields.
+
+The families share one network (pre-norm decoder, RMSNorm, SwiGLU, RoPE, grouped-query attention) and
+differ in a few traits, declared once in :data:`FAMILIES`: Qwen2 adds a bias to the Q, K and V
+projections; Qwen3 normalises every query and key head with its own RMSNorm (Megatron's
+``q_layernorm`` / ``k_layernorm``) and states ``head_dim`` explicitly.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,33 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional, Union
 
 from megatron_prm.config import ConfigError, ModelArguments
 from megatron_prm.run_directory import MODEL_CONFIG_NAME, resolve_checkpoint
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+@dataclass(frozen=True)
+class Family:
+    """What sets a model family apart in this project's shared network."""
+
+    model_type: str
+    hf_prefix: str  # transformers class names: {prefix}ForCausalLM, {prefix}ForTokenClassification
+    qkv_bias: bool = False
+    qk_norm: bool = False
+
+
+FAMILIES = {
+    "llama": Family("llama", "Llama"),
+    "mistral": Family("mistral", "Mistral"),
+    "qwen2": Family("qwen2", "Qwen2", qkv_bias=True),
+    "qwen3": Family("qwen3", "Qwen3", qk_norm=True),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+# The reward heads a model can carry: the LM-head rows of the reward tokens, or Qwen2.5-Math-PRM's MLP.
+REWARD_HEADS = ("lm_head", "mlp")
+# HF's class name for a Qwen2.5-Math-PRM-style model (an MLP classifier named `score` on the base model).
+PRM_CLASS_SUFFIX = "ForProcessRewardModel"
 
 
 @dataclass(frozen=True)
@@ -22,25 +50,61 @@ class Llama3RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
-
-    @classmethod
-    def from_hf(cls, value: dict, where: str) -> "Llama3RopeScaling":
-        rope_type = value.get("rope_type", value.get("type"))
-        if rope_type != "llama3":
-            raise ConfigError(f"{where}: rope_scaling type {rope_type!r} is not supported (only 'llama3')")
-        try:
-            return cls(
-                factor=float(value["factor"]),
-                low_freq_factor=float(value.get("low_freq_factor", 1.0)),
-                high_freq_factor=float(value.get("high_freq_factor", 4.0)),
-                original_max_position_embeddings=int(value.get("original_max_position_embeddings", 8192)),
-            )
-        except KeyError as err:
-            raise ConfigError(f"{where}: rope_scaling lacks {err}") from None
+    rope_type: ClassVar[str] = "llama3"
 
 
 @dataclass(frozen=True)
-class LlamaArchitecture:
+class LinearRopeScaling:
+    """HF ``rope_type: linear``: positions divided by ``factor`` (Megatron's ``seq_len_interpolation_factor``)."""
+
+    factor: float
+    rope_type: ClassVar[str] = "linear"
+
+
+@dataclass(frozen=True)
+class YarnRopeScaling:
+    """HF ``rope_type: yarn`` (the long-context setting Qwen2.5 and Qwen3 ship), as Megatron-Core's
+    ``YarnRotaryEmbedding`` computes it. ``mscale`` / ``mscale_all_dim`` count only together, as in HF."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    truncate: bool = True
+    rope_type: ClassVar[str] = "yarn"
+
+
+RopeScaling = Union[Llama3RopeScaling, LinearRopeScaling, YarnRopeScaling]
+_ROPE_SCALINGS = {cls.rope_type: cls for cls in (Llama3RopeScaling, LinearRopeScaling, YarnRopeScaling)}
+
+
+def rope_scaling_from_hf(value: dict, max_position_embeddings: int, where: str) -> RopeScaling:
+    """The scaling an HF ``rope_scaling`` / ``rope_parameters`` dict describes; other types are refused."""
+    rope_type = value.get("rope_type", value.get("type"))
+    cls = _ROPE_SCALINGS.get(rope_type)
+    if cls is None:
+        raise ConfigError(f"{where}: rope_scaling type {rope_type!r} is not supported "
+                          f"(supported: {', '.join(_ROPE_SCALINGS)})")
+    if rope_type == "yarn" and value.get("attention_factor") is not None:
+        raise ConfigError(f"{where}: rope_scaling yarn with an explicit attention_factor is not supported "
+                          "(Megatron-Core derives it from factor, mscale and mscale_all_dim)")
+    values = {f.name: value[f.name] for f in dataclasses.fields(cls) if value.get(f.name) is not None}
+    if rope_type == "yarn":
+        values.setdefault("original_max_position_embeddings", max_position_embeddings)
+        if "factor" not in values:  # HF: the ratio of the context lengths
+            values["factor"] = max_position_embeddings / values["original_max_position_embeddings"]
+    if "factor" not in values:
+        raise ConfigError(f"{where}: rope_scaling lacks 'factor'")
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"{where}: rope_scaling {value!r}: {err}") from None
+
+
+@dataclass(frozen=True)
+class Architecture:
     """Everything needed to build the network; HF names, validated."""
 
     num_hidden_layers: int
@@ -55,9 +119,16 @@ class LlamaArchitecture:
     rms_norm_eps: float
     tie_word_embeddings: bool
     initializer_range: float
-    rope_scaling: Optional[Llama3RopeScaling] = None
+    rope_scaling: Optional[RopeScaling] = None
+    model_type: str = "llama"
+    reward_head: str = "lm_head"
 
     def __post_init__(self) -> None:
+        if self.model_type not in FAMILIES:
+            raise ConfigError(f"model_type {self.model_type!r} is not supported; supported: "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        if self.reward_head not in REWARD_HEADS:
+            raise ConfigError(f"reward_head must be one of {', '.join(REWARD_HEADS)}, got {self.reward_head!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -68,8 +139,12 @@ class LlamaArchitecture:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
     @classmethod
-    def from_hf_config(cls, config: dict[str, Any], where: str) -> "LlamaArchitecture":
+    def from_hf_config(cls, config: dict[str, Any], where: str) -> "Architecture":
         """The architecture an HF ``config.json`` (already read by :func:`read_hf_config`) describes."""
         values = shape_values(config)
         missing = [n for n in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
@@ -80,11 +155,15 @@ class LlamaArchitecture:
         return _complete(values, where)
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The fields of an HF LlamaConfig describing this architecture."""
-        config = {k: v for k, v in dataclasses.asdict(self).items() if k != "rope_scaling"}
+        """The fields of the family's HF config describing this architecture."""
+        config = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("rope_scaling", "reward_head")}
+        scaling = self.rope_scaling
         config["rope_scaling"] = (
-            {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)} if self.rope_scaling else None
+            {"rope_type": scaling.rope_type,
+             **{k: v for k, v in dataclasses.asdict(scaling).items() if v is not None}} if scaling else None
         )
+        if self.reward_head == "mlp":
+            config["architectures"] = [self.family.hf_prefix + PRM_CLASS_SUFFIX]
         return config
 
 
@@ -94,6 +173,8 @@ _DEFAULTS = {
     "rms_norm_eps": 1e-5,
     "tie_word_embeddings": False,
     "initializer_range": 0.02,
+    "model_type": "llama",
+    "reward_head": "lm_head",
 }
 
 _SHAPE_FIELDS = (
@@ -103,10 +184,19 @@ _SHAPE_FIELDS = (
 )
 
 
+def reward_head_of(config: dict[str, Any]) -> str:
+    """``mlp`` for a Qwen2.5-Math-PRM-style config (``*ForProcessRewardModel``), else ``lm_head``."""
+    names = config.get("architectures") or []
+    return "mlp" if any(str(n).endswith(PRM_CLASS_SUFFIX) for n in names) else "lm_head"
+
+
 def shape_values(config: dict[str, Any]) -> dict[str, Any]:
-    """The architecture fields an HF config sets. RoPE settings are read from both spellings:
-    ``rope_theta`` + ``rope_scaling`` (transformers 4) and ``rope_parameters`` (transformers 5)."""
+    """The architecture fields an HF config sets, with its model type and reward head. RoPE settings
+    are read from both spellings: ``rope_theta`` + ``rope_scaling`` (transformers 4) and
+    ``rope_parameters`` (transformers 5)."""
     values = {k: config[k] for k in _SHAPE_FIELDS if config.get(k) is not None}
+    values["model_type"] = config.get("model_type", "llama")
+    values["reward_head"] = reward_head_of(config)
     parameters = config.get("rope_parameters")
     if isinstance(parameters, dict):
         if "rope_theta" in parameters:
@@ -136,16 +226,31 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
             f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     if config.get("attention_bias") or config.get("mlp_bias"):
-        raise ConfigError(f"{path}: attention_bias / mlp_bias are not supported (Llama and Mistral have none)")
+        raise ConfigError(f"{path}: attention_bias / mlp_bias are not supported ({model_type} is built without "
+                          "them; Qwen2's Q/K/V bias is part of its family)")
     if config.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{path}: hidden_act {config.get('hidden_act')!r} is not supported (only silu)")
     return config
 
 
+def sliding_window(config: dict[str, Any]) -> Optional[int]:
+    """The attention window an HF config switches on (Qwen2/3 declare one that ``use_sliding_window`` disables)."""
+    if config.get("use_sliding_window") is False:
+        return None
+    return config.get("sliding_window")
+
+
 def resolve_architecture(
-    args: ModelArguments, tokenizer_vocab_size: int, max_seq_len: int
-) -> LlamaArchitecture:
-    """Merge ``model_config`` and the explicit fields; a field set in both must agree."""
+    args: ModelArguments, tokenizer_vocab_size: int, max_seq_len: int, reward_head: str = "lm_head",
+    added_tokens: int = 0,
+) -> Architecture:
+    """Merge ``model_config`` and the explicit fields; a field set in both must agree.
+
+    A vocabulary smaller than the tokenizer's because ``added_tokens`` special tokens were added is
+    enlarged to it: the new rows of the embedding and output layer start at zero (as Megatron's padding
+    rows do when a checkpoint is loaded into a larger vocabulary). ``reward_head`` is
+    the run's; a checkpoint with an MLP head may only continue as one.
+    """
     values: dict[str, Any] = {}
     where = "model arguments"
     if args.model_config and args.model_name_or_path:
@@ -157,12 +262,15 @@ def resolve_architecture(
         where = str(source)
         hf = read_hf_config(source)
         values = shape_values(hf)
-        window = hf.get("sliding_window")
+        window = sliding_window(hf)
         if window is not None and window < max_seq_len:
             raise ConfigError(
                 f"{where}: sliding_window {window} is shorter than max_seq_len {max_seq_len}; sliding-window "
                 "attention is not implemented, lower max_seq_len to at most the window"
             )
+    if values.get("reward_head") == "mlp" and reward_head != "mlp":
+        raise ConfigError(f"{where} holds a model with an MLP reward head (score.0 / score.2); set reward_head: mlp")
+    values["reward_head"] = reward_head
     for name in _SHAPE_FIELDS:
         explicit = getattr(args, name)
         if explicit is None:
@@ -180,9 +288,11 @@ def resolve_architecture(
     values.setdefault("vocab_size", tokenizer_vocab_size)
     values.setdefault("max_position_embeddings", max_seq_len)
     if values["vocab_size"] < tokenizer_vocab_size:
-        raise ConfigError(
-            f"vocab_size {values['vocab_size']} is smaller than the tokenizer's {tokenizer_vocab_size} ids"
-        )
+        if args.vocab_size is not None or values["vocab_size"] < tokenizer_vocab_size - added_tokens:
+            raise ConfigError(
+                f"vocab_size {values['vocab_size']} is smaller than the tokenizer's {tokenizer_vocab_size} ids"
+            )
+        values["vocab_size"] = tokenizer_vocab_size
     if max_seq_len > values["max_position_embeddings"]:
         raise ConfigError(
             f"max_seq_len {max_seq_len} exceeds max_position_embeddings {values['max_position_embeddings']}"
@@ -190,14 +300,14 @@ def resolve_architecture(
     return _complete(values, where)
 
 
-def _complete(values: dict[str, Any], where: str) -> LlamaArchitecture:
+def _complete(values: dict[str, Any], where: str) -> Architecture:
     """The architecture from the fields given, with Llama's defaults for the rest."""
     for name, default in _DEFAULTS.items():
         values.setdefault(name, default)
     values.setdefault("num_key_value_heads", values["num_attention_heads"])
     values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
     scaling = values.pop("rope_scaling", None)
-    return LlamaArchitecture(
+    return Architecture(
         **values,
-        rope_scaling=Llama3RopeScaling.from_hf(scaling, where) if scaling else None,
+        rope_scaling=rope_scaling_from_hf(scaling, values["max_position_embeddings"], where) if scaling else None,
     )

@@ -8,6 +8,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from megatron_prm.model.mlp_head import MLPRewardHead
 from megatron_prm.model.reward_head import reward_logits
 
 
@@ -16,16 +17,20 @@ class PRMGPTModel(GPTModel):
 
     The embedding, decoder and output-layer parameters are GPTModel's own, so Megatron's
     checkpointing, embedding-group gradient sync and parameter names apply unchanged; only the last
-    step differs: the LM-head rows of the two reward tokens are applied at the labelled positions.
+    step differs: the LM-head rows of the two reward tokens are applied at the labelled positions, or
+    with ``reward_head="mlp"`` the :class:`MLPRewardHead` (the output layer is then unused and frozen).
     """
 
-    def __init__(self, *args, reward_token_ids: tuple[int, int], **kwargs) -> None:
+    def __init__(self, *args, reward_token_ids: tuple[int, int], reward_head: str = "lm_head", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.mtp_process:
             raise ValueError("multi-token prediction is not supported by the PRM head")
         self.register_buffer(
             "reward_token_ids", torch.tensor(reward_token_ids, dtype=torch.long), persistent=False
         )
+        self.mlp_reward_head = MLPRewardHead(self.config) if reward_head == "mlp" and self.post_process else None
+        if self.mlp_reward_head is not None and not self.share_embeddings_and_output_weights:
+            self.output_layer.weight.requires_grad_(False)
 
     def forward(
         self,
@@ -63,6 +68,8 @@ class PRMGPTModel(GPTModel):
         if reward_index is None:
             logits, _ = self.output_layer(hidden_states, weight=weight)
             return logits if labels is None else self.compute_language_model_loss(labels, logits)
+        if self.mlp_reward_head is not None:
+            return self.mlp_reward_head(hidden_states, reward_index, self.pg_collection.tp, self.config.sequence_parallel)
         return reward_logits(
             hidden_states,
             reward_index,

@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_block import (
 
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.layout import ParallelLayout
-from megatron_prm.model.architecture import LlamaArchitecture
+from megatron_prm.model.architecture import Architecture, LinearRopeScaling, Llama3RopeScaling, YarnRopeScaling
 from megatron_prm.model.attention import PackedSDPAttention
 from megatron_prm.model.norm import RMSNorm
 from megatron_prm.model.prm_model import PRMGPTModel
@@ -115,12 +115,42 @@ def _fp8_settings(precision: Precision) -> dict:
             "fp8_amax_compute_algo": precision.fp8_amax_compute_algo}
 
 
-def transformer_config(arch: LlamaArchitecture, options: ModelBuildOptions) -> TransformerConfig:
-    """Megatron's TransformerConfig for a Llama/Mistral-family model (RMSNorm, SwiGLU, RoPE, GQA)."""
+@dataclass
+class YarnTransformerConfig(TransformerConfig):
+    """TransformerConfig with the YaRN fields that GPTModel's ``position_embedding_type="yarn"`` and the
+    attention's cos/sin scaling (``_yarn_get_concentration_factor_from_config``) read from the config by
+    name; Megatron-Core declares them on its MLA config only. Checked on megatron-core 0.16.1 and 0.19.2."""
+
+    yarn_rotary_scaling_factor: float = 1.0
+    yarn_original_max_position_embeddings: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: Optional[float] = None
+    yarn_mscale_all_dim: Optional[float] = None
+    yarn_correction_range_round_to_int: bool = True
+
+
+def _yarn_settings(scaling: YarnRopeScaling) -> dict:
+    # HF uses mscale / mscale_all_dim only when both are set and non-zero; Megatron-Core only when both
+    # are not None: passing None otherwise gives both the default factor 0.1 ln(factor) + 1.
+    both = bool(scaling.mscale and scaling.mscale_all_dim)
+    return {"yarn_rotary_scaling_factor": scaling.factor,
+            "yarn_original_max_position_embeddings": scaling.original_max_position_embeddings,
+            "yarn_beta_fast": scaling.beta_fast, "yarn_beta_slow": scaling.beta_slow,
+            "yarn_mscale": scaling.mscale if both else None,
+            "yarn_mscale_all_dim": scaling.mscale_all_dim if both else None,
+            "yarn_correction_range_round_to_int": scaling.truncate}
+
+
+def transformer_config(arch: Architecture, options: ModelBuildOptions) -> TransformerConfig:
+    """Megatron's TransformerConfig for the architecture (RMSNorm, SwiGLU, RoPE, GQA, and the family's
+    Q/K/V bias or per-head Q/K norm)."""
     te = options.use_transformer_engine
     layout = options.layout
     precision = options.precision
-    return TransformerConfig(
+    yarn = isinstance(arch.rope_scaling, YarnRopeScaling)
+    config_class = YarnTransformerConfig if yarn else TransformerConfig
+    return config_class(
         num_layers=arch.num_hidden_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.intermediate_size,
@@ -132,7 +162,8 @@ def transformer_config(arch: LlamaArchitecture, options: ModelBuildOptions) -> T
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=arch.family.qkv_bias,
+        qk_layernorm=arch.family.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=arch.initializer_range,
@@ -155,7 +186,7 @@ def transformer_config(arch: LlamaArchitecture, options: ModelBuildOptions) -> T
         masked_softmax_fusion=False,
         bias_activation_fusion=te,
         bias_dropout_fusion=te,
-        apply_rope_fusion=te,
+        apply_rope_fusion=te and not yarn,  # the fused kernel does not apply YaRN's cos/sin factor
         persist_layer_norm=False,
         gradient_accumulation_fusion=te,
         # Megatron-LM's choice for the interleaved schedule (Megatron-Core's default differs): with
@@ -165,6 +196,7 @@ def transformer_config(arch: LlamaArchitecture, options: ModelBuildOptions) -> T
         batch_p2p_comm=layout.virtual_pipeline_parallel_size == 1,
         **_recompute_settings(options.recompute),
         **_fp8_settings(precision),
+        **(_yarn_settings(arch.rope_scaling) if yarn else {}),
     )
 
 
@@ -173,17 +205,24 @@ def layer_spec(config: TransformerConfig, options: ModelBuildOptions, vp_stage: 
 
     With Transformer Engine: TE's layer spec (fused norm + linear, fused attention, FP8; packed THD rows
     get TE's ``padding_causal`` masks). Without: the local spec with :class:`RMSNorm`, which supports
-    sequence parallelism, and :class:`PackedSDPAttention`, which supports packed rows. ``full_attn``
-    recompute swaps in :class:`RecomputedSelfAttention`.
+    sequence parallelism, and :class:`PackedSDPAttention`, which supports packed rows; Qwen3's per-head
+    Q/K norms are :class:`RMSNorm` too (their gradients, partial per tensor-parallel rank, are summed by
+    Megatron's ``finalize_model_grads`` under ``qk_layernorm``). ``full_attn`` recompute swaps in
+    :class:`RecomputedSelfAttention`.
     """
+    qk_norm = config.qk_layernorm
     if options.use_transformer_engine:
-        layer = get_gpt_layer_with_transformer_engine_spec()
+        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
         final_norm = None
     else:
-        layer = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+        layer = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm))
         layer.submodules.input_layernorm = RMSNorm
         layer.submodules.pre_mlp_layernorm = RMSNorm
-        layer.submodules.self_attention.submodules.core_attention = PackedSDPAttention
+        attention = layer.submodules.self_attention.submodules
+        attention.core_attention = PackedSDPAttention
+        if qk_norm:
+            attention.q_layernorm = RMSNorm
+            attention.k_layernorm = RMSNorm
         final_norm = RMSNorm
     if options.recompute is not None and options.recompute.granularity == "full_attn":
         layer = copy.deepcopy(layer)
@@ -216,13 +255,24 @@ def _initialize_te_userbuffers(tokens: int, hidden_size: int, tensor_parallel_si
         te_module.base.initialize_ub(shape=shape, tp_size=tensor_parallel_size, use_fp8=fp8, bootstrap_backend="nccl")
 
 
-def _apply_rope_scaling(model: PRMGPTModel, arch: LlamaArchitecture) -> None:
+def _rope_arguments(arch: Architecture) -> dict:
+    """GPTModel's position-embedding arguments: YaRN through Megatron's YarnRotaryEmbedding, linear
+    scaling as ``seq_len_interpolation_factor`` (positions divided by the factor, as HF divides the
+    frequencies); Llama 3 scaling is applied after construction (:func:`_apply_llama3_rope_scaling`)."""
+    if isinstance(arch.rope_scaling, YarnRopeScaling):
+        return {"position_embedding_type": "yarn"}
+    if isinstance(arch.rope_scaling, LinearRopeScaling):
+        return {"position_embedding_type": "rope", "seq_len_interpolation_factor": arch.rope_scaling.factor}
+    return {"position_embedding_type": "rope"}
+
+
+def _apply_llama3_rope_scaling(model: PRMGPTModel, arch: Architecture) -> None:
     """Llama-3 frequency scaling with the checkpoint's own factors.
 
     Megatron's RotaryEmbedding hard-codes low/high frequency factors 1/4 and an original context of
     8192; HF configs state them, so the inverse frequencies are recomputed from the config's values.
     """
-    if arch.rope_scaling is None or not hasattr(model, "rotary_pos_emb"):
+    if not isinstance(arch.rope_scaling, Llama3RopeScaling) or not hasattr(model, "rotary_pos_emb"):
         return
     rotary = model.rotary_pos_emb
     scaling = arch.rope_scaling
@@ -236,7 +286,7 @@ def _apply_rope_scaling(model: PRMGPTModel, arch: LlamaArchitecture) -> None:
 
 
 def build_model_chunks(
-    arch: LlamaArchitecture,
+    arch: Architecture,
     reward_token_ids: tuple[int, int],
     max_seq_len: int,
     options: ModelBuildOptions,
@@ -259,12 +309,13 @@ def build_model_chunks(
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             share_embeddings_and_output_weights=arch.tie_word_embeddings,
-            position_embedding_type="rope",
             rotary_base=arch.rope_theta,
+            **_rope_arguments(arch),
             vp_stage=stage,
             reward_token_ids=reward_token_ids,
+            reward_head=arch.reward_head,
         )
-        _apply_rope_scaling(model, arch)
+        _apply_llama3_rope_scaling(model, arch)
         if not options.use_cpu_initialization:
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

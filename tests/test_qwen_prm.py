@@ -1,0 +1,162 @@
+"""Qwen-family PRMs end to end: a step tag the tokenizer lacks is added and travels with the checkpoint and
+the export; the token-classifier export scores like ``megatron-prm score``; Qwen2.5-Math-PRM's MLP head
+(``reward_head: mlp``) imports, exports bitwise, scores under TP2 like its plain-torch reference and trains."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_log, run_cli
+from qwen_fixtures import qwen2_prm_reference, write_qwen2_prm, write_qwen2_tokenizer
+from test_convert_hf import convert
+
+pytest.importorskip("transformers")
+from transformers import AutoModelForTokenClassification, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from megatron_prm.data.convert import convert_file  # noqa: E402
+from megatron_prm.data.records import validate_record  # noqa: E402
+from megatron_prm.data.samples import SampleBuilder, SampleOptions  # noqa: E402
+from megatron_prm.tokenizer import load_tokenizer, special_token_ids  # noqa: E402
+
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.05)
+STEP_TAG = "<extra_0>"
+LENGTHS = ["--max_seq_len", "768", "--max_prompt_len", "256"]
+TRAIN = ["--device", "cpu", "--bf16", "false", "--learning_rate", "1e-3", "--warmup_steps", "0", "--max_steps", "2",
+         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--do_eval", "false", *LENGTHS]
+
+
+def load_safetensors(directory) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in directory.glob("*.safetensors"):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def samples_of(records_path, tokenizer_dir, reward_tokens=("+", "-")):
+    """(record, input ids [1, s], step-tag positions) as the project's data pipeline builds them."""
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    special = special_token_ids(tokenizer, STEP_TAG, list(reward_tokens), add_missing=False)
+    builder = SampleBuilder(tokenizer, special, SampleOptions(768, 256))
+    for index, line in enumerate(records_path.read_text().splitlines()):
+        sample = builder.build(validate_record(json.loads(line), path=records_path, index=index, line=None,
+                                               reward_tokens=reward_tokens))
+        yield (index, torch.tensor(sample.input_ids[None], dtype=torch.long),
+               torch.tensor(sample.label_positions, dtype=torch.long))
+
+
+@pytest.fixture
+def processbench_records(shared_data, tmp_path):
+    """The first 8 ProcessBench GSM8K items as records (labels from the first-error index)."""
+    source = tmp_path / "pb.json"
+    with gzip.open(shared_data / "processbench" / "gsm8k.json.gz", "rt", encoding="utf-8") as handle:
+        source.write_text(json.dumps(json.load(handle)[:8]))
+    out = tmp_path / "pb.jsonl"
+    convert_file("processbench", source, out, show_progress=False)
+    return out
+
+
+def test_added_step_tag_travels_and_token_classifier_scores_like_the_scorer(tmp_path, processbench_records):
+    tokenizer_dir = write_qwen2_tokenizer(tmp_path / "tokenizer")
+    vocab = load_tokenizer(str(tokenizer_dir)).vocab_size  # <extra_0> is not among them
+    torch.manual_seed(0)
+    hf = tmp_path / "hf"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, **SHAPE)).save_pretrained(hf)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy2(file, hf / file.name)
+    convert("import", "--hf", str(hf), "--out", str(tmp_path / "base"))
+    run_cli(["train", "--model_name_or_path", str(tmp_path / "base"), "--placeholder_token", STEP_TAG,
+             "--train_dataset_path", str(processbench_records), "--output_dir", str(tmp_path / "run"), *TRAIN])
+    assert all(event["loss"] > 0 for event in read_log(tmp_path / "run", "train"))
+
+    # The tag was added as id `vocab`; the checkpoint's tokenizer and model config carry it.
+    checkpoint = tmp_path / "run" / (tmp_path / "run" / "latest").read_text().strip()
+    assert special_token_ids(load_tokenizer(str(checkpoint / "tokenizer")), STEP_TAG, ["+", "-"],
+                             add_missing=False).placeholder == vocab
+    assert json.loads((checkpoint / "model_config.json").read_text())["vocab_size"] == vocab + 1
+
+    run_cli(["score", "--checkpoint", str(tmp_path / "run"), "--data", str(processbench_records),
+             "--output", str(tmp_path / "scores.jsonl")])
+    scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    convert("export", "--megatron", str(tmp_path / "run"), "--out", str(tmp_path / "lm"))
+    summary = json.loads(convert("export", "--megatron", str(tmp_path / "run"), "--out", str(tmp_path / "tc"),
+                                 "--as", "token-classifier").stdout)
+    assert summary["step_tag_id"] == vocab and summary["architecture"] == "Qwen2ForTokenClassification"
+
+    lm, tc = load_safetensors(tmp_path / "lm"), load_safetensors(tmp_path / "tc")
+    assert lm["model.embed_tokens.weight"].shape == (vocab + 1, SHAPE["hidden_size"])
+    assert json.loads((tmp_path / "lm" / "config.json").read_text())["vocab_size"] == vocab + 1
+    good, bad = summary["reward_token_ids"]
+    assert torch.equal(tc["score.weight"], lm["model.embed_tokens.weight"][[good, bad]])  # tied: the embedding rows
+    assert torch.equal(tc["score.bias"], torch.zeros(2)) and "lm_head.weight" not in tc
+
+    model = AutoModelForTokenClassification.from_pretrained(tmp_path / "tc", dtype=torch.float32).eval()
+    assert type(model).__name__ == "Qwen2ForTokenClassification" and model.config.id2label == {0: "good", 1: "bad"}
+    compared = 0
+    for index, input_ids, positions in samples_of(processbench_records, tmp_path / "tc"):
+        with torch.no_grad():
+            p_good = torch.softmax(model(input_ids).logits[0, positions], dim=-1)[:, 0]
+        assert torch.allclose(p_good, torch.tensor(scored[index]["step_scores"]), atol=1e-4, rtol=0), index
+        compared += len(p_good)
+    assert compared >= 20  # some steps of these long solutions fall beyond max_seq_len
+
+
+@pytest.fixture(scope="module")
+def mlp_prm(tmp_path_factory):
+    """A Qwen2.5-Math-PRM-style checkpoint (its tokenizer holds <extra_0>) and its import."""
+    root = tmp_path_factory.mktemp("mlp")
+    tokenizer_dir = write_qwen2_tokenizer(root / "tokenizer", extra_special=(STEP_TAG,))
+    torch.manual_seed(0)
+    hf = write_qwen2_prm(root / "hf", load_tokenizer(str(tokenizer_dir)).vocab_size, **SHAPE)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy2(file, hf / file.name)
+    convert("import", "--hf", str(hf), "--out", str(root / "imported"))
+    return root, hf
+
+
+def test_mlp_head_round_trip_is_bitwise(mlp_prm, tmp_path):
+    root, hf = mlp_prm
+    convert("export", "--megatron", str(root / "imported"), "--out", str(tmp_path / "out"))
+    original, exported = load_safetensors(hf), load_safetensors(tmp_path / "out")
+    assert original.keys() == exported.keys() and "score.2.weight" in exported and "lm_head.weight" not in exported
+    for key in original:
+        assert torch.equal(original[key], exported[key]), key
+    assert json.loads((hf / "config.json").read_text()) == json.loads((tmp_path / "out" / "config.json").read_text())
+    refused = convert("export", "--megatron", str(root / "imported"), "--out", str(tmp_path / "tc"),
+                      "--as", "token-classifier", check=False)
+    assert refused.returncode == 2 and "MLP reward head" in refused.stderr and not (tmp_path / "tc").exists()
+
+
+def test_mlp_head_scores_like_its_reference_under_tp2_and_trains(mlp_prm, tmp_path):
+    from megatron_prm.data.synthetic import write_dataset
+
+    root, hf = mlp_prm
+    records = write_dataset(tmp_path / "records.jsonl", 6, seed=3)
+    run_cli(["score", "--checkpoint", str(root / "imported"), "--data", str(records), "--output",
+             str(tmp_path / "scores.jsonl"), "--placeholder_token", STEP_TAG, "--tensor_parallel_degree", "2",
+             "--bf16", "false", *LENGTHS], nproc=2)
+    scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    base, score = qwen2_prm_reference(hf)
+    compared = 0
+    for index, input_ids, positions in samples_of(records, hf):
+        with torch.no_grad():
+            hidden = base(input_ids).last_hidden_state[0, positions]
+            p_good = torch.softmax(score(hidden), dim=-1)[:, 1]  # Qwen2.5-Math-PRM: column 1 is the good class
+        assert torch.allclose(p_good, torch.tensor(scored[index]["step_scores"]), atol=1e-4, rtol=0), index
+        compared += len(p_good)
+    assert compared >= 10
+
+    run_cli(["train", "--model_name_or_path", str(root / "imported"), "--reward_head", "mlp",
+             "--placeholder_token", STEP_TAG, "--train_dataset_path", str(records),
+             "--output_dir", str(tmp_path / "run"), *TRAIN])
+    losses = [event["loss"] for event in read_log(tmp_path / "run", "train")]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    convert("export", "--megatron", str(tmp_path / "run"), "--out", str(tmp_path / "trained"))
+    trained, original = load_safetensors(tmp_path / "trained"), load_safetensors(hf)
+    assert not torch.equal(trained["score.0.weight"], original["score.0.weight"])  # the head was trained
