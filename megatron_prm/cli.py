@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from typing import Optional
 
+from megatron_prm import megatron_compat
 from megatron_prm.config import ConfigError, load_config
 from megatron_prm.data.convert import FORMATS, NEUTRAL_CHOICES, FormatError
 from megatron_prm.data.records import RecordError
@@ -218,8 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    # Megatron-Core warns on import wherever Apex / Transformer Engine are absent (always, on CPU).
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+    megatron_compat.filter_unactionable_warnings()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)

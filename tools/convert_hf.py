@@ -14,9 +14,9 @@ import argparse
 import json
 import re
 import sys
-import warnings
 from pathlib import Path
 
+from megatron_prm import megatron_compat
 from megatron_prm.config import ConfigError
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)?$", re.IGNORECASE)
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+    megatron_compat.filter_unactionable_warnings()
     args = build_parser().parse_args(argv)
     try:
         if args.direction == "import":

@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from megatron_prm import megatron_compat
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.layout import ParallelLayout
 from megatron_prm.model.architecture import LlamaArchitecture
@@ -197,7 +198,8 @@ def _apply_rope_scaling(model: PRMGPTModel, arch: LlamaArchitecture) -> None:
         return
     rotary = model.rotary_pos_emb
     scaling = arch.rope_scaling
-    rotary.inv_freq = rotary._apply_scaling(
+    rotary.inv_freq = megatron_compat.llama3_scaled_inv_freq(
+        rotary,
         rotary.inv_freq,
         factor=scaling.factor,
         low_freq_factor=scaling.low_freq_factor,
