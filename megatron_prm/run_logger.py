@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_prm import optional
+
 
 class RunLogger:
     """Writes only on the rank that owns the figures (the last rank); a no-op elsewhere."""
@@ -15,6 +17,8 @@ class RunLogger:
         self.enabled = enabled
         self._jsonl = None
         self._tensorboard = None
+        if tensorboard_dir:
+            optional.require("tensorboard", "tensorboard_dir")  # on every rank, so that all of them stop
         if not enabled:
             return
         output_dir = Path(output_dir)

@@ -19,6 +19,7 @@ from megatron_prm.conversion.importer import DTYPES, copy_tokenizer_files
 from megatron_prm.conversion.mapping import ParamRule, Transform, hf_shapes, megatron_shape, rules_for, to_hf
 from megatron_prm.conversion.safetensors_io import CheckpointFormatError, PlannedTensor, ShardedSafetensorsWriter
 from megatron_prm.conversion.staging import staged_output
+from megatron_prm.conversion.torch_dist_writer import single_process_dcp
 from megatron_prm.model.architecture import LlamaArchitecture, read_hf_config
 
 HF_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -63,7 +64,8 @@ def _load(checkpoint: Path, rules: list[ParamRule], layer: Optional[int], metada
                                                   (layer,) + (0,) * (len(shape) - 1))
         else:
             request[rule.checkpoint_key] = _Slice(torch.empty(shape, dtype=stored.properties.dtype), (0,) * len(shape))
-    dcp.load(request, storage_reader=FileSystemReader(str(checkpoint)), planner=_SliceLoadPlanner(), no_dist=True)
+    with single_process_dcp():
+        dcp.load(request, storage_reader=FileSystemReader(str(checkpoint)), planner=_SliceLoadPlanner(), no_dist=True)
     return {key: piece.buffer[0] if rule.per_layer else piece.buffer
             for rule, (key, piece) in zip(rules, request.items())}
 

@@ -21,7 +21,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from megatron_prm import megatron_compat
+from megatron_prm import megatron_compat, optional
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.layout import ParallelLayout
 from megatron_prm.model.architecture import LlamaArchitecture
@@ -75,8 +75,10 @@ class ModelBuildOptions:
     def from_config(cls, config: RunConfig, layout: ParallelLayout, use_transformer_engine: bool,
                     use_cpu_initialization: bool) -> "ModelBuildOptions":
         t, p = config.training, config.parallel
-        if t.fp8 and not use_transformer_engine:
-            raise ConfigError("fp8 needs Transformer Engine on a GPU; it is not available here")
+        if t.fp8:
+            optional.require("transformer_engine", "fp8")
+            if not use_transformer_engine:
+                raise ConfigError("fp8 needs Transformer Engine on a GPU; there is no GPU here")
         return cls(
             precision=Precision(t.bf16, t.fp16, t.fp16_opt_level, t.fp8, t.fp8_recipe, t.fp8_amax_history_len,
                                 t.fp8_amax_compute_algo),
