@@ -20,8 +20,8 @@ def pytest_configure(config):
     """Megatron-Core's unactionable warnings, from the one list the command line filters too."""
     from megatron_prm import megatron_compat
 
-    for message, category in megatron_compat.UNACTIONABLE_WARNINGS + megatron_compat.CPU_MODE_WARNINGS:
-        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
+    for message, category, *module in megatron_compat.UNACTIONABLE_WARNINGS + megatron_compat.CPU_MODE_WARNINGS:
+        config.addinivalue_line("filterwarnings", ":".join(["ignore", message, category.__name__, *module]))
     megatron_compat.filter_unactionable_warnings(cpu_mode=True)  # and the log-record filters
 
 
