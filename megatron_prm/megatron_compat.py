@@ -47,6 +47,13 @@ UNACTIONABLE_WARNINGS: tuple[tuple, ...] = (
     # Megatron-Core's layer specs and parallel layers themselves leave these arguments out.
     (r"MLP requires ffn_hidden_size, but it was not provided", DeprecationWarning),
     (r"Warning\W+tp_group is None, using default tp group", DeprecationWarning),
+    # 0.19's dist_checkpointing.load: its common-state read calls torch's DCP load without a process group,
+    # its torch_dist strategy passes load's arguments by position, and it builds torch ShardedTensors (in
+    # CPU mode the FutureWarning is attributed to cpu_mode's torch-function relay).
+    (r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load", UserWarning,
+     r"torch\.distributed\.checkpoint"),
+    (r"The argument order of load has been changed", UserWarning),
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
     # The distributed optimizer's zero_grad reads .grad of its fp32 shard views ("throws grad-access
     # warning", says its own comment); in CPU mode torch attributes it to cpu_mode's torch-function relay.
     (r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed", UserWarning,
@@ -55,7 +62,7 @@ UNACTIONABLE_WARNINGS: tuple[tuple, ...] = (
 
 # Advice about CUDA that does not apply in CPU mode (added by cpu_mode.enable).
 CPU_MODE_WARNINGS: tuple[tuple, ...] = (
-    (r"When using sequence parallelism it is recommended to set the environment variable "
+    (r"When using (sequence parallelism|async grad allreduce) it is recommended to set the environment variable "
      r"CUDA_DEVICE_MAX_CONNECTIONS", UserWarning),
 )
 
