@@ -20,7 +20,8 @@ SHELLCHECK = Path(sys.executable).with_name("shellcheck")
 FAKE_SLURM = Path(__file__).with_name("fake_slurm")  # srun / scontrol stand-ins that run tasks locally
 
 
-@pytest.mark.parametrize("script", SCRIPTS + sorted(FAKE_SLURM.iterdir()), ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [*SCRIPTS, *sorted(FAKE_SLURM.iterdir()), REPO / ".ci" / "run"],
+                         ids=lambda p: p.name)
 def test_example_scripts_pass_bash_n_and_shellcheck(script):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     checker = str(SHELLCHECK) if SHELLCHECK.exists() else shutil.which("shellcheck")
