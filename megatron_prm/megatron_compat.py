@@ -47,12 +47,15 @@ UNACTIONABLE_WARNINGS: tuple[tuple, ...] = (
     # Megatron-Core's layer specs and parallel layers themselves leave these arguments out.
     (r"MLP requires ffn_hidden_size, but it was not provided", DeprecationWarning),
     (r"Warning\W+tp_group is None, using default tp group", DeprecationWarning),
-    # 0.19's dist_checkpointing.load: its common-state read calls torch's DCP load without a process group,
+    # dist_checkpointing.load (0.19): its common-state read calls torch's DCP load without a process group,
     # its torch_dist strategy passes load's arguments by position, and it builds torch ShardedTensors (in
     # CPU mode the FutureWarning is attributed to cpu_mode's torch-function relay).
     (r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load", UserWarning,
      r"torch\.distributed\.checkpoint"),
     (r"The argument order of load has been changed", UserWarning),
+    # 0.16's torch_dist strategy calls torch's deprecated DCP load_state_dict.
+    (r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load` instead",
+     FutureWarning),
     (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
     # The distributed optimizer's zero_grad reads .grad of its fp32 shard views ("throws grad-access
     # warning", says its own comment); in CPU mode torch attributes it to cpu_mode's torch-function relay.

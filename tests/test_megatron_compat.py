@@ -49,9 +49,9 @@ def test_cpu_mode_stands_in_for_cuda_streams_and_events():
 
 
 def test_training_prints_no_warnings(tmp_path):
-    """Two data-parallel CPU ranks with the distributed optimizer, evaluation and a checkpoint, with every
-    warning category shown (PYTHONWARNINGS=default): Megatron-Core's unactionable ones are filtered, and
-    none of this package's own may appear."""
+    """Two data-parallel CPU ranks with the distributed optimizer, evaluation and a checkpoint, then scoring
+    from that checkpoint, with every warning category shown (PYTHONWARNINGS=default): Megatron-Core's
+    unactionable warnings are filtered, and none of this package's own may appear."""
     from megatron_prm.data.synthetic import write_dataset
 
     write_dataset(tmp_path / "train.jsonl", 16, seed=1)
@@ -70,7 +70,12 @@ def test_training_prints_no_warnings(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert [event["step"] for event in read_log(tmp_path / "run", "train")] == [1, 2]
-    assert (tmp_path / "run" / "latest").is_file()
-    noise = [line for line in result.stderr.splitlines()
+    scored = subprocess.run(  # loading the checkpoint back
+        [sys.executable, "-m", "megatron_prm", "score", "--checkpoint", str(tmp_path / "run"),
+         "--data", str(tmp_path / "dev.jsonl"), "--output", str(tmp_path / "scores.jsonl")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr[-4000:]
+    assert len((tmp_path / "scores.jsonl").read_text().splitlines()) == 4
+    noise = [line for line in (result.stderr + scored.stderr).splitlines()
              if re.search(r"warn|deprecat|experimental|not installed", line, re.IGNORECASE)]
     assert not noise, "\n".join(noise)
