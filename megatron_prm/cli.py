@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import warnings
 from typing import Optional, Sequence
 
-from megatron_prm import strict_json
+from megatron_prm import megatron_compat, strict_json
 from megatron_prm.config import SECTIONS, ConfigError, argument_type_name, load_config
 from megatron_prm.data.convert import FORMATS, NEUTRAL_CHOICES, FormatError
 from megatron_prm.data.records import RecordError
@@ -326,8 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    # Megatron-Core warns on import wherever Apex / Transformer Engine are absent (always, on CPU).
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+    megatron_compat.filter_unactionable_warnings()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)

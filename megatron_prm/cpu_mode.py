@@ -6,8 +6,10 @@ that the same training code runs on 1-4 gloo processes for tests and small demos
 the launcher only where no GPU is present (``device="auto"``) or when asked for (``device="cpu"``);
 it refuses to run where CUDA is available, so it can never silently move a GPU job onto the CPU.
 
-Measured on megatron-core 0.16.1 with torch 2.13.0 (CPU build): GPTModel forward/backward, tensor and
-pipeline parallelism, DDP and the distributed optimizer all run once these calls are redirected.
+Measured on megatron-core 0.16.1 with torch 2.13.0 (CPU build) and 0.19.2 with torch 2.14.1: GPTModel
+forward/backward, tensor and pipeline parallelism, DDP and the distributed optimizer all run once these
+calls are redirected. Only ``torch.*`` is patched here; the Megatron-Core internals that CPU mode needs
+replaced are in :mod:`megatron_prm.megatron_compat`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megatron_prm import megatron_compat
 
 _enabled = False
 
@@ -62,6 +66,54 @@ def _set_cpu_rng_state(state: torch.Tensor, *_args, **_kwargs) -> None:
 def _manual_seed(seed: int) -> None:
     # Not torch.manual_seed: that calls torch.cuda.manual_seed_all, i.e. this function again.
     torch.default_generator.manual_seed(seed)
+
+
+class CpuStream:
+    """Stand-in for ``torch.cuda.Stream``: on the CPU every operation runs in order, so waiting is a no-op.
+
+    Megatron-Core 0.19 calls ``torch.cuda.current_stream().wait_event(...)`` in the DDP gradient sync
+    (``_ParamAndGradBucketGroup.start_grad_sync``) whether or not CUDA graphs are in use.
+    """
+
+    def __init__(self, *_args, **_kwargs) -> None:
+        pass
+
+    def wait_event(self, event=None) -> None:
+        pass
+
+    def wait_stream(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def record_event(self, event=None) -> "CpuEvent":
+        return event if event is not None else CpuEvent()
+
+
+class CpuEvent:
+    """Stand-in for ``torch.cuda.Event``: always complete."""
+
+    def __init__(self, *_args, **_kwargs) -> None:
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_CPU_STREAM = CpuStream()
 
 
 def _in_backward_too(method):
@@ -114,11 +166,14 @@ def enable() -> None:
     cuda.nvtx.range_push = lambda *a, **k: None
     cuda.nvtx.range_pop = lambda *a, **k: None
     cuda.nvtx.range = lambda *a, **k: contextlib.nullcontext()
+    cuda.current_stream = lambda *a, **k: _CPU_STREAM
+    cuda.default_stream = lambda *a, **k: _CPU_STREAM
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.Stream = CpuStream
+    cuda.Event = CpuEvent
 
-    from megatron.core.tensor_parallel import random as mp_random
-
-    mp_random._get_cuda_rng_state = _cpu_rng_state
-    mp_random._set_cuda_rng_state = _set_cpu_rng_state
+    megatron_compat.use_cpu_rng_state(_cpu_rng_state, _set_cpu_rng_state)
+    megatron_compat.filter_unactionable_warnings(cpu_mode=True)
 
     from torch.autograd.function import BackwardCFunction
 

@@ -1,28 +1,174 @@
-"""Work-arounds for Megatron-Core 0.16 with PyTorch's own Adam (no Apex, no Transformer Engine).
+"""Every use of Megatron-Core internals, in one place, for megatron-core 0.16.1 through 0.19.x.
 
-NVIDIA's containers have Apex and TE, and their fused Adam keeps no per-parameter ``step``; PyTorch's
-Adam, Megatron's fallback on CPU and in plain pip installs, does. The distributed optimizer's checkpoint
-loading does not fully account for that:
+The rest of the package uses Megatron-Core's public API only. Each function here names the private
+attribute it reads or replaces and the versions it was checked on (0.16.1 on Python 3.11 and 0.19.2 on
+Python 3.12: the two CI legs, ``make test`` and ``make test-py312``). A new Megatron-Core release is
+supported once both legs pass on it and the versions below are updated; ``setup.py`` states the range.
+Megatron-Core is imported inside the functions, so that :func:`filter_unactionable_warnings` can run before
+Megatron-Core's own import-time warnings.
 
-- building the state dict to load into reads every parameter's ``step``, which a fresh optimizer lacks
-  (``assert len(steps) == 1``) - :func:`prime_adam_state` gives each parameter a zero state first;
-- copying the loaded shards iterates over the destination state, ``step`` included, which the source
-  lacks (``KeyError: 'step'``), and copies into parameters without ``torch.no_grad()`` - the
-  replacement of ``_set_main_param_and_optimizer_states`` skips destination keys the source lacks
-  and copies under ``no_grad``. The ``step`` itself is restored by Megatron from the param groups;
-- ...as one tensor shared by every parameter, which Adam then advances once per parameter and step -
-  :func:`untie_adam_steps` gives each parameter its own copy after loading (exact stage1 resume).
-
-All three only act where Megatron uses the PyTorch optimizer.
+GPTModel or HybridModel: Megatron-Core 0.19 logs "GPTModel IS DEPRECATED" in favour of ``HybridModel``.
+The PRM model stays a ``GPTModel`` subclass (:class:`megatron_prm.model.prm_model.PRMGPTModel`):
+GPTModel still takes critical fixes and works unchanged on 0.16.1-0.19.x, its parameter names are the
+ones the checkpoints and the HF mapping use, and HybridModel exists for hybrid Mamba/attention stacks,
+which the supported families (Llama, Mistral, Qwen) are not. GPTModel 0.18+ takes an
+``output_processor`` hook in ``forward``; once 0.16/0.17 are dropped, the PRM head belongs there instead of
+in a forward of our own (which needs :func:`gpt_preprocess`). The deprecation message is filtered.
 """
 
 from __future__ import annotations
 
-import torch
-from megatron.core.optimizer import distrib_optimizer
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+import contextlib
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Callable
 
-_original_set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+import torch
+
+from megatron_prm.safe_loading import SafeFileSystemReader, load_plain
+
+# Warnings Megatron-Core (or torch, on Megatron-Core's behalf) emits that a user of this package cannot
+# act on: (message regex, matched from the start, no ":" so that pytest.ini's syntax can carry it;
+# category; optionally the regex of the module it is attributed to). Checked on 0.16.1 (torch 2.13.0)
+# and 0.19.2 (torch 2.14.1).
+UNACTIONABLE_WARNINGS: tuple[tuple, ...] = (
+    # Import time, wherever Apex / Transformer Engine are absent (always on CPU; TE is optional).
+    (r"(Transformer Engine and Apex are|Transformer Engine is|Apex is) not installed", UserWarning),
+    # 0.19: importing megatron.core imports the experimental MIMO model config.
+    (r"MimoModelConfig is experimental", UserWarning),
+    # TransformerConfig's own default cuda_graph_scope "full" (0.16) / cuda_graph_modules (0.19).
+    (r"full scope is deprecated\. Use empty cuda_graph_(scope|modules)", UserWarning),
+    # torch 2.13+ deprecates the collectives the distributed optimizer calls.
+    (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning),
+    # Import time: Megatron-Core's own modules import its deprecated modules.
+    (r"The following imports from `dynamic_context\.py` will be removed", DeprecationWarning),
+    (r"The 'megatron\.core\.transformer\.custom_layers\.transformer_engine'\s+module is deprecated",
+     DeprecationWarning),
+    # torch 2.13's own torch.utils.mkldnn, imported on the way.
+    (r"`torch\.jit\.script_method` is deprecated", DeprecationWarning),
+    # Megatron-Core's layer specs and parallel layers themselves leave these arguments out.
+    (r"MLP requires ffn_hidden_size, but it was not provided", DeprecationWarning),
+    (r"Warning\W+tp_group is None, using default tp group", DeprecationWarning),
+    # dist_checkpointing.load (0.19): its common-state read calls torch's DCP load without a process group,
+    # its torch_dist strategy passes load's arguments by position, and it builds torch ShardedTensors (in
+    # CPU mode the FutureWarning is attributed to cpu_mode's torch-function relay).
+    (r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load", UserWarning,
+     r"torch\.distributed\.checkpoint"),
+    (r"The argument order of load has been changed", UserWarning),
+    # 0.16's torch_dist strategy calls torch's deprecated DCP load_state_dict.
+    (r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load` instead",
+     FutureWarning),
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
+    # The distributed optimizer's zero_grad reads .grad of its fp32 shard views ("throws grad-access
+    # warning", says its own comment); in CPU mode torch attributes it to cpu_mode's torch-function relay.
+    (r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed", UserWarning,
+     r"megatron\.core\.optimizer\.optimizer|megatron_prm\.cpu_mode"),
+)
+
+# Advice about CUDA that does not apply in CPU mode (added by cpu_mode.enable).
+CPU_MODE_WARNINGS: tuple[tuple, ...] = (
+    (r"When using (sequence parallelism|async grad allreduce) it is recommended to set the environment variable "
+     r"CUDA_DEVICE_MAX_CONNECTIONS", UserWarning),
+)
+
+# Log records (logger name, message regex) a user cannot act on.
+UNACTIONABLE_LOG_RECORDS: tuple[tuple[str, str], ...] = (
+    # 0.19+: logged by every GPTModel constructor; see the module docstring for why GPTModel stays.
+    ("megatron.core.models.gpt.gpt_model", r"GPTModel IS DEPRECATED"),
+    # 0.19+: dist_checkpointing.save's default async_strategy is "mcore", even for synchronous saves.
+    ("megatron.core.dist_checkpointing.strategies.torch", r"MCore's async save is deprecated"),
+    # 0.19+: the layout argument that silences it does not exist before 0.19; DDP computes the same layout.
+    ("megatron.core.distributed.distributed_data_parallel", r"full_param_layout not provided"),
+    # A CUDA build of torch on a machine without CUDA (the Python 3.12 CI leg), when Megatron-Core
+    # imports torch.utils.cpp_extension.
+    ("torch.utils.cpp_extension", r"No CUDA runtime is found"),
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def filter_unactionable_warnings(*, cpu_mode: bool = False) -> None:
+    """Silence exactly the warnings listed above, for the rest of the process.
+
+    Call it once at start-up, before Megatron-Core is imported (the command line and the tools do;
+    the tests' conftest applies the same lists); CPU mode adds :data:`CPU_MODE_WARNINGS`. Idempotent.
+    Warnings from this package are never filtered: they are fixed.
+    """
+    for message, category, *module in UNACTIONABLE_WARNINGS + (CPU_MODE_WARNINGS if cpu_mode else ()):
+        warnings.filterwarnings("ignore", message=message, category=category, module=module[0] if module else "")
+    for name, message in UNACTIONABLE_LOG_RECORDS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.pattern.pattern == message for f in logger.filters):
+            logger.addFilter(_DropMessages(message))
+
+
+def use_cpu_rng_state(
+    get_state: Callable[..., torch.Tensor], set_state: Callable[..., None]
+) -> None:
+    """CPU mode: make the tensor-parallel RNG tracker save and restore the CPU generator.
+
+    Replaces ``megatron.core.tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``
+    (module functions the tracker and activation recompute call). Checked on 0.16.1 and 0.19.2.
+    """
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._get_cuda_rng_state = get_state
+    mp_random._set_cuda_rng_state = set_state
+
+
+def gpt_preprocess(model, input_ids, position_ids, packed_seq_params):
+    """``GPTModel._preprocess``: the embedding (first stage) or the previous stage's input, and RoPE.
+
+    Returns ``(decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset)``.
+    The method returns a 6-tuple (7 with flashinfer's fused RoPE); its first five entries are these.
+    Checked on 0.16.1 and 0.19.2.
+    """
+    return model._preprocess(input_ids=input_ids, position_ids=position_ids, packed_seq_params=packed_seq_params)[:5]
+
+
+def llama3_scaled_inv_freq(
+    rotary, inv_freq: torch.Tensor, *, factor: float, low_freq_factor: float, high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> torch.Tensor:
+    """``RotaryEmbedding._apply_scaling``: Llama-3 frequency scaling with explicit factors (the public
+    constructor argument hard-codes low 1, high 4 and an original context of 8192). Checked on 0.16.1 and
+    0.19.2."""
+    return rotary._apply_scaling(
+        inv_freq,
+        factor=factor,
+        low_freq_factor=low_freq_factor,
+        high_freq_factor=high_freq_factor,
+        original_max_position_embeddings=original_max_position_embeddings,
+    )
+
+
+# ---- The distributed optimizer with PyTorch's own Adam (no Apex, no Transformer Engine) ----
+#
+# NVIDIA's containers have Apex and TE, and their fused Adam keeps no per-parameter ``step``; PyTorch's
+# Adam, Megatron's fallback on CPU and in plain pip installs, does. The distributed optimizer's checkpoint
+# loading does not fully account for that:
+#
+# - building the state dict to load into reads every parameter's ``step``, which a fresh optimizer lacks
+#   (``assert len(steps) == 1``) - :func:`prime_adam_state` gives each parameter a zero state first;
+# - copying the loaded shards iterates over the destination state, ``step`` included, which the source
+#   lacks (``KeyError: 'step'``), and copies into parameters without ``torch.no_grad()`` - the
+#   replacement of ``DistributedOptimizer._set_main_param_and_optimizer_states`` skips destination keys
+#   the source lacks and copies under ``no_grad``. The ``step`` itself is restored by Megatron from the
+#   param groups, as one tensor for all parameters: :func:`untie_adam_steps_after_loading` (below).
+#
+# Both only act where Megatron uses the PyTorch optimizer. Checked on 0.16.1 and 0.19.2.
+
+_original_set_states = None
 
 
 def _set_main_param_and_optimizer_states(self, model_param, tensors):
@@ -38,12 +184,19 @@ def _set_main_param_and_optimizer_states(self, model_param, tensors):
 
 
 def apply() -> None:
-    if not distrib_optimizer.HAVE_APEX_OR_TE:
-        DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    """Install the distributed-optimizer fix above where Megatron uses PyTorch's Adam. Idempotent."""
+    global _original_set_states
+    from megatron.core.optimizer import distrib_optimizer
+
+    optimizer_class = distrib_optimizer.DistributedOptimizer
+    if distrib_optimizer.HAVE_APEX_OR_TE or _original_set_states is not None:
+        return
+    _original_set_states = optimizer_class._set_main_param_and_optimizer_states
+    optimizer_class._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
     untie_adam_steps_after_loading()
 
 
-# ------------------------------------------------------------------ one Adam ``step`` per parameter
+# ---- One Adam ``step`` per parameter after loading (exact stage1 resume) ----
 # Checked on megatron-core 0.16.1 (torch 2.13) and 0.19.2 (torch 2.14): without Apex/TE,
 # ``DistributedOptimizer.load_state_dict`` restores the step from the param groups as ONE tensor and
 # assigns that same object to every parameter's state (``s["step"] = step``); torch's
@@ -52,7 +205,7 @@ def apply() -> None:
 # after a resume every optimizer step advanced the shared counter once per parameter: the bias
 # corrections went wrong from the second step after a resume on.
 
-_original_load_state_dict = DistributedOptimizer.load_state_dict
+_original_load_state_dict = None
 
 
 def untie_adam_steps(optimizer: torch.optim.Optimizer) -> int:
@@ -78,8 +231,13 @@ def _load_state_dict_with_own_steps(self, state_dict):
 
 def untie_adam_steps_after_loading() -> None:
     """Install the fix (idempotent); only where Megatron uses PyTorch's Adam (no Apex/TE)."""
-    if not distrib_optimizer.HAVE_APEX_OR_TE:
-        DistributedOptimizer.load_state_dict = _load_state_dict_with_own_steps
+    global _original_load_state_dict
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE or _original_load_state_dict is not None:
+        return
+    _original_load_state_dict = distrib_optimizer.DistributedOptimizer.load_state_dict
+    distrib_optimizer.DistributedOptimizer.load_state_dict = _load_state_dict_with_own_steps
 
 
 def prime_adam_state(optimizer) -> None:
@@ -109,23 +267,14 @@ def prime_adam_state(optimizer) -> None:
 # serialization.load_common).
 # ------------------------------------------------------------------------------------------------------
 
-import contextlib  # noqa: E402
-import os  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from megatron.core import dist_checkpointing  # noqa: E402
-from megatron.core.dist_checkpointing import serialization as _serialization  # noqa: E402
-from megatron.core.dist_checkpointing.strategies import common as _common_strategies  # noqa: E402
-from megatron.core.dist_checkpointing.strategies import torch as _torch_strategies  # noqa: E402
-
-from megatron_prm.safe_loading import SafeFileSystemReader, load_plain  # noqa: E402
-
 
 def _safe_reader(checkpoint_dir, *_args, **_kwargs) -> SafeFileSystemReader:
     return SafeFileSystemReader(checkpoint_dir)
 
 
 def _safe_common(checkpoint_dir) -> dict:
+    from megatron.core.dist_checkpointing.strategies import common as _common_strategies
+
     path = Path(checkpoint_dir) / _common_strategies.COMMON_STATE_FNAME
     return load_plain(path, str(path))
 
@@ -136,6 +285,10 @@ def _safe_common_method(_self, checkpoint_dir) -> dict:
 
 @contextlib.contextmanager
 def _safe_megatron_readers():
+    from megatron.core.dist_checkpointing import serialization as _serialization
+    from megatron.core.dist_checkpointing.strategies import common as _common_strategies
+    from megatron.core.dist_checkpointing.strategies import torch as _torch_strategies
+
     replacements = [(_torch_strategies, "_get_filesystem_reader", _safe_reader),
                     (_serialization, "_get_filesystem_reader", _safe_reader),
                     (_serialization, "load_common", _safe_common)]
@@ -155,6 +308,8 @@ def _safe_megatron_readers():
 
 def load_dist_checkpoint(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike) -> dict:
     """``dist_checkpointing.load`` with every file read through the safe readers."""
+    from megatron.core import dist_checkpointing
+
     with _safe_megatron_readers():
         return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir))
 

@@ -7,39 +7,33 @@ or requeued run continues the same W&B run, and TensorBoard appends to the same 
 
 from __future__ import annotations
 
-import importlib
 import json
 import secrets
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_prm import strict_json
-from megatron_prm.config import ConfigError, RunConfig
+from megatron_prm import optional, strict_json
+from megatron_prm.config import RunConfig
 
 TRACKERS_FILE = "trackers.json"
-_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}  # tracker: (module, extra)
 
 
-def import_tracker(tracker: str):
-    """The tracker's module, or one ConfigError that names the package to install."""
-    module, extra = _PACKAGES[tracker]
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(f"report_to {tracker} needs the {module} package, which is not installed: "
-                          f"pip install 'megatron-prm[{extra}]'") from None
+def import_tracker(tracker: str, config: RunConfig):
+    """The tracker's module, or one MissingDependency that names the package and how to get it."""
+    feature = "tensorboard_dir" if tracker == "tensorboard" and config.training.tensorboard_dir else f"report_to {tracker}"
+    return optional.require(tracker, feature)
 
 
 def check_trackers(config: RunConfig) -> None:
     """Fail before anything starts (on every rank alike) when a tracker's package is missing."""
     for tracker in config.training.trackers:
-        import_tracker(tracker)
+        import_tracker(tracker, config)
 
 
 class _WandbTracker:
     def __init__(self, config: RunConfig, output_dir: Path) -> None:
-        wandb = import_tracker("wandb")
+        wandb = import_tracker("wandb", config)
         ids_path = output_dir / TRACKERS_FILE
         ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
         run_id = ids.get("wandb_run_id") or secrets.token_hex(4)  # wandb ids: up to 128 of [a-z0-9_-]
@@ -63,7 +57,6 @@ class _WandbTracker:
 
 class _TensorBoardTracker:
     def __init__(self, log_dir: Path) -> None:
-        import_tracker("tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(log_dir=str(log_dir))

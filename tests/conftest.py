@@ -16,6 +16,15 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 MISTRAL = "mistral-common:tokenizer.model.v1"
 
 
+def pytest_configure(config):
+    """Megatron-Core's unactionable warnings, from the one list the command line filters too."""
+    from megatron_prm import megatron_compat
+
+    for message, category, *module in megatron_compat.UNACTIONABLE_WARNINGS + megatron_compat.CPU_MODE_WARNINGS:
+        config.addinivalue_line("filterwarnings", ":".join(["ignore", message, category.__name__, *module]))
+    megatron_compat.filter_unactionable_warnings(cpu_mode=True)  # and the log-record filters
+
+
 @pytest.fixture(scope="session")
 def mistral_tokenizer():
     from megatron_prm.tokenizer import load_tokenizer

@@ -1,5 +1,5 @@
-"""The SLURM example (syntax, shellcheck, a dry run under a fake SLURM), the plan command against a
-built model, and the throughput benchmark's figures."""
+"""The SLURM example (syntax, shellcheck, a dry run, and a whole run on CPU under a simulated 2-node SLURM),
+the plan command against a built model, and the throughput benchmark's figures."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, free_port, read_log, run_cli
 
 SCRIPTS = sorted((REPO / "examples").glob("*.sh")) + [REPO / "tools" / "gpu_check.sh"]
 SHELLCHECK = Path(sys.executable).with_name("shellcheck")
+FAKE_SLURM = Path(__file__).with_name("fake_slurm")  # srun / scontrol stand-ins that run tasks locally
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [*SCRIPTS, *sorted(FAKE_SLURM.iterdir()), REPO / ".ci" / "run"],
+                         ids=lambda p: p.name)
 def test_example_scripts_pass_bash_n_and_shellcheck(script):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     checker = str(SHELLCHECK) if SHELLCHECK.exists() else shutil.which("shellcheck")
@@ -56,6 +58,95 @@ def test_slurm_script_dry_run_prints_plan_and_torchrun_lines(tmp_path):
         assert "--tensor_parallel_degree 8" in line and f"{tmp_path}/work/checkpoint" in line
     assert "srun must not run" not in result.stderr
     assert "TP 8 x PP 1 (VPP 1) x DP 2" in result.stderr
+
+
+def _tiny_hf_llama(directory: Path, corpus: Path) -> None:
+    """A 2-layer Llama-3-shaped HF model with a word-level HF tokenizer learnt from ``corpus``."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = []
+    for line in corpus.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        texts += [record["src"], *record["responses"]]
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>", "ки", "+", "-"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=500000.0,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+TINY_RECIPE = """\
+# examples/configs/llama3_8b_prm.yaml at toy scale: paths and layout come from the script
+process_reward: true
+sharding: stage1
+bf16: false
+learning_rate: 1.0e-3
+lr_scheduler_type: cosine
+warmup_steps: 1
+per_device_train_batch_size: 2
+gradient_accumulation_steps: 2
+max_steps: 3
+logging_steps: 1
+eval_steps: 100
+save_steps: 100
+"""
+
+
+def test_slurm_script_runs_end_to_end_on_two_simulated_nodes(tmp_path):
+    """examples/train_llama3_8b_prm.sh as sbatch would run it on 2 nodes x 1 process, on CPU: the fake srun
+    starts each node's task locally with its SLURM variables and torchrun rendezvouses on 127.0.0.1. Plan,
+    HF import, preprocess, 2-node training, export, scoring and evaluation all run, and the per-step losses
+    are those of the same layout (data parallel 2, distributed optimizer) started on one node."""
+    from megatron_prm.data.synthetic import write_dataset
+
+    train, dev = write_dataset(tmp_path / "train.jsonl", 16, seed=1), write_dataset(tmp_path / "dev.jsonl", 8, seed=2)
+    hf_model = tmp_path / "Llama-3-tiny"
+    _tiny_hf_llama(hf_model, train)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(TINY_RECIPE)
+    work = tmp_path / "work"
+    python_bin = str(Path(sys.executable).parent)  # torchrun
+    env = {**os.environ, "PATH": os.pathsep.join([str(FAKE_SLURM), python_bin, os.environ["PATH"]]),
+           "PYTHONPATH": str(REPO), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           # what sbatch --nodes 2 sets in the job's environment
+           "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "127.0.0.[1-2]",
+           "SLURM_CPUS_PER_TASK": "1",
+           # the script's own variables
+           "HF_MODEL": str(hf_model), "DATA": str(train), "DEV_DATA": str(dev), "WORK": str(work),
+           "CONFIG": str(recipe), "GPUS_PER_NODE": "1", "DEVICE": "cpu", "TP": "1", "PP": "1", "VPP": "1",
+           "SEQ_LEN": "128", "PROMPT_LEN": "64", "MASTER_PORT": str(free_port())}
+    result = subprocess.run(["bash", "examples/train_llama3_8b_prm.sh"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    stages = [line for line in result.stdout.splitlines() if line.startswith("== ")]
+    assert stages == ["== plan: 2 node(s) x 1 GPUs", f"== convert {hf_model}", f"== preprocess {train}", "== train",
+                      "== export and score"]
+    plan = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert plan["layout"]["data"] == 2 and plan["layout"]["distributed_optimizer"]
+    assert (work / "checkpoint" / "tokenizer" / "tokenizer.json").is_file()
+    assert (work / "store" / "train.meta.json").is_file()
+    assert (work / "run" / "latest").read_text().strip() == "iter_0000003"
+    assert json.loads((work / "hf" / "config.json").read_text())["num_hidden_layers"] == 2
+    assert (work / "hf" / "model.safetensors").is_file()
+    scores = [json.loads(line) for line in (work / "dev_scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 8 and all(0 < p < 1 for record in scores for p in record["step_scores"])
+    evaluation = json.loads(result.stdout.strip().splitlines()[-1])
+    assert evaluation["benchmark"] == "steps" and evaluation["steps"] == sum(len(r["step_scores"]) for r in scores)
+    two_nodes = [event["loss"] for event in read_log(work / "run", "train")]
+    assert len(two_nodes) == 3
+
+    reference = tmp_path / "one-node"
+    run_cli(["train", str(recipe), "--model_name_or_path", str(work / "checkpoint"),
+             "--train_dataset_path", str(work / "store" / "train"), "--dev_dataset_path", str(dev),
+             "--output_dir", str(reference), "--max_seq_len", "128", "--max_prompt_len", "64", "--device", "cpu", "--do_eval", "false"], nproc=2)
+    assert [event["loss"] for event in read_log(reference, "train")] == two_nodes
 
 
 def _tiny_config(tmp_path, **overrides) -> Path:

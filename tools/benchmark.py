@@ -32,7 +32,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_prm.cli import ArgumentParser  # noqa: E402
+from megatron_prm import megatron_compat  # noqa: E402
+
+megatron_compat.filter_unactionable_warnings()  # before the imports below import Megatron-Core
+
 from megatron_prm.config import build_config  # noqa: E402
 from megatron_prm.data.batching import MicroBatch, collate_packed  # noqa: E402
 from megatron_prm.data.packing import PackingOptions  # noqa: E402
@@ -236,8 +239,7 @@ def head_memory(hidden: int, vocab: int, seq_len: int, step_len: int) -> dict:
 
 
 def main() -> None:
-    warnings.filterwarnings("ignore")
-    args = build_parser().parse_args()
+    args = parse_args()
     from megatron_prm.layout import ParallelLayout
     from megatron_prm.model.architecture import resolve_architecture
     from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks, padded_vocab_size

@@ -16,11 +16,11 @@ import argparse
 import json
 import re
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package, as the other tools
 
+from megatron_prm import megatron_compat  # noqa: E402
 from megatron_prm.cli import ArgumentParser  # noqa: E402
 from megatron_prm.config import ConfigError  # noqa: E402
 from megatron_prm.tokenizer import TokenizerError  # noqa: E402
@@ -61,7 +61,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+    megatron_compat.filter_unactionable_warnings()
     args = build_parser().parse_args(argv)
     try:
         if args.direction == "import":

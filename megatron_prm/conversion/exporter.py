@@ -34,6 +34,7 @@ from megatron_prm.conversion.mapping import (
 )
 from megatron_prm.conversion.safetensors_io import CheckpointFormatError, PlannedTensor, ShardedSafetensorsWriter
 from megatron_prm.conversion.staging import staged_output
+from megatron_prm.conversion.torch_dist_writer import single_process_dcp
 from megatron_prm.model.architecture import Architecture, read_hf_config
 from megatron_prm.safe_loading import SafeFileSystemReader, load_errors_named
 from megatron_prm.tokenizer import load_tokenizer, special_token_ids
@@ -92,7 +93,7 @@ def _load(reader: SafeFileSystemReader, rules: list[ParamRule], layer: Optional[
                                                   (layer,) + (0,) * (len(shape) - 1))
         else:
             request[rule.checkpoint_key] = _Slice(torch.empty(shape, dtype=stored.properties.dtype), (0,) * len(shape))
-    with load_errors_named(Path(reader.path), "the weights"):
+    with load_errors_named(Path(reader.path), "the weights"), single_process_dcp():
         dcp.load(request, storage_reader=reader, planner=_SliceLoadPlanner(), no_dist=True)
     return {key: piece.buffer[0] if rule.per_layer else piece.buffer
             for rule, (key, piece) in zip(rules, request.items())}

@@ -9,7 +9,9 @@ the ones ``dist_checkpointing.save`` writes for one rank: ``.metadata``, ``__0_0
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -81,12 +83,23 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         return tensor
 
 
+@contextlib.contextmanager
+def single_process_dcp():
+    """torch.distributed.checkpoint used by one process on purpose (``no_dist=True``): torch warns that it
+    assumes exactly that on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized",
+                                category=UserWarning)
+        yield
+
+
 def write_torch_dist(directory: Path, tensors: dict[str, LazyTensor],
                      on_chunk: Optional[Callable[[str], None]] = None) -> None:
     """Write ``tensors`` (checkpoint key -> lazy tensor) as a torch_dist checkpoint into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     writer = dcp.FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1, sync_files=True)
-    dcp.save(tensors, storage_writer=writer, planner=_StreamingSavePlanner(on_chunk), no_dist=True)
+    with single_process_dcp():
+        dcp.save(tensors, storage_writer=writer, planner=_StreamingSavePlanner(on_chunk), no_dist=True)
     torch.save({}, directory / "common.pt")
     (directory / "metadata.json").write_text(json.dumps(MEGATRON_BACKEND))
 

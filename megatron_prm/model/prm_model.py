@@ -8,6 +8,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from megatron_prm import megatron_compat
 from megatron_prm.model.mlp_head import MLPRewardHead
 from megatron_prm.model.reward_head import reward_logits
 
@@ -46,9 +47,9 @@ class PRMGPTModel(GPTModel):
         GPTModel returns: full-vocabulary logits ``[s, b, vocab / TP]``, or with ``labels`` the
         per-token cross-entropy ``[b, s]``), used to check conversions and to benchmark against LM
         training."""
-        decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, _ = self._preprocess(
-            input_ids=input_ids, position_ids=position_ids, packed_seq_params=packed_seq_params
-        )[:6]
+        decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset = (
+            megatron_compat.gpt_preprocess(self, input_ids, position_ids, packed_seq_params)
+        )
         hidden_states = self.decoder(
             hidden_states=decoder_input,
             attention_mask=attention_mask,

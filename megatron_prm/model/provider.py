@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from megatron_prm import megatron_compat, optional
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.layout import ParallelLayout
 from megatron_prm.model.architecture import Architecture, LinearRopeScaling, Llama3RopeScaling, YarnRopeScaling
@@ -77,8 +78,10 @@ class ModelBuildOptions:
     def from_config(cls, config: RunConfig, layout: ParallelLayout, use_transformer_engine: bool,
                     use_cpu_initialization: bool) -> "ModelBuildOptions":
         t, p = config.training, config.parallel
-        if t.fp8 and not use_transformer_engine:
-            raise ConfigError("fp8 needs Transformer Engine on a GPU; it is not available here")
+        if t.fp8:
+            optional.require("transformer_engine", "fp8")
+            if not use_transformer_engine:
+                raise ConfigError("fp8 needs Transformer Engine on a GPU; there is no GPU here")
         if p.tp_comm_overlap and not use_transformer_engine:
             raise ConfigError("tp_comm_overlap needs Transformer Engine on a GPU; it is not available here")
         return cls(
@@ -276,7 +279,8 @@ def _apply_llama3_rope_scaling(model: PRMGPTModel, arch: Architecture) -> None:
         return
     rotary = model.rotary_pos_emb
     scaling = arch.rope_scaling
-    rotary.inv_freq = rotary._apply_scaling(
+    rotary.inv_freq = megatron_compat.llama3_scaled_inv_freq(
+        rotary,
         rotary.inv_freq,
         factor=scaling.factor,
         low_freq_factor=scaling.low_freq_factor,
