@@ -18,7 +18,7 @@ HOW_TO_GET = {
     "apex": "NVIDIA Apex ships with NVIDIA's PyTorch containers (nvcr.io/nvidia/pytorch); the PyPI package "
     "named apex is unrelated",
     "tensorboard": "`pip install tensorboard` (or `pip install -e '.[tensorboard]'`)",
-    "wandb": "`pip install wandb`",
+    "wandb": "`pip install wandb` (or `pip install -e '.[wandb]'`)",
 }
 
 

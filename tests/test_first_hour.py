@@ -222,8 +222,8 @@ def test_wandb_missing_is_one_line_naming_the_package(tmp_path, capsys, monkeypa
     code = cli.main(["train", "--tokenizer_name_or_path", MISTRAL, "--train_dataset_path", str(train),
                      "--output_dir", str(tmp_path / "out"), "--report-to", "wandb", "--device", "cpu"])
     assert code == 2 and capsys.readouterr().err.strip().splitlines() == [
-        "megatron-prm train: error: report_to wandb needs the wandb package, which is not installed: "
-        "pip install 'megatron-prm[wandb]'"]
+        "megatron-prm train: error: report_to wandb needs the package wandb, which cannot be imported "
+        "(import of wandb halted; None in sys.modules); `pip install wandb` (or `pip install -e '.[wandb]'`)"]
     assert not (tmp_path / "out").exists()
 
 
