@@ -36,10 +36,12 @@ COMMAND_LINES = [
     ("megatron-prm", cli.build_parser, "score", ["--checkpoint", "c", "--data", "d", "--output", "o"]),
     ("megatron-prm", cli.build_parser, "evaluate", ["--scores", "s", "--benchmark", "steps"]),
     ("megatron-prm", cli.build_parser, "plan", ["--config", "c"]),
+    ("megatron-prm", cli.build_parser, "check-checkpoint", ["d"]),
     ("megatron-prm", cli.build_parser, "demo", []),
     ("tools/convert_hf.py", lambda: _tool_parser("convert_hf"), "import", ["--hf", "h", "--out", "o"]),
     ("tools/convert_hf.py", lambda: _tool_parser("convert_hf"), "export", ["--megatron", "m", "--out", "o"]),
     ("tools/benchmark.py", lambda: _tool_parser("benchmark"), None, []),
+    ("tools/benchmark_checksum.py", lambda: _tool_parser("benchmark_checksum"), None, []),
     ("tools/benchmark_convert.py", lambda: _tool_parser("benchmark_convert"), None, []),
     ("tools/benchmark_packing.py", lambda: _tool_parser("benchmark_packing"), None, ["--data", "d", "--tokenizer", "t"]),
     ("tools/benchmark_preprocess.py", lambda: _tool_parser("benchmark_preprocess"), None, []),
@@ -233,11 +235,12 @@ def test_checkpoints_carry_the_tokenizer_training_used(tmp_path):
     from megatron_prm import checkpoint
     from megatron_prm.model.architecture import resolve_architecture
     from megatron_prm.tokenizer import resolve_tokenizer_path
+    from qwen_fixtures import write_qwen2_tokenizer
 
     start = tmp_path / "start"  # a starting checkpoint that carries another tokenizer
-    (start / "tokenizer").mkdir(parents=True)
+    # A real HF tokenizer that already has the step tag as one token (nothing to add, so it is copied as is).
+    write_qwen2_tokenizer(start / "tokenizer", extra_special=("ки",))
     (start / ".metadata").write_bytes(b"")
-    (start / "tokenizer" / "tokenizer.json").write_text("{}")
     shape = {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
              "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 32000, "max_position_embeddings": 64,
              "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
@@ -247,7 +250,7 @@ def test_checkpoints_carry_the_tokenizer_training_used(tmp_path):
     (hf_dir / "tokenizer.model").write_bytes(resolve_tokenizer_path(MISTRAL).read_bytes())
     (hf_dir / "model.safetensors").write_bytes(b"weights")
     for tokenizer, expected in ((MISTRAL, ["tokenizer.model"]), (str(hf_dir), ["tokenizer.model"]),
-                                (None, ["tokenizer.json"])):
+                                (None, ["tokenizer.json", "tokenizer_config.json"])):
         config = build_config({"model_name_or_path": str(start), "tokenizer_name_or_path": tokenizer})
         arch = resolve_architecture(config.model, 32000, 64)
         target = tmp_path / f"iter_{len(expected)}_{tokenizer is None}_{tokenizer == MISTRAL}"
@@ -256,6 +259,9 @@ def test_checkpoints_carry_the_tokenizer_training_used(tmp_path):
         assert sorted(p.name for p in (target / "tokenizer").iterdir()) == expected, tokenizer
         if tokenizer:
             assert (target / "tokenizer" / "tokenizer.model").read_bytes() == resolve_tokenizer_path(MISTRAL).read_bytes()
+        else:
+            for name in expected:
+                assert (target / "tokenizer" / name).read_bytes() == (start / "tokenizer" / name).read_bytes()
         saved = json.loads((target / "run_config.json").read_text())
         assert saved["tokenizer_name_or_path"] == "tokenizer"
 

@@ -26,14 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from megatron_prm.checkpoint_manifest import rank_files, records_for, verify_checkpoint, write_manifest  # noqa: E402
+from megatron_prm.cli import ArgumentParser  # noqa: E402
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parameters", type=float, default=1.1e9, help="bf16 parameters to write")
     parser.add_argument("--tensor-elements", type=int, default=2048 * 5632, help="elements per tensor")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29561")
