@@ -237,9 +237,21 @@ def test_failure_while_writing_leaves_no_output(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (final / "complete").is_file()
 
 
-def test_exported_prm_scores_like_the_project_scorer(tmp_path, mistral_tokenizer):
-    """Import a tiny Llama with the Mistral vocabulary, train a PRM briefly, export it, and compare
-    transformers' P(+) at every placeholder with ``megatron-prm score``."""
+# Tiny models with the Mistral vocabulary for the import -> train -> export -> score chain, per family
+# (Qwen2 runs the same chain with its own tokenizer and an added step tag in tests/test_qwen_prm.py).
+_TRAINED_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256)
+TRAINED_FAMILIES = {
+    "llama3": lambda vocab: LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **_TRAINED_SHAPE, rope_theta=500000.0)),
+    "qwen3": lambda vocab: Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, **_TRAINED_SHAPE, head_dim=16,
+                                                        rope_theta=1000000.0)),
+}
+
+
+@pytest.mark.parametrize("family", TRAINED_FAMILIES)
+def test_exported_prm_scores_like_the_project_scorer(tmp_path, mistral_tokenizer, family):
+    """Import a tiny model of ``family`` with the Mistral vocabulary, train a PRM briefly, export it, and
+    compare transformers' P(+) at every placeholder with ``megatron-prm score``."""
     from megatron_prm.data.samples import SampleBuilder, SampleOptions
     from megatron_prm.data.records import validate_record
     from megatron_prm.data.synthetic import write_dataset
@@ -247,9 +259,7 @@ def test_exported_prm_scores_like_the_project_scorer(tmp_path, mistral_tokenizer
 
     torch.manual_seed(0)
     hf = tmp_path / "hf"
-    LlamaForCausalLM(LlamaConfig(vocab_size=mistral_tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 max_position_embeddings=256, rope_theta=500000.0)).save_pretrained(hf)
+    _randomize_small_weights(TRAINED_FAMILIES[family](mistral_tokenizer.vocab_size)).save_pretrained(hf)
     convert("import", "--hf", str(hf), "--out", str(tmp_path / "base"))
     train = write_dataset(tmp_path / "train.jsonl", 64, seed=1)
     dev = write_dataset(tmp_path / "dev.jsonl", 12, seed=2)
