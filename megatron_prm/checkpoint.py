@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.utils import unwrap_model
 
 from megatron_prm import megatron_compat
@@ -283,13 +283,47 @@ def load_model_weights(chunks: list, path: str | Path, arch: Optional[Architectu
     requested = model_sharded_state_dict(chunks)
     stored = set(SafeFileSystemReader(checkpoint).read_metadata().state_dict_metadata)
     absent_extra_state = _drop_absent_extra_state(requested, stored)
+    fresh_head = _drop_absent_reward_head(requested, stored)
     loaded = _load(requested, checkpoint, "the model weights")
     for key, chunk in zip(requested, unwrap_model(chunks)):
-        result = chunk.load_state_dict(loaded[key], strict=not absent_extra_state)
-        missing = [k for k in getattr(result, "missing_keys", []) if not k.endswith("_extra_state")]
+        result = chunk.load_state_dict(loaded[key], strict=not (absent_extra_state or fresh_head))
+        missing = [k for k in getattr(result, "missing_keys", []) if not k.endswith("_extra_state")
+                   and not (fresh_head and k.startswith(MLP_HEAD_PREFIX))]
         if missing or getattr(result, "unexpected_keys", []):
             raise ConfigError(f"{checkpoint}: missing {missing}, unexpected {result.unexpected_keys}")
     return checkpoint
+
+
+# The MLP reward head's parameters (reward_head: mlp); a causal-LM checkpoint has none.
+MLP_HEAD_PREFIX = "mlp_reward_head."
+
+
+def _drop_absent_reward_head(sharded: dict, stored: set[str]) -> bool:
+    """Remove the MLP reward head from the request when the checkpoint holds none of it (a causal LM, or a
+    PRM with the LM-head classifier, started as an MLP-head PRM): the head keeps its initialisation.
+    A checkpoint holding only part of the head is refused by the load like any other missing tensor."""
+    head = [value for value in _flat_values(sharded)
+            if isinstance(value, ShardedTensor) and value.key.startswith(MLP_HEAD_PREFIX)]
+    if not head or any(value.key in stored for value in head):
+        return False
+    _remove(sharded, set(map(id, head)))
+    return True
+
+
+def _flat_values(sharded: dict):
+    for value in sharded.values():
+        if isinstance(value, dict):
+            yield from _flat_values(value)
+        else:
+            yield value
+
+
+def _remove(sharded: dict, ids: set[int]) -> None:
+    for name, value in list(sharded.items()):
+        if isinstance(value, dict):
+            _remove(value, ids)
+        elif id(value) in ids:
+            del sharded[name]
 
 
 def _drop_absent_extra_state(sharded: dict, stored: set[str]) -> bool:

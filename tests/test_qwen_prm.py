@@ -160,3 +160,27 @@ def test_mlp_head_scores_like_its_reference_under_tp2_and_trains(mlp_prm, tmp_pa
     convert("export", "--megatron", str(tmp_path / "run"), "--out", str(tmp_path / "trained"))
     trained, original = load_safetensors(tmp_path / "trained"), load_safetensors(hf)
     assert not torch.equal(trained["score.0.weight"], original["score.0.weight"])  # the head was trained
+
+
+def test_mlp_head_starts_fresh_from_a_causal_lm(tmp_path):
+    """``reward_head: mlp`` from a causal LM (no ``score`` weights): the decoder loads, the head starts from
+    its own initialisation, trains, and exports in the published layout."""
+    from megatron_prm.data.synthetic import write_dataset
+
+    torch.manual_seed(0)
+    hf = tmp_path / "hf"
+    write_qwen2_tokenizer(hf, extra_special=(STEP_TAG,))
+    vocab = load_tokenizer(str(hf)).vocab_size
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, **SHAPE, tie_word_embeddings=True)).save_pretrained(hf)
+    convert("import", "--hf", str(hf), "--out", str(tmp_path / "imported"))
+    records = write_dataset(tmp_path / "records.jsonl", 8, seed=4)
+    run_cli(["train", "--model_name_or_path", str(tmp_path / "imported"), "--reward_head", "mlp",
+             "--placeholder_token", STEP_TAG, "--train_dataset_path", str(records),
+             "--output_dir", str(tmp_path / "run"), *TRAIN])
+    losses = [event["loss"] for event in read_log(tmp_path / "run", "train")]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    convert("export", "--megatron", str(tmp_path / "run"), "--out", str(tmp_path / "exported"))
+    exported, original = load_safetensors(tmp_path / "exported"), load_safetensors(hf)
+    assert exported["score.0.weight"].shape == (SHAPE["hidden_size"],) * 2 and exported["score.2.weight"].shape[0] == 2
+    assert torch.isfinite(exported["score.0.weight"]).all() and exported["score.0.weight"].abs().sum() > 0
+    assert not torch.equal(exported["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
