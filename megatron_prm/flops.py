@@ -41,15 +41,7 @@ class ModelShape:
     @classmethod
     def from_architecture(cls, arch, padded_vocab_size: int) -> "ModelShape":
         """The shape of an architecture in HF names (:class:`~megatron_prm.model.architecture.Architecture`)."""
-        return cls(
-            num_layers=arch.num_hidden_layers,
-            hidden_size=arch.hidden_size,
-            ffn_hidden_size=arch.intermediate_size,
-            num_attention_heads=arch.num_attention_heads,
-            num_query_groups=arch.num_key_value_heads,
-            kv_channels=arch.head_dim,
-            vocab_size=padded_vocab_size,
-        )
+        return cls(**arch.megatron_shape(), vocab_size=padded_vocab_size)
 
 
 def _per_token_terms(shape: ModelShape, with_logits: bool) -> tuple[float, float]:

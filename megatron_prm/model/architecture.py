@@ -154,6 +154,12 @@ class Architecture:
         values.setdefault("max_position_embeddings", 4096)
         return _complete(values, where)
 
+    def megatron_shape(self) -> dict[str, int]:
+        """The network's shape in Megatron's names (TransformerConfig's fields, flops.ModelShape's)."""
+        return dict(num_layers=self.num_hidden_layers, hidden_size=self.hidden_size,
+                    ffn_hidden_size=self.intermediate_size, num_attention_heads=self.num_attention_heads,
+                    num_query_groups=self.num_key_value_heads, kv_channels=self.head_dim)
+
     def to_hf_config(self) -> dict[str, Any]:
         """The fields of the family's HF config describing this architecture."""
         config = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("rope_scaling", "reward_head")}

@@ -154,12 +154,7 @@ def transformer_config(arch: Architecture, options: ModelBuildOptions) -> Transf
     yarn = isinstance(arch.rope_scaling, YarnRopeScaling)
     config_class = YarnTransformerConfig if yarn else TransformerConfig
     return config_class(
-        num_layers=arch.num_hidden_layers,
-        hidden_size=arch.hidden_size,
-        ffn_hidden_size=arch.intermediate_size,
-        num_attention_heads=arch.num_attention_heads,
-        num_query_groups=arch.num_key_value_heads,
-        kv_channels=arch.head_dim,
+        **arch.megatron_shape(),
         normalization="RMSNorm",
         layernorm_epsilon=arch.rms_norm_eps,
         gated_linear_unit=True,
