@@ -17,6 +17,8 @@ setup(
         "megatron-core>=0.16.1,<=0.19.2",
         "transformers",  # HF tokenizer directories (the one convert_hf.py import copies into a checkpoint too)
         "mistral-common",  # ships the mistral-common:tokenizer.model.v1 SentencePiece model
+        "tokenizers",  # adding step tags to an HF tokenizer (comes with transformers; imported directly)
+        "packaging",  # Transformer Engine version checks
         "sentencepiece",
         "nltk",
         "safetensors",

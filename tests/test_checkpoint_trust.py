@@ -184,7 +184,8 @@ def _flip_byte(path: Path) -> None:
 
 
 CORRUPTIONS = {
-    "missing distcp": ("__0_1.distcp", lambda p: p.unlink(), "__0_1.distcp: missing"),
+    # The last data file rank 0 wrote (__0_1 with megatron-core 0.16's two writer threads, __0_0 with 0.19's one).
+    "missing distcp": ("last distcp", lambda p: p.unlink(), ".distcp: missing"),
     "truncated distcp": ("__0_0.distcp", _truncate, "__0_0.distcp: "),
     "truncated metadata": (".metadata", _truncate, ".metadata: "),
     "switched format": ("metadata.json", lambda p: p.write_text(p.read_text().replace("torch_dist", "zarr")),
@@ -199,10 +200,11 @@ def test_corruption_is_named(copy, kind):
 
     name, corrupt, message = CORRUPTIONS[kind]
     checkpoint = copy / "iter_0000006"
-    corrupt(checkpoint / name)
+    target = sorted(checkpoint.glob("__0_*.distcp"))[-1] if name == "last distcp" else checkpoint / name
+    corrupt(target)
     with pytest.raises(CheckpointError, match="corrupt checkpoint") as raised:
         check_integrity(checkpoint)
-    assert message in str(raised.value)
+    assert message in str(raised.value) and target.name in str(raised.value)
 
 
 def test_checkpoints_without_manifest_load_with_a_warning_and_still_fail_clearly(copy):
