@@ -281,7 +281,8 @@ def load_model_weights(chunks: list, path: str | Path, arch: Optional[Architectu
     if arch is not None:
         check_architecture(checkpoint, arch)
     requested = model_sharded_state_dict(chunks)
-    stored = set(SafeFileSystemReader(checkpoint).read_metadata().state_dict_metadata)
+    reader = SafeFileSystemReader(checkpoint)
+    stored = set(reader.read_metadata().state_dict_metadata)
     absent_extra_state = _drop_absent_extra_state(requested, stored)
     fresh_head = _drop_absent_reward_head(requested, stored)
     loaded = _load(requested, checkpoint, "the model weights")

@@ -1,7 +1,8 @@
 """Reading torch distributed checkpoints without running code from the files.
 
 PyTorch's ``FileSystemReader`` reads ``.metadata`` with ``pickle.load`` and its default load planner reads
-every byte item with ``torch.load(weights_only=False)``: a crafted checkpoint runs whatever it likes.
+every byte item with an unrestricted ``torch.load`` (weights_only off): a crafted checkpoint runs
+whatever it likes.
 :class:`SafeFileSystemReader` reads ``.metadata`` with an unpickler that builds only the classes DCP
 metadata is made of (listed below; read from what torch 2.13 and 2.14 write) and reads byte items with
 ``torch.load(weights_only=True)``; anything else is refused with one error naming the file.
@@ -87,7 +88,7 @@ def load_plain(source: Any, where: str) -> Any:
 class _SafeBytesPlanner:
     """Hands the wrapped load planner only byte items that passed ``weights_only=True``.
 
-    The planner itself unpickles byte items with ``weights_only=False``; it receives a fresh serialisation
+    The planner itself unpickles byte items with weights_only off; it receives a fresh serialisation
     of the safely loaded value instead of the file's bytes, so it never sees a byte the file chose.
     """
 
