@@ -70,3 +70,19 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = T
 def read_log(output_dir: Path, kind: str) -> list[dict]:
     lines = (output_dir / "log.jsonl").read_text().splitlines()
     return [event for event in map(json.loads, lines) if event["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A 2-layer, 64-wide PRM model (local spec, GQA, reward ids 7 and 200) in a one-process CPU runtime."""
+    from megatron_prm.layout import ParallelLayout
+    from megatron_prm.model.architecture import Architecture
+    from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
+    from megatron_prm.runtime import init_runtime, shutdown
+
+    init_runtime("cpu", seed=0, layout=ParallelLayout())
+    arch = Architecture(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256,
+                        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02)
+    yield build_model_chunks(arch, (7, 200), 256, ModelBuildOptions(use_cpu_initialization=True))[0]
+    shutdown()

@@ -76,25 +76,9 @@ def test_varlen_runs_on_cuda_in_half_precision_only():
     assert INSTALLED is not None  # torch 2.10+ (the test venvs hold 2.13 and 2.14)
 
 
-@pytest.fixture(scope="module")
-def core_attention():
-    from megatron_prm.layout import ParallelLayout
-    from megatron_prm.model.architecture import Architecture
-    from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
-    from megatron_prm.runtime import init_runtime, shutdown
-
-    init_runtime("cpu", seed=0, layout=ParallelLayout())
-    arch = Architecture(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                             num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256,
-                             rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02)
-    model = build_model_chunks(arch, (7, 200), 256, ModelBuildOptions(use_cpu_initialization=True))[0]
-    yield model
-    shutdown()
-
-
 @pytest.mark.parametrize("parameters", [INSTALLED_PARAMETERS, TORCH_2_10_PARAMETERS], ids=["installed", "torch2.10"])
-def test_varlen_call_equals_per_sample_sdpa(core_attention, parameters):
-    module = core_attention.decoder.layers[0].self_attention.core_attention
+def test_varlen_call_equals_per_sample_sdpa(tiny_model, parameters):
+    module = tiny_model.decoder.layers[0].self_attention.core_attention
     batch = packed_row(0)
     params = batch.packed_seq_params()
     total = batch.tokens.shape[1]
@@ -130,11 +114,11 @@ def test_varlen_call_is_accepted_by_the_installed_kernel():
     assert call(INSTALLED).shape == (total, 8, 16)
 
 
-def test_model_through_the_varlen_path_equals_the_sdpa_path(core_attention, monkeypatch):
+def test_model_through_the_varlen_path_equals_the_sdpa_path(tiny_model, monkeypatch):
     """Loss and every gradient of the model on packed rows: varlen path (reference kernel) = SDPA path."""
     from megatron_prm.loss import step_losses
 
-    model = core_attention
+    model = tiny_model
     batches = [packed_row(3), packed_row(4, lengths=(31, 7, 40))]
 
     def loss_and_grads():

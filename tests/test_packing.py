@@ -81,21 +81,6 @@ def test_packed_epochs_use_every_sample_once_over_data_parallel_ranks():
     assert len(greedy._units(0)) < len(zero._units(0))
 
 
-@pytest.fixture(scope="module")
-def model():
-    from megatron_prm.layout import ParallelLayout
-    from megatron_prm.model.architecture import Architecture
-    from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
-    from megatron_prm.runtime import init_runtime, shutdown
-
-    init_runtime("cpu", seed=0, layout=ParallelLayout())
-    arch = Architecture(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                             num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256,
-                             rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02)
-    yield build_model_chunks(arch, (7, 200), 256, ModelBuildOptions(use_cpu_initialization=True))[0]
-    shutdown()
-
-
 def loss_and_grads(model, batches):
     model.zero_grad(set_to_none=True)
     total, count = 0.0, 0
@@ -110,7 +95,8 @@ def loss_and_grads(model, batches):
 
 
 @pytest.mark.parametrize("mode", ["zero_padding", "greedy_zero_padding"])
-def test_packed_loss_and_gradients_equal_unpacked(model, mode):
+def test_packed_loss_and_gradients_equal_unpacked(tiny_model, mode):
+    model = tiny_model
     rng = np.random.default_rng(2)
     samples = [sample(rng, int(n), 3, i) for i, n in enumerate(rng.integers(12, 70, size=9))]
     options = PackingOptions(128, sample_multiple=2, row_multiple=4)
@@ -124,7 +110,8 @@ def test_packed_loss_and_gradients_equal_unpacked(model, mode):
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_no_attention_crosses_sample_boundaries(model):
+def test_no_attention_crosses_sample_boundaries(tiny_model):
+    model = tiny_model
     rng = np.random.default_rng(3)
     samples = [sample(rng, n, 2, i) for i, n in enumerate((20, 30, 25))]
     options = PackingOptions(128)
