@@ -4,6 +4,7 @@ process); ``hf``, ``curl`` and ``sbatch`` are offline stand-ins (tests/quickstar
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -100,11 +101,10 @@ def test_the_run_directory_is_self_describing(quickstart):
     config = json.loads((run / "config.json").read_text())
     assert config["train_dataset_path"] == "data/train.jsonl" and config["max_prompt_len"] == 128
     (launch,) = [json.loads(line) for line in (run / "provenance.jsonl").read_text().splitlines()]
-    import megatron.core
-    import torch
-
-    assert launch["versions"]["torch"] == torch.__version__.split("+")[0] or launch["versions"]["torch"] == torch.__version__
-    assert launch["versions"]["megatron-core"] == megatron.core.__version__
+    # The installed distributions' versions: megatron.core.__version__ would not do, because 0.19 appends the
+    # short SHA of whatever git checkout holds site-packages (a venv inside this repository gets ours).
+    assert launch["versions"]["torch"] == importlib.metadata.version("torch")
+    assert launch["versions"]["megatron-core"] == importlib.metadata.version("megatron-core")
     assert set(launch["versions"]) >= {"megatron-prm", "transformer-engine", "python"}
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
     assert launch["git_sha"] == (git.stdout.strip() if git.returncode == 0 else None)
