@@ -181,9 +181,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _prmbench_table(result: dict) -> str:
     """PRMBench's per-class figures, as its report gives them: PRMScore, F1 of valid (+) and of invalid (-)
-    steps, in percent."""
-    def cell(value: Optional[float]) -> str:
-        return f"{100 * value:9.1f}" if value is not None else f"{'-':>9}"
+    steps, in percent; ``-`` for the -1 of an F1 its scorer could not compute."""
+    def cell(value: float) -> str:
+        return f"{100 * value + 0.0:9.1f}" if value >= 0 else f"{'-':>9}"  # + 0.0: -0.0 prints as 0.0
 
     lines = [f"{'class':24}{'PRMScore':>9}{'F1 +':>9}{'F1 -':>9}{'steps':>8}"]
     rows = [*result["classes"].items(), ("total", result)]

@@ -3,7 +3,8 @@ PRMBench's PRMScore, best-of-N selection, AUROC and calibration.
 
 Functions take plain arrays (already validated: finite P(good) in [0, 1]); ``evaluate``'s score-file
 adapters (:mod:`megatron_prm.benchmarks`), the training run's evaluation and the demo all come here.
-A figure that is undefined on the data (a ratio over an empty class) is None, never 0 or NaN.
+A figure that is undefined on the data (a ratio over an empty class) is None, never 0 or NaN; PRMBench's
+figures alone keep its scorer's -1 sentinels, so that they equal its reports.
 Everything is a pure function of complete (gathered) predictions, so a metric over data-parallel ranks
 is computed from the concatenation of every rank's predictions: exact, not a mean of per-rank means.
 """
@@ -19,6 +20,7 @@ import numpy as np
 
 TIE_BREAKS = ("expected", "first")
 PRMBENCH_RULES = ("gt", "ge")  # a step is valid when P(good) > threshold (PRMBench's scorer) or >= it
+PRMBENCH_VALID_ONLY_CLASS = "multi_solutions"  # scored by the F1 of valid steps alone in PRMBench's report
 
 
 class ScoresError(ValueError):
@@ -36,9 +38,8 @@ def ratio(numerator: float, denominator: float) -> Optional[float]:
 
 
 def f1_score(tp: int, fp: int, fn: int) -> Optional[float]:
-    """F1 of one class from its counts, as ``2 p r / (p + r)`` (the arithmetic of PRMBench's scorer, so
-    figures agree to the last bit). None when the class is neither present nor predicted; 0.0 when
-    precision or recall is 0 or undefined (then no true positive exists)."""
+    """F1 of one class from its counts, as ``2 p r / (p + r)``. None when the class is neither present nor
+    predicted; 0.0 when precision or recall is 0 or undefined (then no true positive exists)."""
     precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
     if precision is None and recall is None:
         return None
@@ -144,6 +145,24 @@ def tune_threshold(items: Sequence[tuple[Sequence[float], int]]) -> float:
 
 # --- PRMBench ------------------------------------------------------------------------------------------
 
+def prmbench_f1(tp: int, fp: int, fn: int) -> float:
+    """F1 as PRMBench's scorer computes it, its sentinels included: a precision or recall over an empty
+    denominator is -1, and F1 is -1 where precision + recall is 0; otherwise ``2 p r / (p + r)`` with the
+    sentinels taken as numbers. So with no true positive F1 is -1 (both error kinds present, or none) or
+    -0.0 (one kind only). Kept as is so that reports agree with PRMBench's to the last bit."""
+    precision = tp / (tp + fp) if tp + fp else -1
+    recall = tp / (tp + fn) if tp + fn else -1
+    return 2 * precision * recall / (precision + recall) if precision + recall else -1
+
+
+def prmbench_score(f1_valid: float, f1_invalid: float, classification: Optional[str] = None) -> float:
+    """PRMScore as PRMBench's report computes it (mr_visualize's ``get_prmscore_from_current_res_dict``):
+    0.5 x F1 of valid + 0.5 x F1 of invalid steps, the F1 of valid steps alone for ``multi_solutions`` (its
+    rows name no error step), and 0 where the result is not positive (a sentinel of -1 pulls it down)."""
+    score = f1_valid if classification == PRMBENCH_VALID_ONLY_CLASS else f1_valid * 0.5 + f1_invalid * 0.5
+    return score if score > 0 else 0
+
+
 @dataclass
 class Confusion:
     """PRMBench's counts: TP a valid step judged valid, FP an error step judged valid, TN an error step
@@ -158,12 +177,11 @@ class Confusion:
         self.tp, self.fp, self.tn, self.fn = (self.tp + other.tp, self.fp + other.fp, self.tn + other.tn,
                                               self.fn + other.fn)
 
-    def figures(self) -> dict:
-        f1_valid = f1_score(self.tp, self.fp, self.fn)
-        f1_invalid = f1_score(self.tn, self.fn, self.fp)
-        score = None if f1_valid is None or f1_invalid is None else f1_valid * 0.5 + f1_invalid * 0.5
-        return {"prmbench_score": score, "f1_correct": f1_valid, "f1_erroneous": f1_invalid,
-                "tp": self.tp, "fp": self.fp, "tn": self.tn, "fn": self.fn}
+    def figures(self, classification: Optional[str] = None) -> dict:
+        f1_valid = prmbench_f1(self.tp, self.fp, self.fn)
+        f1_invalid = prmbench_f1(self.tn, self.fn, self.fp)
+        return {"prmbench_score": prmbench_score(f1_valid, f1_invalid, classification), "f1_correct": f1_valid,
+                "f1_erroneous": f1_invalid, "tp": self.tp, "fp": self.fp, "tn": self.tn, "fn": self.fn}
 
 
 def prmbench_confusion(scores: Sequence[float], error_steps: Sequence[int], threshold: float,
@@ -198,7 +216,7 @@ def prmbench_figures(rows: Sequence[tuple[str, Sequence[float], Sequence[int]]],
         if classification not in excluded_from_total:
             total.add(counts)
     return {"threshold": threshold, "rule": rule, "rows": len(rows), **total.figures(),
-            "classes": {name: counts.figures() for name, counts in sorted(per_class.items())}}
+            "classes": {name: counts.figures(name) for name, counts in sorted(per_class.items())}}
 
 
 # --- best of N -----------------------------------------------------------------------------------------

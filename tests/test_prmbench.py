@@ -5,13 +5,15 @@ with deterministic synthetic step scores that tie the 0.5 threshold often."""
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
+import math
 import zlib
 
 import pytest
 
 from conftest import run_cli, write_jsonl
-from megatron_prm import benchmarks
+from megatron_prm import benchmarks, metrics
 from megatron_prm.data.convert import convert_file
 
 SAMPLE = "prmbench/prmbench_train_p1_sample.jsonl.gz"
@@ -22,7 +24,7 @@ THRESHOLD = 0.5  # the official validity_threshold of PRMs (mr_eval/models/*.py)
 # ---- mr_eval/tasks/prmtest_classified/task.py (load_data_function, evaluate_function,
 # ---- eval_on_hallucination_step); logging, the similarity metric and the "validity" filter of API models
 # ---- are left out (they do not touch the F1 counts). PRMScore as mr_visualize/eval_res_view/draw_tabs/
-# ---- form_excel_strs.ipynb computes it: f1 * 0.5 + negative_f1 * 0.5.
+# ---- form_latex_strs.ipynb computes it.
 
 def official_load_data_function(raw_data):
     meta_data = []
@@ -137,8 +139,14 @@ def official_evaluate_function(results, meta_data):
     return total, per_class
 
 
-def official_prm_score(f1, negative_f1):
-    return f1 * 0.5 + negative_f1 * 0.5
+def official_prm_score(f1, negative_f1, classification=None):
+    # mr_visualize/eval_res_view/draw_tabs/form_latex_strs.ipynb, get_prmscore_from_current_res_dict
+    if classification in ["multi_solutions"]:
+        prm_score = f1
+    else:
+        prm_score = f1 * 0.5 + negative_f1 * 0.5
+    prm_score = prm_score if prm_score > 0 else 0
+    return prm_score
 
 
 # ---- the test
@@ -189,7 +197,7 @@ def test_prmbench_equals_the_official_scorer_on_every_real_row(prmbench_rows, sh
     for name, (f1, negative_f1) in per_class.items():  # "correct" too: its F1 of error steps is 0 (-0.0 there)
         mine = ours["classes"][name]
         assert (mine["f1_correct"], mine["f1_erroneous"]) == (f1, negative_f1), name
-        assert mine["prmbench_score"] == official_prm_score(f1, negative_f1), name
+        assert mine["prmbench_score"] == official_prm_score(f1, negative_f1, name), name
 
     # The same figures from the command line, on the scores file.
     scores = write_jsonl(tmp_path / "scores.jsonl", records)
@@ -214,3 +222,30 @@ def test_out_of_range_error_steps_keep_the_row(tmp_path):
     figures = benchmarks.prmbench([{**record, "step_scores": [0.9, 0.2]}])
     assert (figures["tp"], figures["tn"], figures["fp"], figures["fn"]) == (1, 1, 0, 0)
     assert figures["prmbench_score"] == 1.0
+
+
+@pytest.mark.parametrize("classification", ["deception", "multi_solutions"])
+def test_degenerate_counts_give_the_official_sentinels_and_prmscore(classification):
+    """Every confusion with counts 0..2 (81 of them, the empty class and every class without a true
+    positive among them): F1s, their -1 / -0.0 sentinels and the clamped PRMScore equal the official code's."""
+    cases = 0
+    for tp, fp, tn, fn in itertools.product(range(3), repeat=4):
+        mine = metrics.Confusion(tp, fp, tn, fn).figures(classification)
+        f1, negative_f1 = official_f1s(tp, fp, tn, fn)
+        assert (mine["f1_correct"], mine["f1_erroneous"]) == (f1, negative_f1), (tp, fp, tn, fn)
+        assert math.copysign(1, mine["f1_correct"]) == math.copysign(1, f1), (tp, fp, tn, fn)  # -0.0 too
+        assert mine["prmbench_score"] == official_prm_score(f1, negative_f1, classification), (tp, fp, tn, fn)
+        cases += 1
+    assert cases == 81
+    # Spelled out: no true positive with both error kinds present is -1, and PRMScore is clamped to 0.
+    figures = metrics.Confusion(tp=0, fp=2, tn=3, fn=1).figures(classification)
+    assert figures["f1_correct"] == -1 and figures["prmbench_score"] == 0
+
+
+def test_the_report_table_prints_a_sentinel_as_a_dash():
+    from megatron_prm.cli import _prmbench_table
+
+    figures = metrics.prmbench_figures([("deception", [0.2, 0.9], [2])], 0.5)
+    assert (figures["f1_correct"], figures["f1_erroneous"]) == (-1, -1)
+    row = next(line for line in _prmbench_table(figures).splitlines() if line.startswith("deception"))
+    assert row.split() == ["deception", "0.0", "-", "-", "2"]
