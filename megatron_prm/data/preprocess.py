@@ -17,6 +17,11 @@ from megatron_prm.data.store import StoreIdentity, TokenStoreWriter
 from megatron_prm.tokenizer import SpecialTokenIds, Tokenizer, load_tokenizer, special_token_ids
 from megatron_prm.progress import progress
 
+# How tokenizing worker processes start (preprocess's pool, lazy streaming's DataLoader workers): spawn,
+# not fork. A forked Rust (HF) tokenizer that the parent has used can deadlock, and forking a process that
+# already runs threads (torch's, gloo's) may deadlock the child (Python 3.12 warns of it).
+WORKER_START_METHOD = "spawn"
+
 
 @dataclass(frozen=True)
 class TokenizeJob:
@@ -99,8 +104,7 @@ def preprocess(job: TokenizeJob, output_prefix: str | Path, workers: int = 1, ch
     try:
         chunks = _chunks(iter(iter_raw_records(job.data_path, keep_invalid=job.skip_invalid)), chunk_size)
         if workers > 1:
-            # spawn, not fork: a forked Rust (HF) tokenizer that the parent has used can deadlock.
-            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(job,))
+            pool = multiprocessing.get_context(WORKER_START_METHOD).Pool(workers, initializer=_init_worker, initargs=(job,))
             results = pool.imap(_tokenize_in_worker, chunks)
         else:
             results = map(local, chunks)

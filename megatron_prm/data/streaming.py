@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megatron_prm.data.preprocess import RecordTokenizer, TokenizeJob
+from megatron_prm.data.preprocess import WORKER_START_METHOD, RecordTokenizer, TokenizeJob
 from megatron_prm.data.records import (GZIP_ERRORS, decode_line, is_json_array, open_data, parse_json_line,
                                        truncated_gzip)
 from megatron_prm.data.samples import Sample
@@ -128,8 +128,9 @@ class SampleStream:
     def __next__(self) -> Sample:
         if self._loader is None:
             dataset = StreamingSamples(self.job, self.shard, list(self.positions))
-            self._loader = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                           persistent_workers=self.num_workers > 0, collate_fn=_as_is))
+            workers = {"num_workers": self.num_workers, "persistent_workers": True,
+                       "multiprocessing_context": WORKER_START_METHOD} if self.num_workers else {}
+            self._loader = iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is, **workers))
         wanted = self.next_worker
         while not self._early.get(wanted):
             worker, position, sample = next(self._loader)
