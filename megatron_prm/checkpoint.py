@@ -78,6 +78,7 @@ class TrainState:
     layout: dict = field(default_factory=dict)
     optimizer_format: str = ""
     data_position: dict = field(default_factory=dict)  # the batch source's state (megatron_prm.data.loader)
+    skipped_nonfinite_steps: int = 0  # spent of max_skipped_nonfinite_steps: the budget spans resumes
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # kept on resume; pruning touches only its own
 
     @classmethod

@@ -358,7 +358,8 @@ class TrainingArguments:
     )
     max_skipped_nonfinite_steps: int = _doc(
         "Optimizer steps with a non-finite loss or gradient that may be skipped (no update) before the run "
-        "stops with an error; 0 stops at the first. Nothing non-finite is ever saved.", default=0,
+        "stops with an error; 0 stops at the first. Counted over the whole run, resumes included. Nothing "
+        "non-finite is ever saved.", default=0,
     )
     load_best_model_at_end: bool = _doc(
         "Track the checkpoint with the best metric_for_best_model and load it at the end.", default=False

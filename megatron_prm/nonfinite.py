@@ -2,7 +2,8 @@
 
 Megatron-LM's ``--check-for-nan-in-loss-and-grad`` stops at the first NaN; here a run may skip a few such
 steps (no update is applied) before it stops. A stop happens before the step's checkpoint is written, so
-nothing non-finite ever reaches a checkpoint or ``latest``.
+nothing non-finite ever reaches a checkpoint or ``latest``. The count is saved with each checkpoint, so
+the budget covers the whole run, not each launch of it.
 """
 
 from __future__ import annotations

@@ -341,7 +341,7 @@ def run_training(config: RunConfig) -> Optional[dict]:
     first_step = run.train_state.step + 1
     train_seconds = 0.0  # optimizer steps only (no evaluation, no saving): the basis of the ETA
     metrics = None
-    nonfinite = NonFiniteBudget(args.max_skipped_nonfinite_steps)
+    nonfinite = NonFiniteBudget(args.max_skipped_nonfinite_steps, skipped=run.train_state.skipped_nonfinite_steps)
     for step in range(first_step, run.total_steps + 1 if args.do_train else 1):
         step_start = time.perf_counter()
         samples = run.data.train.next_microbatches()
@@ -349,6 +349,7 @@ def run_training(config: RunConfig) -> Optional[dict]:
         figures = train_step(run.state, run.collator(samples), run.runtime, config.prm.score_threshold, flops)
         if figures.pop("nonfinite"):
             nonfinite.record(step, figures.pop("loss", None))
+            run.train_state.skipped_nonfinite_steps = nonfinite.skipped
             figures.pop("accuracy", None)
             run.logger.message(f"step {step}: non-finite loss or gradient, no update "
                                f"({nonfinite.skipped} of {nonfinite.limit} allowed)")

@@ -326,6 +326,19 @@ def test_nonfinite_budget():
         budget.record(5, float("inf"))
 
 
+def test_the_nonfinite_budget_spans_resumes(tmp_path, run_dir):
+    """Budget 1 at learning rate 1e12: step 2 is skipped (saved, unchanged weights), step 3 stops the run.
+    Resumed from step 2, the budget is already spent: step 3 stops it again (a fresh budget would skip it)."""
+    output = tmp_path / "diverged"
+    command = ["train", str(_config(run_dir)), "--output_dir", str(output), "--max_steps", "6", "--save_steps", "1",
+               "--learning_rate", "1e12", "--max_skipped_nonfinite_steps", "1"]
+    one_error_line(run_cli(command, check=False), "step 3: loss nan; 2 non-finite step(s)")
+    assert read_latest(output).name == "iter_0000002"
+    assert json.loads((output / "iter_0000002" / "train_state.json").read_text())["skipped_nonfinite_steps"] == 1
+    resumed = run_cli([*command, "--resume_from_checkpoint", "auto"], check=False)
+    one_error_line(resumed, "step 3: loss nan; 2 non-finite step(s)")
+
+
 def test_a_diverging_run_stops_before_saving_nan(tmp_path, run_dir):
     output = tmp_path / "diverged"
     result = run_cli(["train", str(_config(run_dir)), "--output_dir", str(output), "--max_steps", "6",
