@@ -143,6 +143,8 @@ def score_file(config: RunConfig, output: Path, aggregates: tuple[str, ...], bat
 
 def _write_scores(data_path: str, output: Path, by_record: dict[int, dict[int, float]],
                   aggregates: tuple[str, ...], process_reward: bool) -> dict:
+    """Write each record's other fields with its scores. The records are read a second time, one at a time,
+    rather than kept from tokenizing: only the scores stay in memory, whatever the file's size."""
     tmp = output.with_name(output.name + ".tmp")
     records = unscored = 0
     with tmp.open("w", encoding="utf-8") as handle:
