@@ -110,6 +110,17 @@ class DataArguments:
     skip_invalid: bool = _doc(
         "Skip and count malformed records instead of stopping at the first one.", default=False
     )
+    apply_chat_template: bool = _doc(
+        "Build the prompt with the tokenizer's chat template (an HF tokenizer that has one): system_prompt, "
+        "then src/tgt as user/assistant turns; the steps, each ended by the step tag, are the content of the "
+        "last assistant turn. How chat PRMs such as Qwen2.5-Math-PRM are scored. False: BOS + the plain turns.",
+        default=False,
+    )
+    system_prompt: Optional[str] = _doc(
+        "With apply_chat_template: the system message, as the PRM was trained with it (Qwen2.5-Math-PRM's "
+        "model card gives its own); null: none.",
+        default=None,
+    )
     zero_padding: bool = _doc(
         "Pack samples in arrival order into rows of max_seq_len tokens, fed as THD sequences (no "
         "attention across samples); per_device_train_batch_size then counts rows and must be 1.",
@@ -148,6 +159,8 @@ class DataArguments:
             raise ConfigError("shuffle_buffer_size must be at least 1 and dataloader_num_workers at least 0")
         if self.max_seq_len < 2:
             raise ConfigError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
+        if self.system_prompt is not None and not self.apply_chat_template:
+            raise ConfigError("system_prompt is used only with apply_chat_template true")
         if self.max_prompt_len is None:
             self.max_prompt_len = self.max_seq_len // 2
         if not 1 <= self.max_prompt_len < self.max_seq_len:

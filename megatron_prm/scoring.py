@@ -46,7 +46,7 @@ AGGREGATES = ("min", "last", "prod", "mean", "max")
 # Settings a scoring run takes over from the training run that wrote the checkpoint. Not the precision:
 # scoring runs in fp32 unless told (--bf16 true / --fp16 true), whatever the training used.
 _INHERITED = ("tokenizer_name_or_path", "placeholder_token", "reward_tokens", "process_reward", "max_seq_len",
-              "max_prompt_len", "score_threshold", "reward_head")
+              "max_prompt_len", "apply_chat_template", "system_prompt", "score_threshold", "reward_head")
 
 
 def aggregate(scores: list[float], how: str) -> Optional[float]:

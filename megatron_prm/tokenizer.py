@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 MISTRAL_COMMON_PREFIX = "mistral-common:"
+_STEPS_MARKER = "MEGATRONPRMSTEPSMARKER"  # stands for the steps while a chat template renders the conversation
 
 
 class TokenizerError(ValueError):
@@ -41,7 +42,6 @@ class Tokenizer(Protocol):
 
     def fingerprint(self) -> str:
         """A hash of the tokenizer's files: identifies it in preprocessed data and checkpoints."""
-
 
 class SentencePieceTokenizer:
     """A SentencePiece ``.model`` file (Llama 2, Mistral v0.1)."""
@@ -96,6 +96,21 @@ class HFTokenizer:
 
     def save(self, directory: Path) -> None:
         self._tok.save_pretrained(str(directory))
+
+    def chat_prefix_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The ids of what the tokenizer's chat template renders before the content of a final assistant
+        turn that follows ``messages``: the whole conversation is rendered with a marker as that content
+        and cut at the marker, as a PRM is scored on the rendered conversation (Qwen2.5-Math-PRM's model
+        card). Templates run in transformers' sandboxed Jinja environment: a template cannot run code."""
+        if not getattr(self._tok, "chat_template", None):
+            raise TokenizerError(f"{self.name} has no chat template (tokenizer_config.json chat_template); "
+                                 "set apply_chat_template false or use a tokenizer that has one")
+        rendered = self._tok.apply_chat_template([*messages, {"role": "assistant", "content": _STEPS_MARKER}],
+                                                 tokenize=False)
+        if rendered.count(_STEPS_MARKER) != 1:
+            raise TokenizerError(f"the chat template of {self.name} does not render the assistant turn's content "
+                                 "as it is, so the steps have no place in it")
+        return self.encode(rendered[:rendered.index(_STEPS_MARKER)])
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)

@@ -19,16 +19,36 @@ CORPUS = [
 ] * 4
 
 
-def write_qwen2_tokenizer(directory: Path, vocab_size: int = 420, extra_special: tuple[str, ...] = ()) -> Path:
+# Qwen2.5-Math's ChatML template (its tokenizer_config.json, less the tool-calling branches): a system
+# message (a default one when the conversation has none), then each turn between <|im_start|> and <|im_end|>.
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nPlease reason step by step, and put your final answer within \\\\boxed{}.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or (message.role == 'assistant') %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def write_qwen2_tokenizer(directory: Path, vocab_size: int = 420, extra_special: tuple[str, ...] = (),
+                          chat: bool = False) -> Path:
     """A byte-level BPE ``tokenizer.json`` + ``tokenizer_config.json`` as Qwen2 ships them (ByteLevel
     pre-tokenizer and decoder, ``<|endoftext|>`` as EOS and padding), with ``extra_special`` added as
-    special tokens (Qwen2.5-Math-PRM's ``<extra_0>``)."""
+    special tokens (Qwen2.5-Math-PRM's ``<extra_0>``); with ``chat``, the ChatML tokens and template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT, *extra_special],
+    special = [ENDOFTEXT, *(CHATML_TOKENS if chat else ()), *extra_special]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(CORPUS, trainer)
     directory.mkdir(parents=True, exist_ok=True)
@@ -36,6 +56,7 @@ def write_qwen2_tokenizer(directory: Path, vocab_size: int = 420, extra_special:
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "Qwen2Tokenizer", "eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT, "bos_token": None,
         "model_max_length": 4096, "clean_up_tokenization_spaces": False,
+        **({"chat_template": CHATML_TEMPLATE} if chat else {}),
     }))
     return directory
 

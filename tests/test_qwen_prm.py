@@ -109,9 +109,10 @@ def test_added_step_tag_travels_and_token_classifier_scores_like_the_scorer(tmp_
 
 @pytest.fixture(scope="module")
 def mlp_prm(tmp_path_factory):
-    """A Qwen2.5-Math-PRM-style checkpoint (its tokenizer holds <extra_0>) and its import."""
+    """A Qwen2.5-Math-PRM-style checkpoint (its tokenizer holds <extra_0> and a ChatML template) and its
+    import."""
     root = tmp_path_factory.mktemp("mlp")
-    tokenizer_dir = write_qwen2_tokenizer(root / "tokenizer", extra_special=(STEP_TAG,))
+    tokenizer_dir = write_qwen2_tokenizer(root / "tokenizer", extra_special=(STEP_TAG,), chat=True)
     torch.manual_seed(0)
     hf = write_qwen2_prm(root / "hf", load_tokenizer(str(tokenizer_dir)).vocab_size, **SHAPE)
     for file in tokenizer_dir.iterdir():
@@ -184,3 +185,53 @@ def test_mlp_head_starts_fresh_from_a_causal_lm(tmp_path):
     assert exported["score.0.weight"].shape == (SHAPE["hidden_size"],) * 2 and exported["score.2.weight"].shape[0] == 2
     assert torch.isfinite(exported["score.0.weight"]).all() and exported["score.0.weight"].abs().sum() > 0
     assert not torch.equal(exported["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_a_published_chat_prm_scores_as_its_model_card_says(mlp_prm, processbench_records, tmp_path):
+    """``score --hf`` with ``apply_chat_template`` on a Qwen2.5-Math-PRM-style directory equals the model
+    card's recipe: the conversation (system, user question, the steps joined and ended by <extra_0> as the
+    assistant turn) rendered by the tokenizer's chat template, tokenized whole, P(good) = softmax(score)[1]
+    at each <extra_0>."""
+    from transformers import AutoTokenizer
+
+    _, hf = mlp_prm
+    system = "Please reason step by step, and put your final answer within \\boxed{}."
+    run_cli(["score", "--hf", str(hf), "--data", str(processbench_records), "--output", str(tmp_path / "chat.jsonl"),
+             "--placeholder_token", STEP_TAG, "--apply_chat_template", "true", "--system_prompt", system,
+             "--max_seq_len", "1024", "--max_prompt_len", "600"])  # prompts whole (the tiny vocabulary is verbose)
+    scored = [json.loads(line) for line in (tmp_path / "chat.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(hf, local_files_only=True)
+    base, score = qwen2_prm_reference(hf)
+    compared = 0
+    for record, result in zip(map(json.loads, processbench_records.read_text().splitlines()), scored):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": record["src"]},
+                    {"role": "assistant", "content": STEP_TAG.join(record["responses"]) + STEP_TAG}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        input_ids = tokenizer.encode(text, return_tensors="pt")
+        with torch.no_grad():
+            hidden = base(input_ids).last_hidden_state[0]
+            p_good = torch.softmax(score(hidden[input_ids[0] == tokenizer.convert_tokens_to_ids(STEP_TAG)]), -1)[:, 1]
+        ours = torch.tensor(result["step_scores"])
+        assert result["num_steps"] == len(p_good) >= len(ours) >= 1, result["index"]
+        assert torch.allclose(p_good[:len(ours)], ours, atol=1e-4, rtol=0), result["index"]
+        compared += len(ours)
+    assert compared >= 20
+
+    plain = run_cli(["score", "--hf", str(hf), "--data", str(processbench_records), "--output",
+                     str(tmp_path / "plain.jsonl"), "--placeholder_token", STEP_TAG, "--system_prompt", system,
+                     *LENGTHS], check=False)
+    assert plain.returncode == 2 and "system_prompt is used only with apply_chat_template" in plain.stderr
+
+
+def test_a_chat_prompt_needs_a_tokenizer_with_a_chat_template(tmp_path, mistral_tokenizer):
+    from megatron_prm.tokenizer import TokenizerError
+
+    options = SampleOptions(768, 256, apply_chat_template=True)
+    with pytest.raises(TokenizerError, match="needs a Hugging Face tokenizer with a chat template"):
+        SampleBuilder(mistral_tokenizer, special_token_ids(mistral_tokenizer, "ки", ["+", "-"]), options)
+    plain = load_tokenizer(str(write_qwen2_tokenizer(tmp_path / "plain", extra_special=(STEP_TAG,))))
+    builder = SampleBuilder(plain, special_token_ids(plain, STEP_TAG, ["+", "-"]), options)
+    record = validate_record({"src": "2 + 2?", "tgt": [], "responses": ["4"], "labels": ["+"]}, path="r.jsonl",
+                             index=0, line=1, reward_tokens=("+", "-"))
+    with pytest.raises(TokenizerError, match="has no chat template"):
+        builder.build(record)

@@ -51,7 +51,8 @@ def tokenize_job(config: RunConfig, data_path: str) -> TokenizeJob:
         tokenizer=config.model.tokenizer_name_or_path or checkpoint_tokenizer(config.model.model_name_or_path) or "",
         placeholder_token=config.prm.placeholder_token,
         reward_tokens=tuple(config.prm.reward_token_list),
-        options=SampleOptions(config.data.max_seq_len, config.data.max_prompt_len, config.prm.process_reward),
+        options=SampleOptions(config.data.max_seq_len, config.data.max_prompt_len, config.prm.process_reward,
+                              config.data.apply_chat_template, config.data.system_prompt),
         skip_invalid=config.data.skip_invalid,
     )
 

@@ -46,6 +46,8 @@ def store_identity(tokenizer: Tokenizer, special: SpecialTokenIds, job: Tokenize
         max_seq_len=job.options.max_seq_len,
         max_prompt_len=job.options.max_prompt_len,
         process_reward=job.options.process_reward,
+        apply_chat_template=job.options.apply_chat_template,
+        system_prompt=job.options.system_prompt,
     )
 
 

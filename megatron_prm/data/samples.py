@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 from megatron_prm.data.records import Record, RecordError, iter_raw_records, validate_record
-from megatron_prm.tokenizer import SpecialTokenIds, Tokenizer
+from megatron_prm.tokenizer import SpecialTokenIds, Tokenizer, TokenizerError
 from megatron_prm.progress import progress
 
 
@@ -31,6 +31,8 @@ class SampleOptions:
     max_seq_len: int
     max_prompt_len: int
     process_reward: bool = True
+    apply_chat_template: bool = False
+    system_prompt: Optional[str] = None
 
 
 @dataclass
@@ -98,8 +100,18 @@ class DataReport:
         }
 
 
-def prompt_ids(record: Record, tokenizer: Tokenizer) -> list[int]:
-    """BOS, then the turns in conversation order: user turns as they are, assistant turns + EOS."""
+def prompt_ids(record: Record, tokenizer: Tokenizer, options: SampleOptions) -> list[int]:
+    """The ids before the first step. Plain: BOS, then the turns in conversation order, user turns as they
+    are, assistant turns + EOS. With ``apply_chat_template``: the tokenizer's chat template rendered over
+    the system prompt (if any) and the turns as user / assistant messages, up to the content of the
+    assistant turn that the steps make up."""
+    if options.apply_chat_template:
+        messages = [{"role": "system", "content": options.system_prompt}] if options.system_prompt is not None else []
+        for turn, user in enumerate(record.src):
+            messages.append({"role": "user", "content": user})
+            if turn < len(record.tgt):
+                messages.append({"role": "assistant", "content": record.tgt[turn]})
+        return tokenizer.chat_prefix_ids(messages)
     ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     for turn, user in enumerate(record.src):
         ids += tokenizer.encode(user)
@@ -114,6 +126,9 @@ class SampleBuilder:
     """Turns validated records into samples and keeps the counts of what happened."""
 
     def __init__(self, tokenizer: Tokenizer, special: SpecialTokenIds, options: SampleOptions):
+        if options.apply_chat_template and not hasattr(tokenizer, "chat_prefix_ids"):
+            raise TokenizerError(f"apply_chat_template needs a Hugging Face tokenizer with a chat template; "
+                                 f"{tokenizer.name} is not one")
         self.tokenizer = tokenizer
         self.special = special
         self.options = options
@@ -133,11 +148,11 @@ class SampleBuilder:
         """The sample of ``record``, or None when it is dropped (the reason is counted)."""
         opts = self.options
         report = self.report
-        prompt = prompt_ids(record, self.tokenizer)
+        prompt = prompt_ids(record, self.tokenizer, opts)
         self._fail_if_placeholder(prompt, record, "src/tgt", path)
         truncated = False
         if len(prompt) > opts.max_prompt_len:
-            keep_bos = int(self.tokenizer.bos_id is not None)
+            keep_bos = int(self.tokenizer.bos_id is not None and prompt[0] == self.tokenizer.bos_id)
             prompt = prompt[:keep_bos] + prompt[len(prompt) - (opts.max_prompt_len - keep_bos):]
             truncated = True
             report.reasons["prompt truncated"] += 1

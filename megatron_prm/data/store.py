@@ -50,6 +50,8 @@ class StoreIdentity:
     max_seq_len: int
     max_prompt_len: int
     process_reward: bool
+    apply_chat_template: bool = False  # absent from stores written before chat prompts existed
+    system_prompt: Optional[str] = None
 
 
 def store_prefix(path: str | Path) -> Optional[Path]:
