@@ -26,6 +26,7 @@ from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.flops import ModelShape, flops_per_token
 from megatron_prm.layout import ParallelLayout, resolve_layout
 from megatron_prm.model.architecture import Architecture
+from megatron_prm.model.mlp_head import mlp_head_parameters
 from megatron_prm.model.provider import padded_vocab_size
 
 GIB = 2**30
@@ -37,10 +38,11 @@ class StageParameters:
     layers: int
     output_layer: int
     final_norm: int
+    reward_head: int = 0  # reward_head: mlp (the lm_head reward reads rows of the output layer)
 
     @property
     def total(self) -> int:
-        return self.embedding + self.layers + self.output_layer + self.final_norm
+        return self.embedding + self.layers + self.output_layer + self.final_norm + self.reward_head
 
 
 def layer_parameters(arch: Architecture, tp: int) -> int:
@@ -65,6 +67,7 @@ def stage_parameters(arch: Architecture, layout: ParallelLayout, stage: int) -> 
         layers=arch.num_hidden_layers // pp * layer_parameters(arch, tp),
         output_layer=vocab_rows if has_output else 0,
         final_norm=arch.hidden_size if last else 0,
+        reward_head=mlp_head_parameters(arch.hidden_size) if last and arch.reward_head == "mlp" else 0,
     )
 
 

@@ -187,6 +187,16 @@ def test_plan_counts_the_parameters_of_a_built_model(tmp_path):
     tied_halves = [stage_parameters(tied, ParallelLayout(pipeline_parallel_size=2), s).total for s in (0, 1)]
     assert sum(tied_halves) == built and stage_parameters(tied, ParallelLayout(), 0).total == built - 1024 * 64
     assert memory["activations_with_full_recompute"] < memory["activations"]
+    # reward_head: mlp adds its replicated head to the last stage.
+    mlp = resolve_architecture(config.model, 1000, 256, reward_head="mlp")
+    init_runtime("cpu", 0, ParallelLayout())
+    try:
+        chunks = build_model_chunks(mlp, (1, 2), 256, ModelBuildOptions(use_cpu_initialization=True))
+        built_mlp = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    finally:
+        shutdown()
+    assert built_mlp == built + 64 * 64 + 3 * 64 + 2
+    assert plan(config, mlp, nodes=1, gpus_per_node=1, gpu_memory_gib=80)["parameters_per_gpu"] == built_mlp
 
 
 def test_plan_command_reports_and_refuses(tmp_path):

@@ -22,6 +22,11 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from megatron.core.transformer import TransformerConfig
 
 
+def mlp_head_parameters(hidden_size: int) -> int:
+    """Parameters of the head: ``Linear(h, h)`` and ``Linear(h, 2)``, with biases."""
+    return hidden_size * hidden_size + hidden_size + 2 * hidden_size + 2
+
+
 class MLPRewardHead(torch.nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
