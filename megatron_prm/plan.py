@@ -2,8 +2,9 @@
 
 Memory per GPU (bytes, the most loaded pipeline stage):
 - weights: parameters x 2 (bf16/fp16) or 4 (fp32);
-- gradients: parameters x 4 (Megatron's DDP buffer holds fp32 gradients, under bf16/fp16 too);
-- optimizer: parameters x 12 (fp32 main weights + Adam moments) under bf16/fp16, x 8 in fp32; divided by
+- gradients: trainable parameters x 4 (Megatron's DDP buffer holds fp32 gradients, under bf16/fp16 too;
+  the LM head that ``reward_head: mlp`` leaves unused is frozen);
+- optimizer: trainable parameters x 12 (fp32 main weights + Adam moments) under bf16/fp16, x 8 in fp32; divided by
   the data-parallel size with the distributed optimizer (``sharding: stage1``);
 - activations per layer of one micro batch of ``s`` tokens (Korthikanti et al. 2022, "Reducing
   Activation Recomputation in Large Transformer Models", with fused attention so no ``s x s`` scores are
@@ -39,10 +40,16 @@ class StageParameters:
     output_layer: int
     final_norm: int
     reward_head: int = 0  # reward_head: mlp (the lm_head reward reads rows of the output layer)
+    output_layer_frozen: bool = False  # reward_head: mlp with untied embeddings: the LM head is unused
 
     @property
     def total(self) -> int:
         return self.embedding + self.layers + self.output_layer + self.final_norm + self.reward_head
+
+    @property
+    def trainable(self) -> int:
+        """What has gradients and optimizer state (Megatron's DDP and optimizer skip frozen parameters)."""
+        return self.total - (self.output_layer if self.output_layer_frozen else 0)
 
 
 def layer_parameters(arch: Architecture, tp: int) -> int:
@@ -68,6 +75,7 @@ def stage_parameters(arch: Architecture, layout: ParallelLayout, stage: int) -> 
         output_layer=vocab_rows if has_output else 0,
         final_norm=arch.hidden_size if last else 0,
         reward_head=mlp_head_parameters(arch.hidden_size) if last and arch.reward_head == "mlp" else 0,
+        output_layer_frozen=arch.reward_head == "mlp" and not arch.tie_word_embeddings,
     )
 
 
@@ -95,9 +103,9 @@ def plan(config: RunConfig, arch: Architecture, nodes: int, gpus_per_node: int, 
     accumulation = t.gradient_accumulation_steps
     stages = [stage_parameters(arch, layout, s) for s in range(layout.pipeline_parallel_size)]
     heaviest = max(stages, key=lambda s: s.total)
-    params = heaviest.total
+    params, trainable = heaviest.total, heaviest.trainable
     half = t.bf16 or t.fp16
-    optimizer_bytes = params * (12 if half else 8)
+    optimizer_bytes = trainable * (12 if half else 8)
     if layout.distributed_optimizer:
         optimizer_bytes = math.ceil(optimizer_bytes / layout.data_parallel_size)
     seq_len = config.data.max_seq_len
@@ -105,7 +113,7 @@ def plan(config: RunConfig, arch: Architecture, nodes: int, gpus_per_node: int, 
     shape = ModelShape.from_architecture(arch, padded_vocab_size(arch.vocab_size, layout.tensor_parallel_size))
     memory = {
         "weights": params * (2 if half else 4),
-        "gradients": params * 4,
+        "gradients": trainable * 4,
         "optimizer": optimizer_bytes,
         "activations": activation_bytes(arch, layout, tokens, recompute=False),
         "activations_with_full_recompute": activation_bytes(arch, layout, tokens, recompute=True),

@@ -167,17 +167,19 @@ def test_plan_counts_the_parameters_of_a_built_model(tmp_path):
     from megatron_prm.plan import plan, stage_parameters
     from megatron_prm.runtime import init_runtime, shutdown
 
-    def built_parameters(arch) -> int:
+    def built_parameters(arch) -> tuple[int, int]:
+        """All parameters of the built model, and those that train."""
         init_runtime("cpu", 0, ParallelLayout())
         try:
             chunks = build_model_chunks(arch, (1, 2), 256, ModelBuildOptions(use_cpu_initialization=True))
-            return sum(p.numel() for chunk in chunks for p in chunk.parameters())
+            params = [p for chunk in chunks for p in chunk.parameters()]
+            return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
         finally:
             shutdown()
 
     config = load_config(_tiny_config(tmp_path, bf16=False))
     arch = resolve_architecture(config.model, 1000, 256)
-    built = built_parameters(arch)
+    built, _ = built_parameters(arch)
     result = plan(config, arch, nodes=1, gpus_per_node=1, gpu_memory_gib=80)
     assert result["parameters_per_gpu"] == built
     memory = result["memory_bytes"]
@@ -192,9 +194,11 @@ def test_plan_counts_the_parameters_of_a_built_model(tmp_path):
     assert memory["activations_with_full_recompute"] < memory["activations"]
     # reward_head: mlp adds its replicated head to the last stage.
     mlp = resolve_architecture(config.model, 1000, 256, reward_head="mlp")
-    built_mlp = built_parameters(mlp)
-    assert built_mlp == built + 64 * 64 + 3 * 64 + 2
-    assert plan(config, mlp, nodes=1, gpus_per_node=1, gpu_memory_gib=80)["parameters_per_gpu"] == built_mlp
+    built_mlp, trained_mlp = built_parameters(mlp)
+    assert built_mlp == built + 64 * 64 + 3 * 64 + 2 and trained_mlp == built_mlp - 1024 * 64  # LM head frozen
+    mlp_plan = plan(config, mlp, nodes=1, gpus_per_node=1, gpu_memory_gib=80)
+    assert mlp_plan["parameters_per_gpu"] == built_mlp
+    assert mlp_plan["memory_bytes"]["gradients"] == 4 * trained_mlp and mlp_plan["memory_bytes"]["optimizer"] == 8 * trained_mlp
 
 
 def test_plan_command_reports_and_refuses(tmp_path):
