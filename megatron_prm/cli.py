@@ -78,7 +78,8 @@ def _tokenize_job(args: argparse.Namespace):
         "--tokenizer_name_or_path", args.tokenizer, "--max_seq_len", str(args.max_seq_len),
         "--max_prompt_len", str(args.max_prompt_len), "--placeholder_token", args.placeholder_token,
         "--reward_tokens", args.reward_tokens, "--process_reward", str(args.process_reward),
-        "--skip_invalid", str(args.skip_invalid),
+        "--skip_invalid", str(args.skip_invalid), "--apply_chat_template", str(args.apply_chat_template),
+        *([f"--system_prompt={args.system_prompt}"] if args.system_prompt is not None else []),
     ])
     return tokenize_job(config, args.data)
 
@@ -246,6 +247,9 @@ def _add_tokenize_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward-tokens", default="+,-")
     parser.add_argument("--process-reward", default="true", help="false: ORM mode, only the last step")
     parser.add_argument("--skip-invalid", action="store_true", help="count malformed records instead of stopping")
+    parser.add_argument("--apply-chat-template", action="store_true",
+                        help="build prompts with the tokenizer's chat template (as the run will)")
+    parser.add_argument("--system-prompt", default=None, help="with --apply-chat-template: the system message")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,7 +118,7 @@ class DataArguments:
     )
     system_prompt: Optional[str] = _doc(
         "With apply_chat_template: the system message, as the PRM was trained with it (Qwen2.5-Math-PRM's "
-        "model card gives its own); null: none.",
+        "model card gives its own); null: no system message of ours (a template may add its own default).",
         default=None,
     )
     zero_padding: bool = _doc(
@@ -160,7 +160,8 @@ class DataArguments:
         if self.max_seq_len < 2:
             raise ConfigError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
         if self.system_prompt is not None and not self.apply_chat_template:
-            raise ConfigError("system_prompt is used only with apply_chat_template true")
+            raise ConfigError("system_prompt is used only with apply_chat_template true (--system_prompt null drops "
+                              "one taken over from a checkpoint)")
         if self.max_prompt_len is None:
             self.max_prompt_len = self.max_seq_len // 2
         if not 1 <= self.max_prompt_len < self.max_seq_len:

@@ -81,7 +81,8 @@ def scoring_config(checkpoint: str, data: str, overrides: list[str]) -> RunConfi
     inherited: list[str] = []
     for key in _INHERITED:
         if values.get(key) is not None:
-            inherited += [f"--{key}", json.dumps(values[key]) if not isinstance(values[key], str) else values[key]]
+            value = values[key] if isinstance(values[key], str) else json.dumps(values[key])
+            inherited.append(f"--{key}={value}")  # one token: a value may itself start with "--"
     return load_config(None, [*inherited, "--bf16", "false", "--fp16", "false", "--model_name_or_path", checkpoint,
                               "--train_dataset_path", data, "--output_dir", str(Path(data).parent), *overrides])
 

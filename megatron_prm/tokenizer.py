@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
@@ -66,6 +67,13 @@ class SentencePieceTokenizer:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
 
 
+def chat_template_digest(tokenizer: Tokenizer) -> Optional[str]:
+    """A hash of the tokenizer's chat template (None without one): the file holding it is not among those
+    :meth:`HFTokenizer.fingerprint` hashes (transformers may save it as ``chat_template.jinja``)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return hashlib.sha256(template.encode()).hexdigest()[:16] if template else None
+
+
 class HFTokenizer:
     """A local Hugging Face tokenizer directory; never downloads, never runs remote code."""
 
@@ -97,14 +105,17 @@ class HFTokenizer:
     def save(self, directory: Path) -> None:
         self._tok.save_pretrained(str(directory))
 
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The chat template's source (None without one)."""
+        template = getattr(self._tok, "chat_template", None)
+        return template if template is None or isinstance(template, str) else json.dumps(template, sort_keys=True)
+
     def chat_prefix_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The ids of what the tokenizer's chat template renders before the content of a final assistant
         turn that follows ``messages``: the whole conversation is rendered with a marker as that content
         and cut at the marker, as a PRM is scored on the rendered conversation (Qwen2.5-Math-PRM's model
         card). Templates run in transformers' sandboxed Jinja environment: a template cannot run code."""
-        if not getattr(self._tok, "chat_template", None):
-            raise TokenizerError(f"{self.name} has no chat template (tokenizer_config.json chat_template); "
-                                 "set apply_chat_template false or use a tokenizer that has one")
         rendered = self._tok.apply_chat_template([*messages, {"role": "assistant", "content": _STEPS_MARKER}],
                                                  tokenize=False)
         if rendered.count(_STEPS_MARKER) != 1:

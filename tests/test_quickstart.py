@@ -105,6 +105,9 @@ def test_the_run_directory_is_self_describing(quickstart):
     # short SHA of whatever git checkout holds site-packages (a venv inside this repository gets ours).
     assert launch["versions"]["torch"] == importlib.metadata.version("torch")
     assert launch["versions"]["megatron-core"] == importlib.metadata.version("megatron-core")
+    import megatron.core
+
+    assert megatron.core.__version__.startswith(launch["versions"]["megatron-core"])
     assert set(launch["versions"]) >= {"megatron-prm", "transformer-engine", "python"}
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
     assert launch["git_sha"] == (git.stdout.strip() if git.returncode == 0 else None)

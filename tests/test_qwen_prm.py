@@ -4,6 +4,7 @@ the export; the token-classifier export scores like ``megatron-prm score``; Qwen
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import shutil
@@ -230,8 +231,31 @@ def test_a_chat_prompt_needs_a_tokenizer_with_a_chat_template(tmp_path, mistral_
     with pytest.raises(TokenizerError, match="needs a Hugging Face tokenizer with a chat template"):
         SampleBuilder(mistral_tokenizer, special_token_ids(mistral_tokenizer, "ки", ["+", "-"]), options)
     plain = load_tokenizer(str(write_qwen2_tokenizer(tmp_path / "plain", extra_special=(STEP_TAG,))))
-    builder = SampleBuilder(plain, special_token_ids(plain, STEP_TAG, ["+", "-"]), options)
-    record = validate_record({"src": "2 + 2?", "tgt": [], "responses": ["4"], "labels": ["+"]}, path="r.jsonl",
-                             index=0, line=1, reward_tokens=("+", "-"))
-    with pytest.raises(TokenizerError, match="has no chat template"):
-        builder.build(record)
+    with pytest.raises(TokenizerError, match="plain has none"):
+        SampleBuilder(plain, special_token_ids(plain, STEP_TAG, ["+", "-"]), options)
+
+
+def test_chat_prompts_in_check_data_and_stores(tmp_path):
+    """check-data and preprocess take the chat options; a store records them and the template's digest, so a
+    run asking for another system prompt or template is refused; a chat prompt is never cut (dropped)."""
+    from megatron_prm.data.store import StoreError, TokenStore
+    from megatron_prm.data.synthetic import write_dataset
+    from megatron_prm.tokenizer import chat_template_digest
+
+    tokenizer_dir = write_qwen2_tokenizer(tmp_path / "tokenizer", extra_special=(STEP_TAG,), chat=True)
+    records = write_dataset(tmp_path / "records.jsonl", 6, seed=5)
+    common = ["--data", str(records), "--tokenizer", str(tokenizer_dir), "--placeholder-token", STEP_TAG,
+              "--max-seq-len", "768", "--apply-chat-template", "--system-prompt", "--Reason step by step."]
+    prefix = tmp_path / "store"
+    run_cli(["preprocess", *common, "--max-prompt-len", "256", "--output-prefix", str(prefix)])
+    store = TokenStore(prefix)
+    identity = store.identity
+    assert identity.apply_chat_template and identity.system_prompt == "--Reason step by step."
+    assert identity.chat_template_digest == chat_template_digest(load_tokenizer(str(tokenizer_dir)))
+    assert len(store) == 6
+    for change in ({"system_prompt": None}, {"chat_template_digest": "0" * 16}):
+        with pytest.raises(StoreError, match=next(iter(change))):
+            store.check_matches(dataclasses.replace(identity, **change))
+
+    dropped = run_cli(["check-data", *common, "--max-prompt-len", "8"], check=False)
+    assert dropped.returncode == 2 and "no usable record (6 read; 6 chat prompt longer than max_prompt_len)" in dropped.stderr

@@ -14,7 +14,7 @@ from megatron_prm.data.samples import (
     DataReport, Sample, SampleBuilder, SampleOptions, check_not_empty, samples_from_raw,
 )
 from megatron_prm.data.store import StoreIdentity, TokenStoreWriter
-from megatron_prm.tokenizer import SpecialTokenIds, Tokenizer, load_tokenizer, special_token_ids
+from megatron_prm.tokenizer import SpecialTokenIds, Tokenizer, chat_template_digest, load_tokenizer, special_token_ids
 from megatron_prm.progress import progress
 
 # How tokenizing worker processes start (preprocess's pool, lazy streaming's DataLoader workers): spawn,
@@ -48,6 +48,7 @@ def store_identity(tokenizer: Tokenizer, special: SpecialTokenIds, job: Tokenize
         process_reward=job.options.process_reward,
         apply_chat_template=job.options.apply_chat_template,
         system_prompt=job.options.system_prompt,
+        chat_template_digest=chat_template_digest(tokenizer) if job.options.apply_chat_template else None,
     )
 
 

@@ -126,9 +126,10 @@ class SampleBuilder:
     """Turns validated records into samples and keeps the counts of what happened."""
 
     def __init__(self, tokenizer: Tokenizer, special: SpecialTokenIds, options: SampleOptions):
-        if options.apply_chat_template and not hasattr(tokenizer, "chat_prefix_ids"):
-            raise TokenizerError(f"apply_chat_template needs a Hugging Face tokenizer with a chat template; "
-                                 f"{tokenizer.name} is not one")
+        if options.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise TokenizerError(f"apply_chat_template needs a Hugging Face tokenizer with a chat template "
+                                 f"(tokenizer_config.json chat_template or chat_template.jinja); {tokenizer.name} "
+                                 "has none")
         self.tokenizer = tokenizer
         self.special = special
         self.options = options
@@ -151,6 +152,10 @@ class SampleBuilder:
         prompt = prompt_ids(record, self.tokenizer, opts)
         self._fail_if_placeholder(prompt, record, "src/tgt", path)
         truncated = False
+        if len(prompt) > opts.max_prompt_len and opts.apply_chat_template:
+            report.dropped += 1  # cut, it would lose the template's opening (the system turn) and still be scored
+            report.reasons["chat prompt longer than max_prompt_len"] += 1
+            return None
         if len(prompt) > opts.max_prompt_len:
             keep_bos = int(self.tokenizer.bos_id is not None and prompt[0] == self.tokenizer.bos_id)
             prompt = prompt[:keep_bos] + prompt[len(prompt) - (opts.max_prompt_len - keep_bos):]

@@ -52,6 +52,7 @@ class StoreIdentity:
     process_reward: bool
     apply_chat_template: bool = False  # absent from stores written before chat prompts existed
     system_prompt: Optional[str] = None
+    chat_template_digest: Optional[str] = None  # with apply_chat_template: which template rendered the prompts
 
 
 def store_prefix(path: str | Path) -> Optional[Path]:
