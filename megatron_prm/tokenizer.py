@@ -44,6 +44,7 @@ class Tokenizer(Protocol):
     def fingerprint(self) -> str:
         """A hash of the tokenizer's files: identifies it in preprocessed data and checkpoints."""
 
+
 class SentencePieceTokenizer:
     """A SentencePiece ``.model`` file (Llama 2, Mistral v0.1)."""
 

@@ -222,6 +222,7 @@ def test_a_published_chat_prm_scores_as_its_model_card_says(mlp_prm, processbenc
                      str(tmp_path / "plain.jsonl"), "--placeholder_token", STEP_TAG, "--system_prompt", system,
                      *LENGTHS], check=False)
     assert plain.returncode == 2 and "system_prompt is used only with apply_chat_template" in plain.stderr
+    assert not (tmp_path / "plain.jsonl").exists()
 
 
 def test_a_chat_prompt_needs_a_tokenizer_with_a_chat_template(tmp_path, mistral_tokenizer):

@@ -152,11 +152,11 @@ class SampleBuilder:
         prompt = prompt_ids(record, self.tokenizer, opts)
         self._fail_if_placeholder(prompt, record, "src/tgt", path)
         truncated = False
-        if len(prompt) > opts.max_prompt_len and opts.apply_chat_template:
-            report.dropped += 1  # cut, it would lose the template's opening (the system turn) and still be scored
-            report.reasons["chat prompt longer than max_prompt_len"] += 1
-            return None
         if len(prompt) > opts.max_prompt_len:
+            if opts.apply_chat_template:
+                report.dropped += 1  # cut, it would lose the template's opening (the system turn) and still be scored
+                report.reasons["chat prompt longer than max_prompt_len"] += 1
+                return None
             keep_bos = int(self.tokenizer.bos_id is not None and prompt[0] == self.tokenizer.bos_id)
             prompt = prompt[:keep_bos] + prompt[len(prompt) - (opts.max_prompt_len - keep_bos):]
             truncated = True
