@@ -21,6 +21,7 @@ the manifest is checked before anything is read.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
@@ -28,7 +29,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.utils import unwrap_model
 
 from megatron_prm import megatron_compat
+from megatron_prm.checkpoint_io import CheckpointWriter, load_sharded
 from megatron_prm.checkpoint_manifest import (
     check_backend,
     raise_problems,
@@ -109,32 +111,48 @@ def optimizer_format(distributed_optimizer: bool, unified: bool) -> str:
 
 
 def _optimizer_metadata(fmt: str) -> dict:
-    return {"distrib_optim_sharding_type": fmt, "chained_optim_avoid_prefix": True}
+    # fully_reshardable (unified_checkpoint, reshard) gathers the state on data-parallel rank 0 over gloo
+    # instead of on every rank: one gathered copy instead of one per rank.
+    return {"distrib_optim_sharding_type": fmt, "chained_optim_avoid_prefix": True,
+            "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
 # ----------------------------------------------------------------------------------------- RNG state
 
 
 def _rng_state() -> dict:
-    """This rank's RNG states as tensors and plain values (loadable with weights_only=True)."""
+    """This rank's RNG states as plain values (bytes, ints, lists: loadable with weights_only=True, and
+    free of tensors, which the fully parallel load exchanges between ranks by pickling)."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "numpy": [np_state[0], np_state[1].astype(np.uint32).tobytes(), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": _bytes(torch.get_rng_state()),
+        "cuda": _bytes(torch.cuda.get_rng_state()) if torch.cuda.is_available() else None,
+        "tracker": {name: _bytes(state) for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
     }
+
+
+def _bytes(state: torch.Tensor) -> bytes:
+    return state.cpu().numpy().tobytes()
+
+
+def _byte_tensor(state: bytes | torch.Tensor) -> torch.Tensor:
+    """A generator state as torch wants it (earlier checkpoints stored tensors)."""
+    return state if isinstance(state, torch.Tensor) else torch.frombuffer(bytearray(state), dtype=torch.uint8)
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.frombuffer(keys, dtype=np.uint32).copy()
+    np.random.set_state((name, keys, pos, has_gauss, cached))
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+        torch.cuda.set_rng_state(_byte_tensor(state["cuda"]))
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {name: _byte_tensor(value) for name, value in state["tracker"].items()})
 
 
 def _rng_sharded_object(data: Optional[dict]) -> ShardedObject:
@@ -176,24 +194,32 @@ def _write_metadata(directory: Path, config: RunConfig, arch: Architecture, trai
     (directory / TRAIN_STATE_NAME).write_text(json.dumps(dataclasses.asdict(train_state), indent=2))
 
 
-def _save(sharded: dict, output_dir: Path, step: int, write_metadata) -> Path:
+def _save(sharded: dict, output_dir: Path, step: int, write_metadata, writer: CheckpointWriter,
+          after_publish: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write ``sharded`` into the staging directory of ``step``; once every rank's files are on storage
+    (at once, or later with an asynchronous writer) seal it with the metadata and manifest and publish it,
+    then ``after_publish(final)`` on every rank. Returns the final path."""
     staging = staging_dir(output_dir, step)
     is_writer = dist.get_rank() == 0
     if is_writer:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(sharded, str(staging))
-    dist.barrier()
-    # Every rank checksums the files it wrote while they are still in its page cache.
-    records: list = [None] * dist.get_world_size()
-    dist.all_gather_object(records, records_for(staging, rank_files(staging, dist.get_rank())))
     final = output_dir / checkpoint_name(step)
-    if is_writer:
-        write_metadata(staging)
-        write_manifest(staging, {name: record for part in records for name, record in part.items()})
-        final = publish_checkpoint(staging)
-    dist.barrier()
+
+    def complete() -> None:
+        # Every rank checksums the files it wrote while they are still in its page cache.
+        records: list = [None] * dist.get_world_size()
+        dist.all_gather_object(records, records_for(staging, rank_files(staging, dist.get_rank())))
+        if is_writer:
+            write_metadata(staging)
+            write_manifest(staging, {name: record for part in records for name, record in part.items()})
+            publish_checkpoint(staging)
+        dist.barrier()
+        if after_publish is not None:
+            after_publish(final)
+
+    writer.write(sharded, staging, complete)
     return final
 
 
@@ -201,12 +227,17 @@ def save_model_checkpoint(model: list, output_dir: Path, step: int, config: RunC
                           arch: Architecture) -> Path:
     """Model weights only (initial checkpoints, exports); loadable with ``model_name_or_path``."""
     return _save(model_sharded_state_dict(model), output_dir, step,
-                 lambda d: _write_metadata(d, config, arch, TrainState(step=step)))
+                 lambda d: _write_metadata(d, config, arch, TrainState(step=step)),
+                 CheckpointWriter(constant_structure=False))
 
 
 def save_checkpoint(state, output_dir: Path, config: RunConfig, arch: Architecture,
-                    train_state: TrainState, keep: Optional[int] = None) -> Path:
-    """Everything a resume needs (``state`` is the TrainingState); prunes beyond ``keep`` afterwards."""
+                    train_state: TrainState, writer: CheckpointWriter, keep: Optional[int] = None,
+                    on_published: Optional[Callable[[Path], None]] = None) -> Path:
+    """Everything a resume needs (``state`` is the TrainingState), written by ``writer``; once published,
+    prunes beyond ``keep`` and calls ``on_published(path)``. ``train_state`` is copied: the step may go on
+    while an asynchronous save is written."""
+    train_state = copy.deepcopy(train_state)
     model_sd = model_sharded_state_dict(state.model)
     sharded = {
         **model_sd,
@@ -216,13 +247,17 @@ def save_checkpoint(state, output_dir: Path, config: RunConfig, arch: Architectu
         "scheduler": state.scheduler.state_dict(),
         "train_state": dataclasses.asdict(train_state),
     }
-    final = _save(sharded, output_dir, train_state.step,
-                  lambda d: _write_metadata(d, config, arch, train_state))
-    if keep is not None and dist.get_rank() == 0:
-        prune_checkpoints(output_dir, keep, own=run_steps(output_dir, train_state.run_id),
-                          protect=[train_state.best_checkpoint])
-    dist.barrier()
-    return final
+
+    def after_publish(final: Path) -> None:
+        if keep is not None and dist.get_rank() == 0:
+            prune_checkpoints(output_dir, keep, own=run_steps(output_dir, train_state.run_id),
+                              protect=[train_state.best_checkpoint])
+        dist.barrier()
+        if on_published is not None:
+            on_published(final)
+
+    return _save(sharded, output_dir, train_state.step, lambda d: _write_metadata(d, config, arch, train_state),
+                 writer, after_publish)
 
 
 def run_steps(output_dir: Path, run_id: str) -> list[int]:
@@ -270,7 +305,7 @@ def check_architecture(checkpoint: Path, arch: Architecture) -> None:
 
 def _load(requested: dict, checkpoint: Path, what: str) -> dict:
     with load_errors_named(checkpoint, what):
-        return megatron_compat.load_dist_checkpoint(requested, checkpoint)
+        return load_sharded(requested, checkpoint)
 
 
 def load_model_weights(chunks: list, path: str | Path, arch: Optional[Architecture] = None,
@@ -353,6 +388,29 @@ def read_train_state(checkpoint: Path) -> TrainState:
         raise CheckpointError(f"{path} is damaged: {err}") from err
 
 
+DISTRIBUTED_FORMATS = ("dp_reshardable", "fully_reshardable")
+
+
+def check_optimizer_format(checkpoint: Path, saved: TrainState, fmt: str, layout: ParallelLayout) -> None:
+    """Refuse, before anything is read, a resume whose optimizer state cannot be carried over."""
+    if saved.optimizer_format != fmt and not {saved.optimizer_format, fmt} <= set(DISTRIBUTED_FORMATS):
+        # measured: model_space <-> the distributed optimizer's formats fails inside Megatron
+        raise ConfigError(
+            f"{checkpoint} stores the optimizer state as {saved.optimizer_format!r} but this run uses "
+            f"{fmt!r}; resume with the same sharding setting, or start from its weights with model_name_or_path"
+        )
+    model_parallel = {k: v for k, v in saved.layout.items() if k != "data"}
+    if saved.optimizer_format == "dp_reshardable" and model_parallel != {
+            k: v for k, v in layout_record(layout).items() if k != "data"}:
+        raise ConfigError(
+            f"{checkpoint} stores the distributed optimizer's state in the dp_reshardable format, which only "
+            f"reshards over data parallelism: saved under {saved.layout}, this run is {layout_record(layout)}. "
+            f"Convert it first: `torchrun --nproc-per-node N -m megatron_prm reshard {checkpoint} --output-dir "
+            "NEW_RUN` (N a multiple of its tensor x pipeline size) writes it fully reshardable; then resume from "
+            "NEW_RUN under any layout. Or start from its weights with model_name_or_path"
+        )
+
+
 def load_checkpoint(state, path: str | Path, arch: Architecture, layout: ParallelLayout,
                     fmt: str, verify_checksums: bool = True) -> tuple[TrainState, Path]:
     """Restore model, optimizer, LR schedule and (same layout only) RNG states for a resume."""
@@ -363,24 +421,13 @@ def load_checkpoint(state, path: str | Path, arch: Architecture, layout: Paralle
     if not saved.optimizer_format:
         raise ConfigError(f"{checkpoint} holds model weights only; start from it with model_name_or_path")
     same_layout = saved.layout == layout_record(layout)
-    if saved.optimizer_format != fmt:  # measured: model_space <-> fully_reshardable fails inside Megatron
-        raise ConfigError(
-            f"{checkpoint} stores the optimizer state as {saved.optimizer_format!r} but this run uses "
-            f"{fmt!r}; resume with the same sharding setting, or start from its weights with model_name_or_path"
-        )
-    if saved.optimizer_format == "dp_reshardable" and {k: v for k, v in saved.layout.items() if k != "data"} != {
-            k: v for k, v in layout_record(layout).items() if k != "data"}:
-        raise ConfigError(
-            f"{checkpoint} stores the distributed optimizer's state in the dp_reshardable format, which only "
-            f"reshards over data parallelism: saved under {saved.layout}, this run is {layout_record(layout)}. "
-            "Save with unified_checkpoint: true to change tensor/pipeline layout, or start from its weights "
-            "with model_name_or_path"
-        )
+    check_optimizer_format(checkpoint, saved, fmt, layout)
     model_sd = model_sharded_state_dict(state.model)
     megatron_compat.prime_adam_state(state.optimizer)
-    requested = {
+    requested = {  # read in the format it was saved in; the run saves in its own from then on
         **model_sd,
-        "optimizer": state.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_optimizer_metadata(fmt)),
+        "optimizer": state.optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                        metadata=_optimizer_metadata(saved.optimizer_format)),
     }
     if same_layout:
         requested["rng_state"] = _rng_sharded_object(None)

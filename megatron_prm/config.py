@@ -356,9 +356,18 @@ class TrainingArguments:
         "Keep at most this many checkpoints (the best one is never removed); null keeps all.", default=None
     )
     unified_checkpoint: bool = _doc(
-        "Save the distributed optimizer's state fully reshardable, so a resume may change tensor/pipeline "
-        "layout (gathers it on data-parallel rank 0 when saving). Model weights reshard in any case.",
-        default=True,
+        "With the distributed optimizer (sharding: stage1): save its state fully reshardable at every save, so "
+        "that a resume may change tensor/pipeline layout directly. It gathers the whole optimizer state on "
+        "data-parallel rank 0 at each save (about 12 bytes per parameter of a model-parallel shard: for "
+        "small runs only). Off (the default), every rank writes its own share, nothing is gathered, and a "
+        "checkpoint changes tensor/pipeline layout after `megatron-prm reshard`. Model weights load under any "
+        "layout in both cases.",
+        default=False,
+    )
+    async_save: bool = _doc(
+        "Write checkpoints in the background: training pauses only while a save is staged; the checkpoint is "
+        "published (manifest, `latest`, pruning) at a later step, once every rank has written its files.",
+        default=False,
     )
     resume_from_checkpoint: Optional[str] = _doc(
         "Continue a run: a checkpoint directory, a run directory (its `latest`), 'latest' for "

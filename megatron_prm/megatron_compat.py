@@ -163,7 +163,8 @@ def llama3_scaled_inv_freq(
 # - copying the loaded shards iterates over the destination state, ``step`` included, which the source
 #   lacks (``KeyError: 'step'``), and copies into parameters without ``torch.no_grad()`` - the
 #   replacement of ``DistributedOptimizer._set_main_param_and_optimizer_states`` skips destination keys
-#   the source lacks and copies under ``no_grad``. The ``step`` itself is restored by Megatron from the
+#   the source lacks and ``step`` (dp_reshardable hands back the loading optimizer's own zero step there,
+#   which reset every bias correction after a resume: found with issue 21), and copies under ``no_grad``. The ``step`` itself is restored by Megatron from the
 #   param groups, as one tensor for all parameters: :func:`untie_adam_steps_after_loading` (below).
 #
 # Both only act where Megatron uses the PyTorch optimizer. Checked on 0.16.1 and 0.19.2.
@@ -179,7 +180,9 @@ def _set_main_param_and_optimizer_states(self, model_param, tensors):
     destination = {"param": main_param, **self.optimizer.state[main_param]}
     with torch.no_grad():
         for key, target in destination.items():
-            if key in tensors:
+            # ``step`` is restored from the param groups; the dp_reshardable format hands back the loading
+            # optimizer's own (primed, zero) step as a non-persistent object, which must not overwrite it.
+            if key in tensors and key != "step":
                 target.copy_(tensors[key])
 
 
@@ -306,19 +309,44 @@ def _safe_megatron_readers():
             setattr(owner, name, original)
 
 
-def load_dist_checkpoint(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike) -> dict:
-    """``dist_checkpointing.load`` with every file read through the safe readers."""
+def load_dist_checkpoint(sharded_state_dict: dict, checkpoint_dir: str | os.PathLike, sharded_strategy=None) -> dict:
+    """``dist_checkpointing.load`` (with ``sharded_strategy``, e.g. a fully parallel wrapper of the torch_dist
+    one) with every file read through the safe readers."""
     from megatron.core import dist_checkpointing
 
     with _safe_megatron_readers():
-        return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir))
+        return dist_checkpointing.load(sharded_state_dict, str(checkpoint_dir), sharded_strategy=sharded_strategy)
 
 
 def local_gradients_finite(model_chunks: list) -> bool:
     """Whether this rank's gradient buffers (Megatron DDP's ``buffers`` / ``expert_parallel_buffers``,
-    ``grad_data``; checked on 0.16.1 and 0.19.2) hold only finite numbers."""
+    ``grad_data``; checked on 0.16.1 and 0.19.2) hold only finite numbers.
+
+    One reduction per buffer and no temporary of the buffer's size (``isfinite`` would allocate a
+    boolean copy of every gradient): the minimum and maximum are finite exactly when every element is,
+    since NaN propagates through both and an infinity becomes one of them."""
     for chunk in model_chunks:
         for buffer in list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", [])):
-            if buffer.grad_data is not None and not bool(torch.isfinite(buffer.grad_data).all()):
+            grads = buffer.grad_data
+            if grads is None or grads.numel() == 0:
+                continue
+            low, high = torch.aminmax(grads)
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
                 return False
     return True
+
+
+def async_save_options() -> dict:
+    """Keyword arguments of ``dist_checkpointing.save`` for an asynchronous save that
+    :class:`~megatron.core.dist_checkpointing.strategies.async_utils.AsyncCallsQueue` runs.
+
+    0.19 added ``async_strategy`` with the default ``"nvrx"`` (NVIDIA Resiliency Extension, a separate
+    package with its own queue); Megatron-Core's own ``"mcore"`` strategy, the only one before 0.19, works
+    everywhere (0.19 logs its deprecation, filtered above). Checked on 0.16.1 and 0.19.2."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        return {"async_strategy": "mcore"}
+    return {}

@@ -23,6 +23,7 @@ from megatron_prm.checkpoint import (
     optimizer_format,
     save_checkpoint,
 )
+from megatron_prm.checkpoint_io import CheckpointWriter
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.data.batching import BatchLayout, Collator, MicroBatch
 from megatron_prm.data.pipeline import PreparedData, prepare_data, tokenize_job
@@ -173,6 +174,7 @@ class Run:
     total_steps: int
     train_state: TrainState
     shape: ModelShape
+    checkpoints: CheckpointWriter
 
     @property
     def output_dir(self) -> Path:
@@ -242,7 +244,8 @@ def setup(config: RunConfig) -> Run:
                         packing=data.packing.options if data.packing else None,
                         fixed_length=config.data.max_seq_len if config.parallel.tp_comm_overlap else None)
     shape = ModelShape.from_architecture(arch, padded_vocab_size(arch.vocab_size, layout.tensor_parallel_size))
-    return Run(config, runtime, logger, arch, layout, data, state, collator, total_steps, train_state, shape)
+    return Run(config, runtime, logger, arch, layout, data, state, collator, total_steps, train_state, shape,
+               CheckpointWriter(async_save=args.async_save))
 
 
 def _data_exists(path: str) -> bool:
@@ -317,8 +320,8 @@ def save(run: Run, step: int, metrics: Optional[dict]) -> None:
     run.train_state.step = step
     run.train_state.data_position = data_position(run.data)
     with parameters_gathered(run.state.model):
-        path = save_checkpoint(run.state, run.output_dir, run.config, run.arch, run.train_state, args.save_total_limit)
-    run.logger.message(f"saved checkpoint {path}")
+        save_checkpoint(run.state, run.output_dir, run.config, run.arch, run.train_state, run.checkpoints,
+                        args.save_total_limit, on_published=lambda path: run.logger.message(f"saved checkpoint {path}"))
 
 
 def _save_due(run: Run, step: int) -> bool:
@@ -372,13 +375,16 @@ def run_training(config: RunConfig) -> Optional[dict]:
             if metrics is None and args.load_best_model_at_end:
                 metrics = run_eval(run, step)  # an epoch end between evaluations: rank this checkpoint too
             save(run, step, metrics)
+        run.checkpoints.poll()  # publishes an asynchronous save that every rank has finished writing
         if stopping:
+            run.checkpoints.wait()
             run.logger.message(f"received {stop.name}: saved the checkpoint of step {step} and stopped; run again "
                                "with resume_from_checkpoint auto (or latest) to continue")
             run.logger.close()
             stop.restore()
             raise TrainingInterrupted(stop.name)
     stop.restore()
+    run.checkpoints.wait()
 
     if not args.do_train:
         metrics = run_eval(run, 0)
