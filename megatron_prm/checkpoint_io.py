@@ -68,7 +68,7 @@ class CheckpointWriter:
         options = megatron_compat.async_save_options() if self.async_save else {}
         request = dist_checkpointing.save(sharded, str(directory), sharded_strategy=self._strategy,
                                           validate_access_integrity=validate, async_sharded_save=self.async_save,
-                                          **options)
+                                          preprocess_common_before_consistancy_check=_comparable_common, **options)
         self._saved_before = True
         if request is None:
             on_complete()
@@ -89,6 +89,15 @@ class CheckpointWriter:
         """Block until the asynchronous save in flight, if any, is written and completed (collective)."""
         if self._queue is not None:
             self._queue.maybe_finalize_async_calls(blocking=True)
+
+
+def _comparable_common(common: dict) -> dict:
+    """The common state that must agree across ranks: a fully reshardable optimizer state gathered on
+    data-parallel rank 0 (``param_state``) is absent on the other ranks by design."""
+    optimizer = common.get("optimizer")
+    if not isinstance(optimizer, dict) or "param_state" not in optimizer:
+        return common
+    return {**common, "optimizer": {k: v for k, v in optimizer.items() if k != "param_state"}}
 
 
 def load_sharded(requested: dict, checkpoint: Path) -> dict:

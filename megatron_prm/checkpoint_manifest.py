@@ -95,9 +95,11 @@ def _read_manifest(directory: Path) -> Optional[dict]:
 def verify_checkpoint(directory: Path, checksums: bool = True, share: tuple[int, int] = (0, 1)) -> list[str]:
     """Problems with ``directory`` against its manifest, one line each naming the file (empty: intact).
 
-    Sizes and the file list are checked in full; with ``checksums`` this process recomputes the CRC of
-    its ``share`` (``(index, count)``: every count-th file) so that several ranks split the reading.
-    Without a manifest, a warning and no problems (checkpoints written before manifests existed).
+    ``share`` (``(index, count)``) splits the work over ``count`` processes: this one checks the presence,
+    size and (with ``checksums``) CRC-32 of every count-th file of the manifest, and the first one also
+    lists the directory for files the manifest does not know. Each file is thus statted and read by one
+    process, not by every rank. Without a manifest, a warning and no problems (checkpoints written before
+    manifests existed).
     """
     manifest = _read_manifest(directory)
     if manifest is None:
@@ -105,18 +107,21 @@ def verify_checkpoint(directory: Path, checksums: bool = True, share: tuple[int,
                       "without an integrity check", stacklevel=2)
         return []
     listed: dict[str, dict] = manifest["files"]
-    present = set(checkpoint_files(directory))
-    problems = [f"{directory / name}: not in {MANIFEST_NAME} (a file added to the checkpoint)"
-                for name in sorted(present - set(listed))]
     index, count = share
+    problems = []
+    if index == 0:
+        problems += [f"{directory / name}: not in {MANIFEST_NAME} (a file added to the checkpoint)"
+                     for name in sorted(set(checkpoint_files(directory)) - set(listed))]
     for position, (name, record) in enumerate(sorted(listed.items())):
+        if position % count != index:
+            continue
         path = directory / name
-        if name not in present:
+        if not path.is_file():
             problems.append(f"{path}: missing")
         elif path.stat().st_size != record["size"]:
             problems.append(f"{path}: {path.stat().st_size} bytes, the manifest records {record['size']} "
                             "(truncated or replaced)")
-        elif checksums and position % count == index and file_crc32(path).crc32 != record["crc32"]:
+        elif checksums and file_crc32(path).crc32 != record["crc32"]:
             problems.append(f"{path}: CRC-32 differs from the manifest's (the bytes are damaged)")
     return problems
 

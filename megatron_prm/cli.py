@@ -232,6 +232,19 @@ def _check_checkpoint(args: argparse.Namespace) -> int:
     return 0 if all(ok for ok, _ in verdicts) else 1
 
 
+def _reshard(args: argparse.Namespace) -> None:
+    import os
+
+    from megatron_prm.reshard import reshard
+
+    path = reshard(args.checkpoint, args.output_dir, args.device, int(os.environ.get("WORLD_SIZE", "1")))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {path} (fully reshardable): resume from it under any tensor/pipeline layout, e.g. "
+              f"`train CONFIG --output_dir {args.output_dir} --resume_from_checkpoint auto "
+              "--tensor_parallel_degree N`", file=sys.stderr)
+        print(strict_json.dumps({"checkpoint": str(path)}))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from megatron_prm.demo import run_demo
 
@@ -322,6 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
     check_ckpt.add_argument("directory", help="a checkpoint (iter_NNNNNNN) or a run directory (all its checkpoints)")
     check_ckpt.add_argument("--no-checksums", action="store_true", help="check sizes only, not CRC-32")
 
+    reshard = commands.add_parser(
+        "reshard", help="rewrite a training checkpoint so that a resume may change tensor/pipeline layout",
+        description="Load a checkpoint whose distributed-optimizer state is dp_reshardable (the default of "
+        "regular saves) under its own tensor x pipeline layout and write it fully reshardable as the first "
+        "checkpoint of a new run directory. Run it with torchrun on a multiple of the saved tensor x pipeline "
+        "size (any data-parallel size).")
+    reshard.add_argument("checkpoint", help="a checkpoint (iter_NNNNNNN) or a run directory (its latest)")
+    reshard.add_argument("--output-dir", required=True, help="the new run directory (must be empty or absent)")
+    reshard.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+
     demo = commands.add_parser("demo", help="generate synthetic data, train a tiny PRM on CPU, print metrics")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test), not for the figures")
@@ -357,6 +380,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             _plan(args, rest)
         elif args.command == "demo":
             _demo(args)
+        elif args.command == "reshard":
+            _reshard(args)
         elif args.command == "check-checkpoint":
             return _check_checkpoint(args)
     except USER_ERRORS as err:

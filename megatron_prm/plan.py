@@ -14,6 +14,14 @@ Memory per GPU (bytes, the most loaded pipeline stage):
   ``pp`` micro batches in flight under 1F1B.
 These are estimates (allocator fragmentation and communication buffers come on top; keep headroom).
 
+Checkpoints (:func:`checkpoint_figures`): a save writes the weights (2 or 4 bytes per parameter) and the
+optimizer state (fp32 main weights + Adam moments, 12 bytes per trainable parameter; 8 in fp32 without the
+distributed optimizer) of every
+model-parallel shard once; with the fully parallel save each of the shard's data-parallel ranks writes
+1/DP of it, without gathering anything. Host memory a save needs beyond the model: with ``async_save`` the
+rank's share staged in host memory; with ``unified_checkpoint`` the whole optimizer state of the shard,
+gathered on data-parallel rank 0. The non-finite check needs no buffer (one min/max reduction).
+
 Training FLOPs per token at ``max_seq_len`` follow Megatron-LM (:mod:`megatron_prm.flops`); the PRM head
 reads two rows of the LM head, so the PRM's figure leaves the full-vocabulary logits out.
 """
@@ -91,6 +99,29 @@ def activation_bytes(arch: Architecture, layout: ParallelLayout, tokens: int, re
     return int(kept * pp)
 
 
+def checkpoint_figures(config: RunConfig, layout: ParallelLayout, stages: list[StageParameters]) -> dict:
+    """Bytes of one checkpoint and what each rank writes and holds in host memory per save (see the
+    module docstring)."""
+    t = config.training
+    half = t.bf16 or t.fp16
+    # Stored optimizer state: Adam's two moments, plus fp32 main weights under bf16/fp16 and always with
+    # the distributed optimizer (its dp_reshardable state stores the main parameter even in fp32).
+    state = 12 if half or layout.distributed_optimizer else 8
+    shard_bytes = [s.total * (2 if half else 4) + s.trainable * state for s in stages]
+    tp, dp = layout.tensor_parallel_size, layout.data_parallel_size
+    written = math.ceil(max(shard_bytes) / dp)
+    gathered = 0
+    if t.unified_checkpoint and layout.distributed_optimizer:
+        heaviest = max(stages, key=lambda s: s.trainable)
+        gathered = heaviest.trainable * state
+    return {
+        "checkpoint_bytes": sum(shard_bytes) * tp,
+        "written_per_rank_bytes": written,
+        "host_staging_per_rank_bytes": written if t.async_save else 0,
+        "gathered_on_data_parallel_rank0_bytes": gathered,
+    }
+
+
 def plan(config: RunConfig, arch: Architecture, nodes: int, gpus_per_node: int, gpu_memory_gib: float) -> dict:
     for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
         if value < 1:
@@ -134,6 +165,7 @@ def plan(config: RunConfig, arch: Architecture, nodes: int, gpus_per_node: int, 
         "recompute": config.parallel.recompute,
         "estimated_total_bytes": total,
         "gpu_memory_bytes": int(gpu_memory_gib * GIB),
+        "checkpoint": checkpoint_figures(config, layout, stages),
         "flops_per_token": flops_per_token(shape, seq_len, with_logits=False),
         "flops_per_token_with_lm_logits": flops_per_token(shape, seq_len, with_logits=True),
         "notes": notes,
@@ -161,6 +193,13 @@ def describe(result: dict) -> str:
         "memory per GPU (estimate): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in memory.items()),
         f"total with recompute={result['recompute']}: {result['estimated_total_bytes'] / GIB:.2f} GiB of "
         f"{result['gpu_memory_bytes'] / GIB:.0f} GiB",
+        "checkpoint per save: {:.2f} GiB in all, {:.2f} GiB written by each rank (no gather){}{}".format(
+            result["checkpoint"]["checkpoint_bytes"] / GIB, result["checkpoint"]["written_per_rank_bytes"] / GIB,
+            f"; {result['checkpoint']['host_staging_per_rank_bytes'] / GIB:.2f} GiB host memory per rank to stage "
+            "it (async_save)" if result["checkpoint"]["host_staging_per_rank_bytes"] else "",
+            f"; unified_checkpoint gathers {result['checkpoint']['gathered_on_data_parallel_rank0_bytes'] / GIB:.2f}"
+            " GiB of optimizer state on data-parallel rank 0" if result["checkpoint"][
+                "gathered_on_data_parallel_rank0_bytes"] else ""),
         f"training FLOPs per token at max_seq_len (Megatron-LM's formula): {result['flops_per_token']:.4e} "
         f"({result['flops_per_token_with_lm_logits']:.4e} with full-vocabulary logits, as LM training)",
     ]

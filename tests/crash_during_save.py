@@ -9,7 +9,7 @@ from pathlib import Path
 
 from megatron.core import dist_checkpointing
 
-from megatron_prm import checkpoint
+from megatron_prm import checkpoint, checkpoint_io
 from megatron_prm.cli import main
 
 if __name__ == "__main__":
@@ -22,5 +22,5 @@ if __name__ == "__main__":
             os.killpg(os.getpgrp(), signal.SIGKILL)  # the whole run, checkpoint helper processes too
         return real_save(sharded, directory, *args, **kwargs)
 
-    checkpoint.dist_checkpointing.save = save_then_die
+    checkpoint_io.dist_checkpointing.save = save_then_die
     sys.exit(main(sys.argv[2:]))
