@@ -6,17 +6,19 @@ plus ``model_config.json`` (the architecture, HF names) and ``train_state.json``
 position). The file ``output_dir/latest`` names the newest complete checkpoint.
 
 Crash safety: a checkpoint is written under ``iter_XXXXXXX.tmp``, a ``manifest.json`` (sizes and CRC-32
-of every file) is added, and it is published only after every rank has finished (run_directory.py: an
+of every file) is added, and it is published only after every rank has finished writing (run_directory.py: an
 existing step is swapped atomically); old checkpoints of this run beyond ``save_total_limit`` are removed
 only after that. A process killed at any moment leaves ``latest`` naming a complete checkpoint.
 
 Layouts: every tensor is stored under its global name and offsets, so model weights load into any
-tensor/pipeline/data-parallel layout. Optimizer state does too, except the distributed optimizer's fast
-``dp_reshardable`` format, which only reshards over data parallelism; ``unified_checkpoint: true`` saves
-it fully reshardable instead. A resume that cannot carry the optimizer state over is refused before
-anything is loaded. Nothing read from a checkpoint runs code: ``.metadata`` goes through an allow-list
-unpickler, byte items and ``common.pt`` through ``torch.load(weights_only=True)`` (safe_loading.py), and
-the manifest is checked before anything is read.
+tensor/pipeline/data-parallel layout. Optimizer state does too, except the distributed optimizer's
+``dp_reshardable`` format (the default: written by every rank, nothing gathered), which only reshards over
+data parallelism; ``megatron-prm reshard`` (reshard.py) rewrites such a checkpoint fully reshardable, and
+``unified_checkpoint: true`` saves every checkpoint that way. How the bytes are written and read (fully
+parallel, asynchronous on request) is checkpoint_io.py's job. A resume that cannot carry the optimizer
+state over is refused before anything is loaded. Nothing read from a checkpoint runs code: ``.metadata``
+goes through an allow-list unpickler, byte items and ``common.pt`` through ``torch.load(weights_only=True)``
+(safe_loading.py), and the manifest is checked before anything is read.
 """
 
 from __future__ import annotations

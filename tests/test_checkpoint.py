@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,16 +106,60 @@ def test_distributed_optimizer_state_reshards_when_saved_unified(tmp_path, confi
           resume_from_checkpoint=str(unified / "iter_0000003"), **common)
     assert losses(resumed)[4] == pytest.approx(losses(unified)[4], rel=1e-5)
 
-    fast = tmp_path / "fast"
-    train(config_path, fast, 2, gradient_accumulation_steps=2, unified_checkpoint=False, **common)
+
+@pytest.fixture(scope="module")
+def dp_reshardable_run(tmp_path_factory, config_path):
+    """A DP2 run with the distributed optimizer and the default checkpoint (dp_reshardable, every rank
+    writing its share), saved at step 3 of 4."""
+    output = tmp_path_factory.mktemp("fast") / "run"
+    train(config_path, output, 2, gradient_accumulation_steps=2, sharding="stage1", max_steps=4, save_steps=3)
+    return output
+
+
+def test_the_default_checkpoint_is_written_by_every_rank_and_reshards_over_data_parallel(
+        tmp_path, config_path, dp_reshardable_run):
+    from megatron_prm.config import load_config
+    from megatron_prm.model.architecture import resolve_architecture
+    from megatron_prm.plan import plan
+
+    checkpoint = dp_reshardable_run / "iter_0000003"
+    assert json.loads((checkpoint / "train_state.json").read_text())["optimizer_format"] == "dp_reshardable"
+    # Each rank writes its own files, about half of the bytes each; plan predicts what each writes.
+    written = [sum(p.stat().st_size for p in checkpoint.glob(f"__{rank}_*.distcp")) for rank in (0, 1)]
+    assert max(written) <= 1.5 * sum(written) / 2
+    config = load_config(config_path, ["--sharding", "stage1"])
+    arch = resolve_architecture(config.model, 32000, config.data.max_seq_len)
+    predicted = plan(config, arch, nodes=1, gpus_per_node=2, gpu_memory_gib=80)["checkpoint"]
+    assert predicted["written_per_rank_bytes"] == pytest.approx(sum(written) / 2, rel=0.05)
     one_rank = tmp_path / "fast_dp1"  # dp_reshardable: data-parallel size may change
-    train(config_path, one_rank, 1, unified_checkpoint=False, resume_from_checkpoint=str(fast / "iter_0000003"), **common)
-    assert losses(one_rank)[4] == pytest.approx(losses(fast)[4], rel=1e-5)
+    train(config_path, one_rank, 1, sharding="stage1", max_steps=4, save_steps=3, resume_from_checkpoint=str(checkpoint))
+    assert losses(one_rank)[4] == pytest.approx(losses(dp_reshardable_run)[4], rel=1e-6)
     refused = run_cli(["train", str(config_path), "--output_dir", str(tmp_path / "refused"), "--sharding", "stage1",
-                       "--unified_checkpoint", "false", "--tensor_parallel_degree", "2", "--max_steps", "4",
-                       "--resume_from_checkpoint", str(fast / "iter_0000003")], nproc=2, check=False)
+                       "--tensor_parallel_degree", "2", "--max_steps", "4", "--resume_from_checkpoint", str(checkpoint)],
+                      nproc=2, check=False)
     assert refused.returncode != 0 and "only reshards over data parallelism" in refused.stderr
+    assert "megatron_prm reshard" in refused.stderr
     assert not (tmp_path / "refused" / "latest").exists()
+
+
+def test_reshard_lets_a_resume_change_tensor_and_pipeline_layout(tmp_path, config_path, dp_reshardable_run):
+    resharded = tmp_path / "resharded"
+    result = run_cli(["reshard", str(dp_reshardable_run / "iter_0000003"), "--output-dir", str(resharded),
+                      "--device", "cpu"], nproc=2)
+    assert json.loads(result.stdout.strip().splitlines()[-1])["checkpoint"] == str(resharded / "iter_0000003")
+    assert json.loads((resharded / "iter_0000003" / "train_state.json").read_text())["optimizer_format"] == \
+        "fully_reshardable"
+    expected = losses(dp_reshardable_run)[4]
+    for name, layout in (("tp2", {"tensor_parallel_degree": 2}), ("pp2", {"pipeline_parallel_degree": 2})):
+        output = tmp_path / name
+        shutil.copytree(resharded, output)  # a resume in place continues that run directory
+        train(config_path, output, 2, sharding="stage1", max_steps=4, save_steps=3, resume_from_checkpoint="auto",
+              **layout)
+        assert losses(output)[4] == pytest.approx(expected, rel=1e-6), name
+    again = run_cli(["reshard", str(resharded), "--output-dir", str(tmp_path / "again"), "--device", "cpu"],
+                    check=False)
+    assert again.returncode == 2 and "already loads under any layout" in again.stderr
+    assert not (tmp_path / "again").exists()
 
 
 def test_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path, config_path):

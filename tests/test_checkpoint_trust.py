@@ -244,7 +244,7 @@ def test_flipped_weights_stop_a_resume_and_check_checkpoint_names_them(copy, tmp
 def test_a_switched_sharding_format_is_refused_clearly(run_dir, tmp_path):
     result = run_cli(["train", str(_config(run_dir)), "--output_dir", str(tmp_path / "r"), "--max_steps", "7",
                       "--sharding", "stage1", "--resume_from_checkpoint", str(run_dir)], check=False)
-    one_error_line(result, "iter_0000006 stores the optimizer state as 'model_space'", "'fully_reshardable'")
+    one_error_line(result, "iter_0000006 stores the optimizer state as 'model_space'", "'dp_reshardable'")
 
 
 # ------------------------------------------------------------------------------------- run directories

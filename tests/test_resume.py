@@ -225,15 +225,17 @@ def test_sigterm_saves_stops_cleanly_and_auto_resumes_exactly_one_process(tmp_pa
 
 
 def test_kill_at_random_steps_then_signal_resumes_exactly_stage1_two_ranks(tmp_path, run_config):
-    """Seeded SIGKILLs at random steps (saving every step), then SIGUSR1: every resumed run continues
-    where the last checkpoint stopped and the per-step losses are bitwise those of an uninterrupted run."""
+    """Seeded SIGKILLs at random steps (saving every step, asynchronously: a kill lands while the next save
+    is being written), then SIGUSR1: every resumed run continues where the last published checkpoint
+    stopped and the per-step losses are bitwise those of an uninterrupted (synchronously saving) run."""
     expected = uninterrupted(run_config, tmp_path, 2)
     output = tmp_path / "run"
     rng = random.Random(1414)
     done = 0
     for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGUSR1):
         at = rng.randint(done + 1, done + 2)
-        process = start(run_config, output, 2, "--save_steps", "1", "--resume_from_checkpoint", "auto")
+        process = start(run_config, output, 2, "--save_steps", "1", "--resume_from_checkpoint", "auto",
+                        "--async_save", "true")
         if sig == signal.SIGUSR1:  # at a step line: the run saves at the end of the step it is in
             text = run_until(process, f"step {at}/", sig)
             assert process.returncode == 0 and "received SIGUSR1: saved" in text, text[-3000:]
