@@ -1,0 +1,53 @@
+"""Data work that one process does for the whole job while the others wait (tokenizing, packing plans).
+
+The others wait in a broadcast on a gloo group of their own with a long timeout: tokenizing a large set
+may take longer than the default process group's timeout (30 minutes here, 10 for NCCL elsewhere). An
+error on the working rank is raised on every rank, as the same exception, so each prints the one message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+from typing import Callable, Optional
+
+import torch.distributed as dist
+
+_WAIT = datetime.timedelta(hours=24)
+_group: Optional[object] = None
+
+
+def _waiting_group():
+    global _group
+    if _group is None:
+        _group = dist.new_group(backend="gloo", timeout=_WAIT)  # collective: every rank arrives here together
+    return _group
+
+
+def on_rank_zero(work: Callable[[], None]) -> None:
+    """Run ``work`` on global rank 0 (or in this process when it is alone); the other ranks return
+    once it is done, and raise the exception it raised."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        work()
+        return
+    group = _waiting_group()
+    outcome: list[Optional[BaseException]] = [None]
+    if dist.get_rank() == 0:
+        try:
+            work()
+        except Exception as err:
+            outcome[0] = err if _travels(err) else RuntimeError(f"{type(err).__name__}: {err}")
+            dist.broadcast_object_list(outcome, src=0, group=group)
+            raise
+    dist.broadcast_object_list(outcome, src=0, group=group)
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _travels(err: BaseException) -> bool:
+    """Whether the exception survives the trip to the other ranks as itself."""
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:
+        return False
+    return True
