@@ -1,9 +1,13 @@
 """Data at cluster scale: a data file tokenized once, packing plans computed once and read by slices."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from conftest import MISTRAL
+from conftest import MISTRAL, REPO, run_cli, write_jsonl
 from megatron_prm.config import build_config
 from megatron_prm.data import loader, store_cache
 from megatron_prm.data.batching import BatchLayout
@@ -110,3 +114,26 @@ def test_cached_plan_gives_the_same_rows_for_one_and_two_data_parallel_ranks(pre
     resumed.load_state_dict(one.state_dict())
     assert [[s.record_index for s in r] for r in resumed.next_microbatches()] == \
         [[s.record_index for s in r] for r in one.next_microbatches()]
+
+
+def test_scoring_on_two_data_parallel_ranks_writes_the_same_bytes(tmp_path):
+    rows = [json.loads(line) for line in write_dataset(tmp_path / "src.jsonl", 40, seed=6).read_text().splitlines()]
+    rows[3].pop("labels")  # scoring needs no labels
+    rows[7].update(responses=["a very long step " * 40], labels=["+"])  # longer than max_seq_len: dropped, written unscored
+    data = write_jsonl(tmp_path / "records.jsonl", rows)
+    config = {"tokenizer_name_or_path": MISTRAL, "train_dataset_path": str(data), "num_hidden_layers": 2,
+              "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "max_seq_len": 128,
+              "max_prompt_len": 64, "device": "cpu", "bf16": False, "seed": 5}
+    (tmp_path / "base.json").write_text(json.dumps(config))
+    subprocess.run([sys.executable, str(REPO / "tests" / "init_checkpoint.py"), str(tmp_path / "base.json"),
+                    str(tmp_path / "init")], check=True, capture_output=True, cwd=REPO)
+    outputs = {}
+    for nproc in (1, 2):
+        outputs[nproc] = tmp_path / f"scores{nproc}.jsonl"
+        run_cli(["score", "--checkpoint", str(tmp_path / "init"), "--data", str(data), "--output",
+                 str(outputs[nproc]), "--device", "cpu"], nproc=nproc)
+        assert not outputs[nproc].with_name(outputs[nproc].name + ".parts").exists()  # the parts are merged away
+    assert outputs[1].read_bytes() == outputs[2].read_bytes()
+    scored = [json.loads(line) for line in outputs[1].read_text().splitlines()]
+    assert [r["index"] for r in scored] == list(range(40))
+    assert scored[7]["step_scores"] == [] and all(len(r["step_scores"]) == r["num_steps"] for r in scored[8:])
