@@ -137,3 +137,22 @@ def test_scoring_on_two_data_parallel_ranks_writes_the_same_bytes(tmp_path):
     scored = [json.loads(line) for line in outputs[1].read_text().splitlines()]
     assert [r["index"] for r in scored] == list(range(40))
     assert scored[7]["step_scores"] == [] and all(len(r["step_scores"]) == r["num_steps"] for r in scored[8:])
+
+
+def test_an_error_of_the_working_rank_is_raised_on_every_rank():
+    import multiprocessing
+
+    from conftest import free_port
+
+    from one_rank_failure import fail_on_rank_zero
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=fail_on_rank_zero, args=(rank, port, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+    message = "data.jsonl: record 3 (line 4), field 'labels': is missing"
+    assert sorted(results.get(timeout=5) for _ in range(2)) == [(0, [0], message), (1, [], message)]
