@@ -20,7 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, overload
 
 import numpy as np
 
@@ -40,7 +40,19 @@ class PackingPlan:
     def __len__(self) -> int:
         return len(self.row_starts) - 1
 
-    def __getitem__(self, rows: slice) -> list[list[int]]:
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self[0:len(self)])
+
+    @overload
+    def __getitem__(self, rows: int) -> list[int]: ...
+
+    @overload
+    def __getitem__(self, rows: slice) -> list[list[int]]: ...
+
+    def __getitem__(self, rows):
+        if not isinstance(rows, slice):
+            row = range(len(self))[rows]  # an IndexError past the end, as a list's
+            return np.asarray(self.samples[self.row_starts[row]:self.row_starts[row + 1]]).tolist()
         start, stop, _ = rows.indices(len(self))
         bounds = np.asarray(self.row_starts[start:stop + 1])
         if len(bounds) < 2:
