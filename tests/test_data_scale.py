@@ -16,7 +16,7 @@ from megatron_prm.data.packing import PackingOptions, pack
 from megatron_prm.data.packing_plan import PlanCache, epoch_plan
 from megatron_prm.data.pipeline import prepare_data, tokenize_job
 from megatron_prm.data.preprocess import RecordTokenizer
-from megatron_prm.data.store import TokenStore
+from megatron_prm.data.store import LABEL_DTYPE, TokenStore, TokenStoreWriter
 from megatron_prm.data.synthetic import write_dataset
 
 
@@ -156,3 +156,25 @@ def test_an_error_of_the_working_rank_is_raised_on_every_rank():
         process.join(120)
     message = "data.jsonl: record 3 (line 4), field 'labels': is missing"
     assert sorted(results.get(timeout=5) for _ in range(2)) == [(0, [0], message), (1, [], message)]
+
+
+def test_a_store_written_from_arrays_equals_one_written_sample_by_sample(prepared, tmp_path):
+    source = prepared[1].train_source
+    samples = [source[i] for i in range(len(source))]
+    one_by_one, at_once = TokenStoreWriter(tmp_path / "a", 32000), TokenStoreWriter(tmp_path / "b", 32000)
+    one_by_one.add_all(samples)
+    labels = np.zeros(sum(len(s.label_positions) for s in samples), dtype=LABEL_DTYPE)
+    labels["position"] = np.concatenate([s.label_positions for s in samples])
+    labels["value"] = np.concatenate([s.label_values for s in samples])
+    labels["step"] = np.concatenate([s.step_ids for s in samples])
+    half = len(samples) // 2
+    label_ends = np.cumsum([0] + [len(s.label_positions) for s in samples])
+    for start, stop in ((0, half), (half, len(samples))):  # two calls: the second continues the offsets
+        part = samples[start:stop]
+        at_once.add_arrays(np.concatenate([s.input_ids for s in part]), labels[label_ends[start]:label_ends[stop]],
+                           np.array([len(s) for s in part]), np.array([len(s.label_positions) for s in part]),
+                           np.array([s.record_index for s in part]))
+    for writer in (one_by_one, at_once):
+        writer.finish(source.identity, {})
+    for suffix in (".tokens.bin", ".labels.bin", ".offsets.npy", ".records.npy", ".meta.json"):
+        assert (tmp_path / f"a{suffix}").read_bytes() == (tmp_path / f"b{suffix}").read_bytes()

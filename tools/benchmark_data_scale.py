@@ -38,19 +38,25 @@ from megatron_prm.data.batching import BatchLayout  # noqa: E402
 from megatron_prm.data.loader import PackedBatches, Packing  # noqa: E402
 from megatron_prm.data.packing import PackingOptions  # noqa: E402
 from megatron_prm.data.packing_plan import PlanCache  # noqa: E402
-from megatron_prm.data.samples import Sample  # noqa: E402
-from megatron_prm.data.store import StoreIdentity, TokenStore, TokenStoreWriter  # noqa: E402
+from megatron_prm.data.store import LABEL_DTYPE, StoreIdentity, TokenStore, TokenStoreWriter  # noqa: E402
 
 
 def write_synthetic_store(prefix: Path, samples: int, max_seq_len: int, seed: int = 0) -> None:
+    """Random token ids with long-tailed lengths (median 200, clipped to 16..max_seq_len), one labelled
+    step per 64 tokens, written in chunks of 100k samples."""
     rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(5.3, 0.8, samples).astype(np.int64), 16, max_seq_len)
     writer = TokenStoreWriter(prefix, vocab_size=32000)
-    for index, length in enumerate(lengths.tolist()):
-        steps = max(1, length // 64)
-        positions = np.linspace(8, length - 1, steps).astype(np.int32)
-        writer.add(Sample(rng.integers(0, 32000, length, dtype=np.int32), positions,
-                          np.ones(steps, dtype=np.float32), np.arange(steps, dtype=np.int32), index))
+    for start in range(0, samples, 100_000):
+        count = min(100_000, samples - start)
+        lengths = np.clip(rng.lognormal(5.3, 0.8, count).astype(np.int64), 16, max_seq_len)
+        steps = np.maximum(1, lengths // 64)
+        labels = np.zeros(int(steps.sum()), dtype=LABEL_DTYPE)
+        first = np.repeat(np.cumsum(steps) - steps, steps)
+        labels["step"] = np.arange(len(labels)) - first
+        labels["position"] = np.minimum(8 + 64 * labels["step"], np.repeat(lengths, steps) - 1)
+        labels["value"] = 1.0
+        writer.add_arrays(rng.integers(0, 32000, int(lengths.sum()), dtype=np.int32), labels, lengths, steps,
+                          np.arange(start, start + count))
     identity = StoreIdentity("synthetic", 32000, "ки", 12902, "+,-", (648, 387), max_seq_len, max_seq_len // 2, True)
     writer.finish(identity, {"source": "synthetic", "report": {"records": samples}})
 
