@@ -1,13 +1,11 @@
 """Data at cluster scale: a data file tokenized once, packing plans computed once and read by slices."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import MISTRAL, REPO, run_cli, write_jsonl
+from conftest import MISTRAL, run_cli, write_jsonl
 from megatron_prm.config import build_config
 from megatron_prm.data import loader, store_cache
 from megatron_prm.data.batching import BatchLayout
@@ -116,6 +114,25 @@ def test_cached_plan_gives_the_same_rows_for_one_and_two_data_parallel_ranks(pre
         [[s.record_index for s in r] for r in one.next_microbatches()]
 
 
+def write_initial_checkpoint(config, directory):
+    """The randomly initialised model of ``config`` as a checkpoint (as tests/init_checkpoint.py, in this process)."""
+    from megatron_prm.checkpoint import save_model_checkpoint
+    from megatron_prm.layout import ParallelLayout
+    from megatron_prm.model.architecture import resolve_architecture
+    from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
+    from megatron_prm.runtime import init_runtime, shutdown
+
+    tokenizer = RecordTokenizer(tokenize_job(config, config.data.train_dataset_path))
+    arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len)
+    init_runtime("cpu", config.training.seed, ParallelLayout())
+    try:
+        chunks = build_model_chunks(arch, tokenizer.special.reward_ids, config.data.max_seq_len,
+                                    ModelBuildOptions(use_cpu_initialization=True))
+        save_model_checkpoint(chunks, directory, 0, config, arch)
+    finally:
+        shutdown()
+
+
 def test_scoring_on_two_data_parallel_ranks_writes_the_same_bytes(tmp_path):
     rows = [json.loads(line) for line in write_dataset(tmp_path / "src.jsonl", 40, seed=6).read_text().splitlines()]
     rows[3].pop("labels")  # scoring needs no labels
@@ -124,9 +141,7 @@ def test_scoring_on_two_data_parallel_ranks_writes_the_same_bytes(tmp_path):
     config = {"tokenizer_name_or_path": MISTRAL, "train_dataset_path": str(data), "num_hidden_layers": 2,
               "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "max_seq_len": 128,
               "max_prompt_len": 64, "device": "cpu", "bf16": False, "seed": 5}
-    (tmp_path / "base.json").write_text(json.dumps(config))
-    subprocess.run([sys.executable, str(REPO / "tests" / "init_checkpoint.py"), str(tmp_path / "base.json"),
-                    str(tmp_path / "init")], check=True, capture_output=True, cwd=REPO)
+    write_initial_checkpoint(build_config(config), tmp_path / "init")
     outputs = {}
     for nproc in (1, 2):
         outputs[nproc] = tmp_path / f"scores{nproc}.jsonl"
