@@ -10,8 +10,8 @@ from megatron_prm.config import build_config
 from megatron_prm.data import loader, store_cache
 from megatron_prm.data.batching import BatchLayout
 from megatron_prm.data.loader import PackedBatches, Packing
-from megatron_prm.data.packing import PackingOptions, pack
-from megatron_prm.data.packing_plan import PlanCache, epoch_plan
+from megatron_prm.data.packing import PackingOptions, pack, pack_best_fit_decreasing
+from megatron_prm.data.packing_plan import PlanCache, best_fit_plan, epoch_plan
 from megatron_prm.data.pipeline import prepare_data, tokenize_job
 from megatron_prm.data.preprocess import RecordTokenizer
 from megatron_prm.data.store import LABEL_DTYPE, TokenStore, TokenStoreWriter
@@ -78,6 +78,14 @@ def test_vectorised_plan_equals_the_pure_python_packing(records, prepared, mode)
                 for epoch in (0, 1):
                     plan = epoch_plan(lengths, 5, epoch, mode, options, buffer_size)
                     assert plan[0:len(plan)] == pure_python_rows(lengths, 5, epoch, packing)
+
+
+def test_evaluation_rows_equal_the_pure_python_best_fit(prepared):
+    long_tailed = np.minimum(np.random.default_rng(1).lognormal(5.0, 1.0, 2000).astype(np.int64) + 1, 1000)
+    for lengths, options in ((long_tailed, PackingOptions(1024, row_multiple=8)),
+                             (prepared[1].train_source.lengths, PackingOptions(128))):
+        plan = best_fit_plan(lengths, options)
+        assert plan[0:len(plan)] == pack_best_fit_decreasing([(i, int(n)) for i, n in enumerate(lengths)], options)
 
 
 def test_restart_tokenizes_and_plans_nothing(prepared):

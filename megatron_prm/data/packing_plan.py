@@ -53,7 +53,9 @@ class PackingPlan:
         if not isinstance(rows, slice):
             row = range(len(self))[rows]  # an IndexError past the end, as a list's
             return np.asarray(self.samples[self.row_starts[row]:self.row_starts[row + 1]]).tolist()
-        start, stop, _ = rows.indices(len(self))
+        start, stop, step = rows.indices(len(self))
+        if step != 1:
+            raise ValueError("a packing plan is read by consecutive rows")
         bounds = np.asarray(self.row_starts[start:stop + 1])
         if len(bounds) < 2:
             return []
@@ -113,6 +115,17 @@ def _best_fit_decreasing(order: np.ndarray, sizes: np.ndarray, limit: int,
         members.append(order[start:start + buffer_size][longest_first][by_row])
         counts.append(np.bincount(rows_of))
     return counts, members
+
+
+def best_fit_plan(lengths: np.ndarray, options: PackingOptions) -> PackingPlan:
+    """Best-fit decreasing over all samples at once, in index order: the rows of
+    ``pack_best_fit_decreasing(list(enumerate(lengths)), options)``."""
+    order = np.arange(len(lengths), dtype=np.int64)
+    counts, members = _best_fit_decreasing(order, _padded_sizes(lengths, options), options.usable_capacity,
+                                           max(len(order), 1))
+    row_lengths = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+    return PackingPlan(np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int64),
+                       np.concatenate(members) if members else order)
 
 
 def epoch_plan(lengths: np.ndarray, seed: int, epoch: int, mode: str, options: PackingOptions,

@@ -17,8 +17,8 @@ from megatron_prm.config import RunConfig
 from megatron_prm.data.batching import BatchLayout, eval_microbatches
 from megatron_prm.data.loader import BatchSource, IndexedBatches, PackedBatches, Packing, SampleSource, StreamedBatches
 from megatron_prm.data.one_rank import on_rank_zero
-from megatron_prm.data.packing import PackingOptions, pack_best_fit_decreasing
-from megatron_prm.data.packing_plan import PlanCache
+from megatron_prm.data.packing import PackingOptions
+from megatron_prm.data.packing_plan import PlanCache, best_fit_plan
 from megatron_prm.data.preprocess import RecordTokenizer, TokenizeJob, store_identity
 from megatron_prm.data.samples import SampleOptions, load_samples
 from megatron_prm.data.store import InMemorySamples, TokenStore, store_prefix
@@ -33,8 +33,8 @@ def eval_plan(source: SampleSource, micro_batch_size: int, packing: Optional[Pac
     if packing is None:
         return [list(map(int, b)) for b in eval_microbatches(source.lengths, micro_batch_size, data_parallel_rank,
                                                               data_parallel_size)]
-    rows = pack_best_fit_decreasing([(i, int(n)) for i, n in enumerate(source.lengths)], packing.options)
-    return rows[data_parallel_rank::data_parallel_size]
+    plan = best_fit_plan(source.lengths, packing.options)
+    return plan[0:len(plan)][data_parallel_rank::data_parallel_size]
 
 
 @dataclass
