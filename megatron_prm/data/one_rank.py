@@ -1,7 +1,7 @@
 """Data work that one process does for the whole job while the others wait (tokenizing, packing plans).
 
 The others wait in a broadcast on a gloo group of their own with a long timeout: tokenizing a large set
-may take longer than the default process group's timeout (30 minutes here, 10 for NCCL elsewhere). An
+may take longer than the default process group's timeout (30 minutes, set in runtime.py). An
 error on the working rank is raised on every rank, as the same exception, so each prints the one message.
 """
 
@@ -14,14 +14,14 @@ from typing import Callable, Optional
 import torch.distributed as dist
 
 _WAIT = datetime.timedelta(hours=24)
-_group: Optional[object] = None
+_waiting: Optional[tuple[object, object]] = None  # (the default process group, its waiting group)
 
 
 def _waiting_group():
-    global _group
-    if _group is None:
-        _group = dist.new_group(backend="gloo", timeout=_WAIT)  # collective: every rank arrives here together
-    return _group
+    global _waiting
+    if _waiting is None or _waiting[0] is not dist.group.WORLD:  # a process may start several in turn
+        _waiting = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=_WAIT))  # collective: all ranks
+    return _waiting[1]
 
 
 def on_rank_zero(work: Callable[[], None]) -> None:
