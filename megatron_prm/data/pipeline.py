@@ -101,18 +101,18 @@ def packed_batches(config: RunConfig, source: SampleSource, layout: BatchLayout,
     reaches (``max_steps`` or ``num_train_epochs``) while the others wait, then each rank reads its rows."""
     if not isinstance(source, TokenStore):
         return PackedBatches(source, layout, data_parallel_rank, config.training.seed, packing)
-    plans = PlanCache.beside(source.prefix, data_cache_dir(config))
     seed = config.training.seed
 
-    def build_plans() -> None:
+    def build_plans() -> PlanCache:
+        plans = PlanCache.beside(source.prefix, data_cache_dir(config))
         batches = PackedBatches(source, layout, 0, seed, packing, plans)
         if config.training.max_steps > 0:
             batches.epochs_for_steps(config.training.max_steps)
         else:
             batches.steps_for_epochs(config.training.num_train_epochs)
+        return plans
 
-    on_rank_zero(build_plans)
-    return PackedBatches(source, layout, data_parallel_rank, seed, packing, plans)
+    return PackedBatches(source, layout, data_parallel_rank, seed, packing, on_rank_zero(build_plans))
 
 
 def prepare_data(config: RunConfig, tokenizer: RecordTokenizer, layout: BatchLayout, data_parallel_rank: int,

@@ -45,12 +45,13 @@ def _workers(source: Path) -> int:
 
 
 def tokenize_once(job: TokenizeJob, tokenizer: RecordTokenizer, cache_dir: Path, show_progress: bool) -> Path:
-    """The prefix of the store of ``job``: built by global rank 0 if it does not exist yet, reused if it does."""
-    prefix = cached_store_prefix(job, tokenizer, cache_dir)
+    """The prefix of the store of ``job``: built by global rank 0 if it does not exist yet, reused if it does
+    (rank 0 names it for all: every rank opens the same store, however its nodes mount the data)."""
 
-    def build() -> None:
+    def build() -> Path:
+        prefix = cached_store_prefix(job, tokenizer, cache_dir)
         if store_prefix(prefix) is None:
             preprocess(job, prefix, workers=_workers(Path(job.data_path)), show_progress=show_progress)
+        return prefix
 
-    on_rank_zero(build)
-    return prefix
+    return on_rank_zero(build)
