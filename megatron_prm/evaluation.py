@@ -37,9 +37,10 @@ def _to_predictions(reports: list[dict]) -> tuple[StepPredictions, float]:
 
 def predict(
     model: list, samples: SampleSource, micro_batch_size: int, collator: Collator, device: torch.device,
-    packing: Optional[Packing] = None, show_progress: bool = False,
+    packing: Optional[Packing] = None, show_progress: bool = False, gather: bool = True,
 ) -> tuple[StepPredictions, float] | None:
-    """Every sample's step predictions and the summed loss, gathered from all data-parallel ranks.
+    """Every sample's step predictions and the summed loss, gathered from all data-parallel ranks (with
+    ``gather`` false: this rank's share only, as its microbatches give them).
 
     Micro batches are length-sorted and run in groups, one forward-only schedule each; with pipeline
     parallelism a group holds similar lengths padded to one shape (the interleaved schedule also
@@ -66,6 +67,8 @@ def predict(
     if not parallel_state.is_pipeline_last_stage():
         return None
     local = _to_predictions(reports)
+    if not gather:
+        return local
     gathered: list = [None] * dp_size
     dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())
     predictions = StepPredictions.concatenate([g[0] for g in gathered])

@@ -4,13 +4,20 @@ Runs the training stack forward-only (same model builder, parallel layouts, pack
 evaluation schedule), so a model scores exactly as it was evaluated during training. Records need
 no labels; everything in a record besides ``src``/``tgt``/``responses`` is passed through to the
 output, so benchmark fields (``id``, ``label``, ``group``, ``answer``, ``correct``) reach ``evaluate``.
+
+Sharded by data-parallel rank: the records are tokenized once (rank 0, into ``OUTPUT.parts/``), every
+rank opens that store and scores its share of the microbatches, writes its step scores as a part, and
+one rank merges the parts in record order into the output and removes ``OUTPUT.parts/``. The microbatches
+are the same whatever the number of ranks, so the output is the same byte for byte.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -34,8 +41,8 @@ from megatron_prm.data.packing import PackingOptions
 from megatron_prm.data.pipeline import Packing, tokenize_job
 from megatron_prm.data.preprocess import RecordTokenizer
 from megatron_prm.data.records import iter_raw_records
-from megatron_prm.data.samples import load_samples
-from megatron_prm.data.store import InMemorySamples
+from megatron_prm.data.store import TokenStore
+from megatron_prm.data.store_cache import tokenize_once
 from megatron_prm.evaluation import predict
 from megatron_prm.layout import resolve_layout
 from megatron_prm.model.architecture import read_hf_config, resolve_architecture, reward_head_of
@@ -98,7 +105,8 @@ def score_file(config: RunConfig, output: Path, aggregates: tuple[str, ...], bat
     if unknown:
         raise ConfigError(f"unknown aggregate(s) {', '.join(unknown)}; choose from {', '.join(AGGREGATES)}")
     data_path = config.data.train_dataset_path
-    job = tokenize_job(config, data_path)
+    # Every record must be valid (no skip_invalid) and needs no labels.
+    job = dataclasses.replace(tokenize_job(config, data_path), skip_invalid=False, require_labels=False)
     tokenizer = RecordTokenizer(job)
     arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len,
                                 config.prm.reward_head, added_tokens=len(tokenizer.special.added))
@@ -113,11 +121,10 @@ def score_file(config: RunConfig, output: Path, aggregates: tuple[str, ...], bat
 
         chunks = [Float16Module(chunk.config, chunk) for chunk in chunks]
 
-    samples, report = load_samples(data_path, tokenizer.tokenizer, tokenizer.special,
-                                   job.options, job.reward_tokens,
-                                   require_labels=False, show_progress=runtime.is_logging_rank)
+    parts = output.with_name(output.name + ".parts")
+    store = TokenStore(tokenize_once(job, tokenizer, parts, show_progress=runtime.is_logging_rank))
     if runtime.is_logging_rank:
-        print(f"scoring {len(samples)} records in {compute_dtype(config)} on {runtime.world_size} "
+        print(f"scoring {len(store)} records in {compute_dtype(config)} on {runtime.world_size} "
               f"{runtime.device.type} process(es)", file=sys.stderr, flush=True)
     packing = Packing("greedy_zero_padding", PackingOptions(config.data.max_seq_len, row_multiple=layout.sequence_multiple),
                       config.data.packing_buffer_size) if packed else None
@@ -125,21 +132,48 @@ def score_file(config: RunConfig, output: Path, aggregates: tuple[str, ...], bat
     collator = Collator(eos if eos is not None else 0,
                         multiple=layout.sequence_multiple, uniform_length=layout.pipeline_parallel_size > 1,
                         packing=packing.options if packing else None)
-    result = predict(chunks, InMemorySamples(samples), 1 if packed else batch_size, collator, runtime.device, packing,
-                     show_progress=runtime.is_logging_rank)
-    writer = (result is not None and parallel_state.get_tensor_model_parallel_rank() == 0
-              and parallel_state.get_data_parallel_rank() == 0)
+    result = predict(chunks, store, 1 if packed else batch_size, collator, runtime.device, packing,
+                     show_progress=runtime.is_logging_rank, gather=False)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    writes = result is not None and parallel_state.get_tensor_model_parallel_rank() == 0
+    if writes:
+        _write_part(parts, dp_rank, dp_size, result[0])
+    dist.barrier()
     summary = None
-    if writer:
-        predictions, _ = result
-        by_record: dict[int, dict[int, float]] = defaultdict(dict)
-        for record, step, p in zip(predictions.record_ids, predictions.step_ids, predictions.p_good):
-            by_record[int(record)][int(step)] = float(p)
-        summary = _write_scores(data_path, output, by_record, aggregates, config.prm.process_reward)
+    if writes and dp_rank == 0:
+        summary = _write_scores(data_path, output, _read_parts(parts, dp_size), aggregates, config.prm.process_reward)
         summary["dtype"] = compute_dtype(config)
-        summary["data"] = report.as_dict()
+        summary["data"] = store.meta["report"]
+        shutil.rmtree(parts)
     dist.barrier()
     return summary
+
+
+_PART = [("record", "<i8"), ("step", "<i8"), ("p_good", "<f8")]
+
+
+def _part_path(parts: Path, rank: int, size: int) -> Path:
+    return parts / f"scores-{rank:05d}-of-{size:05d}.npy"
+
+
+def _write_part(parts: Path, rank: int, size: int, predictions) -> None:
+    """This data-parallel rank's step scores, written whole or not at all."""
+    table = np.empty(len(predictions.p_good), dtype=_PART)
+    table["record"], table["step"], table["p_good"] = predictions.record_ids, predictions.step_ids, predictions.p_good
+    tmp = _part_path(parts, rank, size).with_suffix(".tmp")
+    with tmp.open("wb") as handle:
+        np.save(handle, table)
+    tmp.replace(_part_path(parts, rank, size))
+
+
+def _read_parts(parts: Path, size: int) -> dict[int, dict[int, float]]:
+    """The step scores of every record, from the parts of all data-parallel ranks."""
+    by_record: dict[int, dict[int, float]] = defaultdict(dict)
+    for rank in range(size):
+        table = np.load(_part_path(parts, rank, size), allow_pickle=False)
+        for record, step, p in zip(table["record"].tolist(), table["step"].tolist(), table["p_good"].tolist()):
+            by_record[record][step] = p
+    return by_record
 
 
 def _write_scores(data_path: str, output: Path, by_record: dict[int, dict[int, float]],

@@ -45,6 +45,7 @@ COMMAND_LINES = [
     ("tools/benchmark_checksum.py", lambda: _tool_parser("benchmark_checksum"), None, []),
     ("tools/benchmark_checkpoint.py", lambda: _tool_parser("benchmark_checkpoint"), None, []),
     ("tools/benchmark_convert.py", lambda: _tool_parser("benchmark_convert"), None, []),
+    ("tools/benchmark_data_scale.py", lambda: _tool_parser("benchmark_data_scale"), None, []),
     ("tools/benchmark_packing.py", lambda: _tool_parser("benchmark_packing"), None, ["--data", "d", "--tokenizer", "t"]),
     ("tools/benchmark_preprocess.py", lambda: _tool_parser("benchmark_preprocess"), None, []),
 ]

@@ -8,6 +8,7 @@ from conftest import MISTRAL, read_log, run_cli
 from megatron_prm.config import build_config
 from megatron_prm.data.pipeline import tokenize_job
 from megatron_prm.data.streaming import SampleStream, StreamShard, StreamingSamples
+from megatron_prm.data.records import RecordError
 from megatron_prm.data.synthetic import write_dataset
 
 RECORDS = 37
@@ -27,16 +28,26 @@ def first_epoch(stream, count):
     return [next(stream).record_index for _ in range(count)]
 
 
-def test_ranks_and_workers_read_disjoint_shares_covering_every_record(records):
-    seen = []
-    for rank in range(2):
-        shard = StreamShard(rank, 2, seed=3, shuffle_buffer_size=4)
-        # With 2 DataLoader workers this rank's records are split again between them.
-        share = [i for i in range(RECORDS) if i % 4 in (2 * rank, 2 * rank + 1)]
-        indices = first_epoch(SampleStream(job(records), shard, num_workers=2), len(share))
-        assert sorted(indices) == share
-        seen += indices
-    assert sorted(seen) == list(range(RECORDS))
+def reader_epoch(path, reader, readers, shuffle_buffer_size=4):
+    """One reader's first epoch: (record index in its range, token ids) in the order handed out."""
+    share = []
+    for _, position, sample in StreamingSamples(job(path), StreamShard(reader, readers, 3, shuffle_buffer_size)):
+        if position.epoch > 0:
+            return share
+        share.append((sample.record_index, tuple(sample.input_ids)))
+
+
+def test_readers_take_consecutive_byte_ranges_covering_every_record(records):
+    in_file_order = [ids for _, ids in sorted(reader_epoch(records, 0, 1))]
+    assert len(in_file_order) == RECORDS
+    shares = [reader_epoch(records, reader, 4) for reader in range(4)]
+    assert [ids for share in shares for _, ids in sorted(share)] == in_file_order  # disjoint, in file order
+    assert all(len(share) > 5 for share in shares)
+    # Rank 0 of 2 with 2 DataLoader workers is readers 0 and 1 of 4, taken in turn.
+    stream = SampleStream(job(records), StreamShard(0, 2, seed=3, shuffle_buffer_size=4), num_workers=2)
+    turns = min(len(shares[0]), len(shares[1]))
+    taken = [tuple(next(stream).input_ids) for _ in range(2 * turns)]
+    assert taken[0::2] == [ids for _, ids in shares[0][:turns]] and taken[1::2] == [ids for _, ids in shares[1][:turns]]
 
 
 def test_shuffle_buffer_is_seeded_and_epochs_differ(records):
@@ -70,3 +81,59 @@ def test_lazy_training_on_two_data_parallel_ranks(tmp_path, records):
     steps = read_log(tmp_path / "out", "train")
     assert [s["step"] for s in steps] == list(range(1, 13))  # more steps than one pass over the data
     assert all(s["labelled_steps"] > 0 and s["loss"] > 0 for s in steps)
+
+
+def fixed_width_file(path, good, width=400):
+    """Records padded to ``width`` bytes a line; where ``good(i)`` is false, line i is garbage of the same
+    width (not UTF-8, not JSON), which any reader that parsed it would report."""
+    lines = []
+    for i, record in enumerate(json.loads(line) for line in open(write_dataset(path.with_suffix(".src"), 30, seed=4))):
+        text = json.dumps(record).encode()
+        assert len(text) < width
+        lines.append(text.ljust(width - 1) + b"\n" if good(i) else b"\xff" * (width - 1) + b"\n")
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+def test_a_reader_reads_only_its_byte_range(tmp_path, monkeypatch):
+    from megatron_prm.data import streaming
+
+    # 30 lines of 400 bytes, 3 readers: reader 1 owns the lines starting in [4000, 8000), lines 10-19.
+    path = fixed_width_file(tmp_path / "train.jsonl", lambda i: 10 <= i < 20)
+    visited = []
+
+    class Watched:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def seek(self, offset):
+            visited.append(offset)
+            return self.handle.seek(offset)
+
+        def readline(self):
+            data = self.handle.readline()
+            visited.append(self.handle.tell())
+            return data
+
+    monkeypatch.setattr(streaming, "open_data", lambda p: Watched(open(p, "rb")))
+    share = reader_epoch(path, 1, 3)
+    assert len(share) == 10  # every line of its range, none of the garbage around it
+    assert min(visited) == 3999 and max(visited) == 8000  # from the newline before its range to its last line's end
+
+
+def test_an_error_in_a_later_range_names_the_record_and_line_in_the_file(tmp_path):
+    path = fixed_width_file(tmp_path / "train.jsonl", lambda i: True)
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[14] = b'{"src": "q", "labels": ["+"]}'.ljust(399) + b"\n"  # reader 1 of 3, 5th of its range
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(RecordError, match=r"record 14 \(line 15\), field 'responses': is missing"):
+        reader_epoch(path, 1, 3)

@@ -3,7 +3,8 @@
 - :class:`IndexedBatches`: a random-access source (tokenized file or preprocessed store); each epoch is
   a fresh permutation drawn from ``(seed, epoch)``.
 - :class:`PackedBatches`: the same permutation packed into rows (one row per microbatch); epochs pack
-  to different row counts, and each epoch's own count is used.
+  to different row counts, and each epoch's own count is used. With a :class:`PlanCache` each epoch's
+  rows are computed once for the whole job and every rank memory-maps them, reading only its own rows.
 - :class:`StreamedBatches`: a lazy JSONL stream (:mod:`megatron_prm.data.streaming`).
 
 Each hands out the next global batch's share of this data-parallel rank with :meth:`next_microbatches`
@@ -25,6 +26,7 @@ import numpy as np
 
 from megatron_prm.data.batching import BatchLayout
 from megatron_prm.data.packing import PackingOptions, pack
+from megatron_prm.data.packing_plan import PackingPlan, PlanCache, PlanKey, epoch_plan
 from megatron_prm.data.samples import Sample
 from megatron_prm.data.streaming import SampleStream
 
@@ -158,28 +160,44 @@ class IndexedBatches(_EpochBatches):
 
 class PackedBatches(_EpochBatches):
     """Each epoch's shuffled samples packed into rows; a microbatch is one row, and the position counts
-    rows into the epoch. Every rank packs the whole epoch the same way (only the lengths are read)."""
+    rows into the epoch. The rows come from ``plans`` (one file per epoch, shared by all ranks) when
+    given, else each instance packs the epoch itself (only the lengths are read)."""
 
     kind = "packed"
     unit_name = "packed rows"
 
     def __init__(self, source: SampleSource, layout: BatchLayout, data_parallel_rank: int, seed: int,
-                 packing: Packing):
+                 packing: Packing, plans: Optional[PlanCache] = None):
         super().__init__(layout, data_parallel_rank, seed)
         self.source = source
         self.packing = packing
+        self.plans = plans
         if self.steps_in_epoch(0) == 0:
             raise ValueError(f"{len(self._units(0))} packed rows are fewer than one global batch of "
                              f"{self._global()} rows")
 
-    def _build_units(self, epoch: int) -> list[list[int]]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
-        lengths = self.source.lengths
-        rows = list(pack(((int(i), int(lengths[i])) for i in order), self.packing.mode, self.packing.options,
-                         self.packing.buffer_size))
-        if self.packing.mode == "greedy_zero_padding":
-            np.random.default_rng([self.seed, epoch, 1]).shuffle(rows)
-        return rows
+    def _build_units(self, epoch: int) -> PackingPlan:
+        packing = self.packing
+
+        def build() -> PackingPlan:
+            return epoch_plan(self.source.lengths, self.seed, epoch, packing.mode, packing.options, packing.buffer_size)
+
+        if self.plans is None:
+            return build()
+        options = packing.options
+        key = PlanKey(self.plans.store, self.seed, epoch, packing.mode, options.capacity, options.sample_multiple,
+                      options.row_multiple, packing.buffer_size)
+        return self.plans.load_or_build(key, build)
+
+    def epochs_for_steps(self, steps: int) -> int:
+        """How many epochs (from the first) ``steps`` optimizer steps reach into."""
+        epoch, covered = 0, 0
+        while covered < steps:
+            in_epoch = self.steps_in_epoch(epoch)
+            if in_epoch == 0:
+                break  # next_microbatches refuses such an epoch when it gets there
+            covered, epoch = covered + in_epoch, epoch + 1
+        return max(epoch, 1)
 
     def _per_rank(self) -> int:
         return self.layout.num_microbatches

@@ -1,22 +1,28 @@
 """What the trainer reads: the tokenizer, the training batches of every step, and the dev samples.
 
 Training data comes from one of three places, chosen by ``train_dataset_path`` and ``lazy``:
-a JSON/JSONL file tokenized at start (held in memory), a preprocessed store (memory-mapped), or, with
-``lazy``, a JSONL stream tokenized on the fly. The first two give identical batches for the same seed.
+a JSON/JSONL file, tokenized once into a store in ``output_dir/data_cache`` (see
+:mod:`megatron_prm.data.store_cache`), a preprocessed store, or, with ``lazy``, a JSONL stream tokenized
+on the fly. The first two are the same from then on: every rank opens the store, and packed rows come
+from plans built once per epoch beside it (:mod:`megatron_prm.data.packing_plan`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from megatron_prm.config import RunConfig
 from megatron_prm.data.batching import BatchLayout, eval_microbatches
 from megatron_prm.data.loader import BatchSource, IndexedBatches, PackedBatches, Packing, SampleSource, StreamedBatches
-from megatron_prm.data.packing import PackingOptions, pack_best_fit_decreasing
+from megatron_prm.data.one_rank import on_rank_zero
+from megatron_prm.data.packing import PackingOptions
+from megatron_prm.data.packing_plan import PlanCache, best_fit_plan
 from megatron_prm.data.preprocess import RecordTokenizer, TokenizeJob, store_identity
 from megatron_prm.data.samples import SampleOptions, load_samples
 from megatron_prm.data.store import InMemorySamples, TokenStore, store_prefix
+from megatron_prm.data.store_cache import tokenize_once
 from megatron_prm.data.streaming import SampleStream, StreamShard
 
 
@@ -27,8 +33,8 @@ def eval_plan(source: SampleSource, micro_batch_size: int, packing: Optional[Pac
     if packing is None:
         return [list(map(int, b)) for b in eval_microbatches(source.lengths, micro_batch_size, data_parallel_rank,
                                                               data_parallel_size)]
-    rows = pack_best_fit_decreasing([(i, int(n)) for i, n in enumerate(source.lengths)], packing.options)
-    return rows[data_parallel_rank::data_parallel_size]
+    plan = best_fit_plan(source.lengths, packing.options)
+    return plan[0:len(plan)][data_parallel_rank::data_parallel_size]
 
 
 @dataclass
@@ -57,10 +63,20 @@ def tokenize_job(config: RunConfig, data_path: str) -> TokenizeJob:
     )
 
 
-def open_source(config: RunConfig, path: str, tokenizer: RecordTokenizer, show_progress: bool) -> tuple[SampleSource, dict]:
-    """A store (checked against this run's tokenizer and options) or a tokenized JSON/JSONL file."""
+def data_cache_dir(config: RunConfig) -> Path:
+    """Where a run keeps the stores of its data files and the packing plans of read-only stores."""
+    return Path(config.training.output_dir) / "data_cache"
+
+
+def open_source(config: RunConfig, path: str, tokenizer: RecordTokenizer, show_progress: bool,
+                cache_dir: Optional[Path] = None) -> tuple[SampleSource, dict]:
+    """A store (checked against this run's tokenizer and options), or a JSON/JSONL file: with
+    ``cache_dir`` tokenized once into a store there (or found there, built by an earlier start), else
+    tokenized into memory."""
     job = tokenize_job(config, path)
     prefix = store_prefix(path)
+    if prefix is None and cache_dir is not None:
+        prefix = tokenize_once(job, tokenizer, cache_dir, show_progress)
     if prefix is not None:
         store = TokenStore(prefix)
         store.check_matches(store_identity(tokenizer.tokenizer, tokenizer.special, job))
@@ -79,9 +95,30 @@ def packing_for(config: RunConfig, row_multiple: int) -> Optional[Packing]:
                    config.data.packing_buffer_size)
 
 
+def packed_batches(config: RunConfig, source: SampleSource, layout: BatchLayout, data_parallel_rank: int,
+                   packing: Packing) -> PackedBatches:
+    """Packed rows of a store from plans built once: global rank 0 builds every epoch's plan that the run
+    reaches (``max_steps`` or ``num_train_epochs``) while the others wait, then each rank reads its rows."""
+    if not isinstance(source, TokenStore):
+        return PackedBatches(source, layout, data_parallel_rank, config.training.seed, packing)
+    seed = config.training.seed
+
+    def build_plans() -> PlanCache:
+        plans = PlanCache.beside(source.prefix, data_cache_dir(config))
+        batches = PackedBatches(source, layout, 0, seed, packing, plans)
+        if config.training.max_steps > 0:
+            batches.epochs_for_steps(config.training.max_steps)
+        else:
+            batches.steps_for_epochs(config.training.num_train_epochs)
+        return plans
+
+    return PackedBatches(source, layout, data_parallel_rank, seed, packing, on_rank_zero(build_plans))
+
+
 def prepare_data(config: RunConfig, tokenizer: RecordTokenizer, layout: BatchLayout, data_parallel_rank: int,
                  show_progress: bool, row_multiple: int = 1) -> PreparedData:
     packing = packing_for(config, row_multiple)
+    cache_dir = data_cache_dir(config)
     reports: dict = {}
     train_source: Optional[SampleSource] = None
     if config.data.lazy:
@@ -92,13 +129,14 @@ def prepare_data(config: RunConfig, tokenizer: RecordTokenizer, layout: BatchLay
         train: BatchSource = StreamedBatches(stream, layout, packing)
         reports["train"] = {"streamed": config.data.train_dataset_path}
     else:
-        train_source, reports["train"] = open_source(config, config.data.train_dataset_path, tokenizer, show_progress)
+        train_source, reports["train"] = open_source(config, config.data.train_dataset_path, tokenizer, show_progress,
+                                                     cache_dir)
         if packing is not None:
-            train = PackedBatches(train_source, layout, data_parallel_rank, config.training.seed, packing)
+            train = packed_batches(config, train_source, layout, data_parallel_rank, packing)
         else:
             train = IndexedBatches(train_source, layout, data_parallel_rank, config.training.seed)
     dev = None
     if config.training.do_eval and config.data.dev_dataset_path:
-        dev, reports["dev"] = open_source(config, config.data.dev_dataset_path, tokenizer, show_progress)
+        dev, reports["dev"] = open_source(config, config.data.dev_dataset_path, tokenizer, show_progress, cache_dir)
     eos = tokenizer.tokenizer.eos_id
     return PreparedData(tokenizer, eos if eos is not None else 0, train, train_source, dev, reports, packing)

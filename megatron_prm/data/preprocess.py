@@ -33,6 +33,7 @@ class TokenizeJob:
     reward_tokens: tuple[str, str]
     options: SampleOptions
     skip_invalid: bool
+    require_labels: bool = True  # False for scoring: records need no labels
 
 
 def store_identity(tokenizer: Tokenizer, special: SpecialTokenIds, job: TokenizeJob) -> StoreIdentity:
@@ -63,13 +64,13 @@ class RecordTokenizer:
     def stream(self, raw_records) -> Iterator[Sample]:
         builder = SampleBuilder(self.tokenizer, self.special, self.job.options)
         return samples_from_raw(raw_records, builder, self.job.data_path, self.job.reward_tokens,
-                                skip_invalid=self.job.skip_invalid)
+                                skip_invalid=self.job.skip_invalid, require_labels=self.job.require_labels)
 
     def __call__(self, chunk: list) -> tuple[list[Sample], DataReport]:
         """Samples of a chunk of raw records, and the counts of that chunk."""
         builder = SampleBuilder(self.tokenizer, self.special, self.job.options)
         samples = list(samples_from_raw(chunk, builder, self.job.data_path, self.job.reward_tokens,
-                                        skip_invalid=self.job.skip_invalid))
+                                        skip_invalid=self.job.skip_invalid, require_labels=self.job.require_labels))
         return samples, builder.report
 
 

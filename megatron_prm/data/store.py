@@ -210,6 +210,17 @@ class TokenStoreWriter:
         for sample in samples:
             self.add(sample)
 
+    def add_arrays(self, tokens: np.ndarray, labels: np.ndarray, sample_tokens: np.ndarray,
+                   sample_labels: np.ndarray, records: np.ndarray) -> None:
+        """Many samples at once: their token ids and labels (``LABEL_DTYPE``) back to back, how many of
+        each every sample has, and their record indices (for stores written from arrays, not records)."""
+        self._tokens.write(np.asarray(tokens).astype(self.token_dtype).tobytes())
+        self._labels.write(np.asarray(labels, dtype=LABEL_DTYPE).tobytes())
+        tokens_end, labels_end = self._offsets[-1]
+        ends = zip((tokens_end + np.cumsum(sample_tokens)).tolist(), (labels_end + np.cumsum(sample_labels)).tolist())
+        self._offsets.extend(ends)
+        self._records.extend(np.asarray(records).tolist())
+
     def finish(self, identity: StoreIdentity, extra: dict) -> dict:
         self._tokens.close()
         self._labels.close()
