@@ -71,8 +71,8 @@ class PRMArguments:
                 f"placeholder_token {self.placeholder_token!r} must differ from reward_tokens "
                 f"{self.reward_tokens!r}"
             )
-        if not self.placeholder_token:
-            raise ConfigError("placeholder_token must not be empty")
+        if not self.placeholder_token.strip():
+            raise ConfigError(f"placeholder_token must not be empty or blank, got {self.placeholder_token!r}")
         if not 0.0 < self.score_threshold < 1.0:
             raise ConfigError(f"score_threshold must lie in (0, 1), got {self.score_threshold}")
         if self.reward_head not in ("lm_head", "mlp"):

@@ -139,8 +139,10 @@ def token_classifier_head(checkpoint: Path, step_tag: Optional[str], reward_toke
     defaults), ``step_tag`` / ``reward_tokens`` overriding them."""
     run_config = read_config_file(checkpoint / CONFIG_NAME) if (checkpoint / CONFIG_NAME).is_file() else {}
     defaults = PRMArguments()
-    prm = PRMArguments(placeholder_token=step_tag or run_config.get("placeholder_token") or defaults.placeholder_token,
-                       reward_tokens=reward_tokens or run_config.get("reward_tokens") or defaults.reward_tokens)
+    # An option given empty is refused by PRMArguments, not replaced by the run's value.
+    prm = PRMArguments(
+        placeholder_token=step_tag if step_tag is not None else run_config.get("placeholder_token") or defaults.placeholder_token,
+        reward_tokens=reward_tokens if reward_tokens is not None else run_config.get("reward_tokens") or defaults.reward_tokens)
     if not (checkpoint / TOKENIZER_DIR).is_dir():
         raise ConfigError(f"{checkpoint} carries no tokenizer/ directory: the reward token ids are unknown")
     tokenizer = load_tokenizer(str(checkpoint / TOKENIZER_DIR))
