@@ -130,6 +130,8 @@ def _convert_data(args: argparse.Namespace) -> None:
           f"'+', {labels['bad']} '-'); skipped: "
           + (", ".join(f"{n} ({reason})" for reason, n in summary["skipped_by_reason"].items()) or "none"),
           file=sys.stderr)
+    for first in summary["first_skipped_by_reason"].values():
+        print(f"  skipped, for example: {first}", file=sys.stderr)
     print(strict_json.dumps({"output": args.output, **summary}))
 
 

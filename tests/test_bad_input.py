@@ -246,3 +246,76 @@ def test_each_range_refuses_below_its_bound_and_accepts_it():
             action.type(str(below))
         if not allowed.low_open:
             action.type(str(int(low)) if low == int(low) else str(low))
+
+
+# ------------------------------------------------------------------------------------- source schemas
+
+QUESTION_FIELDS = {  # format -> (a good record, where its question is)
+    "processbench": (PROCESSBENCH, ("problem",)),
+    "prm800k": ({"question": {"problem": "P"}, "label": {"steps": [
+        {"completions": [{"text": "a", "rating": 1}], "chosen_completion": 0}]}}, ("question", "problem")),
+    "prmbench": ({"idx": 1, "classification": "circular", "modified_question": "Q", "modified_process": ["a", "b"],
+                  "error_steps": [2]}, ("modified_question",)),
+    "best-of-n": ({"id": "g", "problem": "P", "candidates": [{"steps": ["a"], "correct": True}]}, ("problem",)),
+}
+
+
+def _with(record: dict, path: tuple, value) -> dict:
+    record = json.loads(json.dumps(record))
+    target = record
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return record
+
+
+@pytest.mark.parametrize("source_format", sorted(QUESTION_FIELDS))
+@pytest.mark.parametrize("question", [7, ["a list"], None, "  "])
+def test_a_question_that_is_not_text_is_skipped_by_name(tmp_path, source_format, question):
+    from megatron_prm.data.convert import convert_file
+
+    good, where = QUESTION_FIELDS[source_format]
+    source = write_jsonl(tmp_path / "in.jsonl", [good, _with(good, where, question)])
+    report = convert_file(source_format, source, tmp_path / "out.jsonl", show_progress=False).as_dict()
+    field = ".".join(where)
+    (reason, count), = report["skipped_by_reason"].items()
+    assert count == 1 and reason.startswith(f"{field}: expected a non-blank string, got "), reason
+    assert report["first_skipped_by_reason"][reason].startswith(f"{source}: record 1 (line 2), field '{field}': expected")
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(written) == 1 and all(isinstance(record["src"], str) for record in written)
+
+
+@pytest.mark.parametrize("label", [True, False, 1.0, "1", -2])
+def test_processbench_label_must_be_an_integer_not_a_bool(label):
+    from megatron_prm.data.convert import Skip, convert_processbench
+
+    with pytest.raises(Skip, match="label: expected an integer >= -1, got"):
+        convert_processbench({**PROCESSBENCH, "label": label})
+    with pytest.raises(Skip, match="label is not -1 or a step index"):
+        convert_processbench({**PROCESSBENCH, "label": 10 ** 400})
+
+
+@pytest.mark.parametrize("steps,field", [
+    ("not a list", "label.steps"),
+    ([7], "label.steps[]"),
+    ([{"completions": "abc", "chosen_completion": 0}], "label.steps[].completions"),
+    ([{"completions": {"text": "a"}, "chosen_completion": 0}], "label.steps[].completions"),
+    ([{"completions": ["a completion as a string"], "chosen_completion": 0}], "label.steps[].completions[]"),
+    ([{"completions": [{"text": 5, "rating": 1}], "chosen_completion": 0}], "label.steps[].completions[].text"),
+    ([{"completions": [{"text": "a", "rating": "1"}], "chosen_completion": 0}], "label.steps[].completions[].rating"),
+    ([{"completions": [], "human_completion": 3}], "label.steps[].human_completion"),
+])
+def test_prm800k_fields_of_the_wrong_type_are_skipped_by_name(steps, field):
+    from megatron_prm.data.convert import SchemaSkip, convert_prm800k
+
+    with pytest.raises(SchemaSkip) as skipped:
+        convert_prm800k({"question": {"problem": "P"}, "label": {"steps": steps}})
+    assert str(skipped.value).startswith(f"{field}: expected")
+
+
+def test_convert_data_prints_the_first_record_of_each_schema_reason(tmp_path, capsys):
+    source = write_jsonl(tmp_path / "pb.jsonl", [PROCESSBENCH, {**PROCESSBENCH, "label": True}])
+    code, err = main(["convert-data", "--from", "processbench", "--input", str(source), "--output",
+                      str(tmp_path / "o.jsonl")], capsys)
+    assert code == 0 and "1 (label: expected an integer >= -1, got true/false)" in err
+    assert f"skipped, for example: {source}: record 1 (line 2), field 'label': expected an integer >= -1, got true" in err

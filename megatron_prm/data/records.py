@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional
 
 
+LONE_SURROGATE = "holds a lone surrogate"
 # Faults of a line as a whole, before there is a record to validate: the field names RecordError uses.
 _LINE_FAULTS = {"<json>": "not valid JSON", "<encoding>": "not UTF-8"}
 
@@ -39,6 +40,8 @@ class RecordError(ValueError):
     @property
     def reason(self) -> str:
         """A short reason under which a skipped record is counted."""
+        if self.problem.startswith(LONE_SURROGATE):
+            return "a lone surrogate in a string"
         return _LINE_FAULTS.get(self.field) or f"invalid {self.field.split('[')[0]}"
 
     def __reduce__(self):
@@ -134,7 +137,7 @@ def loads_value(text: str) -> Any:
     if _SURROGATE_ESCAPE.search(text):
         where = lone_surrogate_field(value)
         if where is not None:
-            raise UnreadableValue("holds a lone surrogate (a \\uD800-\\uDFFF escape that is no character)", where)
+            raise UnreadableValue(f"{LONE_SURROGATE} (a \\uD800-\\uDFFF escape that is no character)", where)
     return value
 
 
@@ -214,7 +217,7 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, None, Any]]:
     for index, item in enumerate(items):
         where = lone_surrogate_field(item) if check_surrogates else None
         if where is not None:
-            yield index, None, RecordError(path, index, where, "holds a lone surrogate (a \\uD800-\\uDFFF escape "
+            yield index, None, RecordError(path, index, where, f"{LONE_SURROGATE} (a \\uD800-\\uDFFF escape "
                                            "that is no character)")
             continue
         yield index, None, item
