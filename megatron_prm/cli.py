@@ -143,7 +143,11 @@ def _score(args: argparse.Namespace, overrides: list[str]) -> None:
     from megatron_prm.runtime import shutdown
     from megatron_prm.scoring import score_file, scoring_config
 
+    from megatron_prm.runtime import resolve_device
+
     check_output_file(args.output, [args.data, args.checkpoint, args.hf])
+    run_settings = load_config(None, ["--bf16", "false", *overrides]).training  # the overrides alone, checked early
+    resolve_device(run_settings.device)
     aggregates = tuple(a.strip() for a in args.aggregate.split(",") if a.strip())
     with tempfile.TemporaryDirectory(prefix="megatron-prm-score-") as scratch:
         checkpoint = args.checkpoint
@@ -154,8 +158,7 @@ def _score(args: argparse.Namespace, overrides: list[str]) -> None:
             from megatron_prm.conversion.importer import import_hf
 
             # Convert to the precision the scoring runs in (fp32 unless --bf16/--fp16 true), not the file's.
-            precision = load_config(None, ["--bf16", "false", *overrides]).training
-            dtype = "bf16" if precision.bf16 else "fp16" if precision.fp16 else "fp32"
+            dtype = "bf16" if run_settings.bf16 else "fp16" if run_settings.fp16 else "fp32"
             checkpoint = str(Path(scratch) / "checkpoint")
             import_hf(Path(args.hf), Path(checkpoint), dtype=dtype, progress=False)
         config = scoring_config(checkpoint, args.data, overrides)
