@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 from tqdm import tqdm
 
+from megatron_prm.checkpoint_consistency import check_tied_embeddings
 from megatron_prm.checkpoint import CONFIG_NAME, MODEL_CONFIG_NAME, TOKENIZER_DIR, check_integrity, resolve_checkpoint
 from megatron_prm.config import ConfigError, PRMArguments, read_config_file
 from megatron_prm.conversion.importer import DTYPES, copy_tokenizer_files
@@ -179,6 +180,7 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
     rules = rules_for(arch)
     reader = SafeFileSystemReader(checkpoint)
     metadata = reader.read_metadata().state_dict_metadata
+    check_tied_embeddings(metadata, arch.tie_word_embeddings, checkpoint, MODEL_CONFIG_NAME)
     _check_stored(metadata, rules, arch, checkpoint)
     target_dtype = DTYPES[dtype] if dtype else metadata[rules[0].checkpoint_key].properties.dtype
     head = None
