@@ -1,8 +1,9 @@
 """The one path guard of every command that writes: an output never destroys an input.
 
 Every command checks its outputs here before it reads or computes anything, so a refused output costs
-nothing and leaves nothing behind. An output may not be one of the command's inputs, lie inside an input
-directory, or hold one (an output directory that contains the input); its temporary sibling (the
+nothing and leaves nothing behind. An output may not be one of the command's inputs, replace a file inside
+an input directory, add a file to a checkpoint directory (its manifest seals it), or hold an input (an
+output directory that contains it); its temporary sibling (the
 ``NAME.tmp`` it is written under before the rename) may not be an input either. A directory where a
 file is expected, a file where a directory is expected, and a parent that is a file are one-line
 errors. An existing store is replaced only when the command is told to (``--overwrite``).
@@ -47,6 +48,21 @@ def _check_parents(path: Path, what: str) -> None:
             return
 
 
+# Files that seal a directory as a checkpoint: nothing may be added to one (its manifest lists every file).
+_SEALS = (".metadata", "manifest.json")
+
+
+def _sealed_ancestor(path: Path, top: Path) -> Optional[Path]:
+    """The checkpoint directory between ``path`` and ``top`` (inclusive) that ``path`` would be added to."""
+    top = _absolute(top)
+    for parent in _absolute(path).parents:
+        if any((parent / seal).exists() for seal in _SEALS):
+            return parent
+        if parent == top:
+            return None
+    return None
+
+
 def _check_against_inputs(written: Iterable[Path], inputs: Iterable[Optional[str | Path]], what: str,
                           shown: Path) -> None:
     for source in (Path(p) for p in inputs if p is not None and str(p)):
@@ -54,7 +70,13 @@ def _check_against_inputs(written: Iterable[Path], inputs: Iterable[Optional[str
             if path.exists() and source.exists() and _same(path, source) or _absolute(path) == _absolute(source):
                 raise OutputError(f"{what} {shown} would overwrite the input {source}; choose another output")
             if source.is_dir() and _within(path, source):
-                raise OutputError(f"{what} {shown} lies inside the input {source}; choose an output outside it")
+                if path.exists():
+                    raise OutputError(f"{what} {shown} would overwrite {path}, part of the input {source}; choose "
+                                      "another output")
+                sealed = _sealed_ancestor(path, source)
+                if sealed is not None:
+                    raise OutputError(f"{what} {shown} lies inside the checkpoint {sealed}, which its manifest seals; "
+                                      "choose an output outside it")
             if _within(source, path):
                 raise OutputError(f"{what} {shown} holds the input {source}; choose another output")
 

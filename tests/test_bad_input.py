@@ -74,9 +74,15 @@ def test_an_output_that_is_a_directory_or_under_a_file_is_one_line(tmp_path, cap
              "--output", "is a directory")
     one_line(*main(["score", "--checkpoint", str(tmp_path), "--data", str(source), "--output", str(source)], capsys),
              "would overwrite the input")
-    # An output inside the checkpoint it reads would change that checkpoint.
-    one_line(*main(["score", "--checkpoint", str(tmp_path), "--data", str(source), "--output",
-                    str(tmp_path / "s.jsonl")], capsys), "lies inside the input")
+    # An output inside the checkpoint it reads would change that sealed checkpoint; one replacing a file of
+    # the input directory would destroy it; a new file in a run directory is fine (the README's quick start).
+    checkpoint = tmp_path / "run" / "iter_0000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / ".metadata").write_bytes(b"")
+    score = ["score", "--checkpoint", str(tmp_path / "run"), "--data", str(source), "--output"]
+    one_line(*main([*score, str(checkpoint / "s.jsonl")], capsys), "lies inside the checkpoint", "seals")
+    one_line(*main([*score, str(checkpoint / ".metadata")], capsys), "would overwrite", "part of the input")
+    one_line(*main([*score, str(tmp_path / "run" / "s.jsonl")], capsys), "not a megatron-prm checkpoint")
 
 
 def test_preprocess_refuses_an_existing_store_without_overwrite(tmp_path, capsys):
@@ -108,12 +114,16 @@ def test_convert_hf_never_writes_into_its_input(tmp_path, capsys):
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     one_line(*convert_hf_main(["import", "--hf", str(hf), "--out", str(hf)], capsys), "would overwrite the input")
-    one_line(*convert_hf_main(["import", "--hf", str(hf), "--out", str(hf / "megatron")], capsys), "inside the input")
+    (hf / "original").mkdir()
+    one_line(*convert_hf_main(["import", "--hf", str(hf), "--out", str(hf / "original")], capsys),
+             "part of the input")
     one_line(*convert_hf_main(["import", "--hf", str(hf), "--out", str(tmp_path)], capsys), "holds the input")
-    one_line(*convert_hf_main(["export", "--megatron", str(hf), "--out", str(hf / "x")], capsys), "inside the input")
+    (hf / "manifest.json").write_text("{}")  # now sealed as a checkpoint: nothing may be added to it
+    one_line(*convert_hf_main(["export", "--megatron", str(hf), "--out", str(hf / "x")], capsys),
+             "lies inside the checkpoint")
     one_line(*convert_hf_main(["import", "--hf", str(hf), "--out", str(hf / "config.json" / "x")], capsys),
              "is a file, not a directory")
-    assert sorted(p.name for p in hf.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "manifest.json", "original"]
 
 
 # ------------------------------------------------------------------------------------- error boundary
