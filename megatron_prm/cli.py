@@ -16,7 +16,7 @@ from megatron_prm.data.store import STORE_FILES, StoreError
 from megatron_prm.error_boundary import run_guarded
 from megatron_prm.metrics import PRMBENCH_RULES, TIE_BREAKS, ScoresError
 from megatron_prm.nonfinite import NonFiniteError
-from megatron_prm.option_ranges import check_option_ranges
+from megatron_prm.option_ranges import range_checked
 from megatron_prm.output_paths import check_output_dir, check_output_file, check_output_prefix
 from megatron_prm.tokenizer import TokenizerError
 
@@ -42,9 +42,11 @@ class ArgumentParser(argparse.ArgumentParser):
     """An argparse parser whose long options also accept underscores for hyphens (``--batch_size``) and
     whose numeric options are range-checked from one table (:mod:`megatron_prm.option_ranges`)."""
 
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        return range_checked(super().add_argument(*args, **kwargs))
+
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else args
-        check_option_ranges(self)
         return super().parse_known_args(normalize_option_spelling(list(args)), namespace)
 
 

@@ -2,8 +2,8 @@
 
 :class:`megatron_prm.cli.ArgumentParser` wraps the type of each option named here, so ``score --batch-size 0``
 or ``convert_hf.py import --tp -1`` is a usage error naming the option, never a ZeroDivisionError later or a
-value silently accepted. A numeric option missing from the table is a programming error (the parser
-refuses to run, and a test checks every parser).
+value silently accepted. A numeric option missing from the table is a programming error (adding it
+raises, and a test checks every parser).
 """
 
 from __future__ import annotations
@@ -96,15 +96,15 @@ class RangeChecked:
         return value
 
 
-def check_option_ranges(parser: argparse.ArgumentParser) -> None:
-    """Give every numeric option of ``parser`` (not its subcommands: they are parsers of their own) its
-    range from :data:`OPTION_RANGES`; idempotent."""
-    for action in parser._actions:
-        if isinstance(action.type, RangeChecked) or not action.option_strings:
-            continue
-        allowed = OPTION_RANGES.get(action.dest)
-        if allowed is None:
-            if action.type in (int, float):
-                raise RuntimeError(f"option {action.option_strings[0]} has no range in option_ranges.OPTION_RANGES")
-            continue
-        action.type = RangeChecked(action.type or str, allowed, action.option_strings[0])
+def range_checked(action: argparse.Action) -> argparse.Action:
+    """Give a numeric option its range from :data:`OPTION_RANGES` (called for every option a
+    :class:`megatron_prm.cli.ArgumentParser` adds)."""
+    if isinstance(action.type, RangeChecked) or not action.option_strings:
+        return action
+    allowed = OPTION_RANGES.get(action.dest)
+    if allowed is None:
+        if action.type in (int, float):
+            raise RuntimeError(f"option {action.option_strings[0]} has no range in option_ranges.OPTION_RANGES")
+        return action
+    action.type = RangeChecked(action.type or str, allowed, action.option_strings[0])
+    return action

@@ -208,7 +208,6 @@ def _numeric_options():
     for program, factory, sub, required in COMMAND_LINES:
         parser = factory()
         target = _subparsers(parser)[sub] if sub else parser
-        target.parse_known_args([*([] if sub else []), *required])  # attaches the ranges
         for action in target._actions:
             if action.option_strings and (isinstance(action.type, RangeChecked) or action.type in (int, float)):
                 yield program, factory, sub, required, action
