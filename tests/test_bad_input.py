@@ -8,7 +8,6 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
@@ -16,9 +15,7 @@ from conftest import MISTRAL, REPO, write_jsonl
 from megatron_prm import cli
 from megatron_prm.data.records import RecordError, iter_raw_records, parse_label, validate_record
 from megatron_prm.option_ranges import OPTION_RANGES, RangeChecked
-
-sys.path.insert(0, str(REPO / "tests"))
-from test_first_hour import COMMAND_LINES, _subparsers  # noqa: E402
+from test_first_hour import COMMAND_LINES, _subparsers
 
 GOOD = {"src": "1 + 1?", "responses": ["1 + 1 = 2"], "labels": ["+"]}
 PROCESSBENCH = {"id": "x-0", "problem": "1 + 1?", "steps": ["1 + 1 = 2", "so 2"], "label": -1}
