@@ -141,3 +141,14 @@ def test_a_train_state_of_the_wrong_type_is_refused(tmp_path, state, message):
     with pytest.raises(CheckpointError, match="train_state.json"):
         read_train_state(tmp_path)
     assert TrainState.from_dict({"step": 6, "best_metric": None}).step == 6
+
+
+@pytest.mark.parametrize("step_tag,reward_tokens,message", [("", None, "placeholder_token must not be empty"),
+                                                            (" ", None, "placeholder_token must not be empty"),
+                                                            (None, "", "reward_tokens must name two")])
+def test_export_refuses_an_empty_step_tag_instead_of_using_the_default(imported, step_tag, reward_tokens, message):
+    from megatron_prm.config import ConfigError
+    from megatron_prm.conversion.exporter import token_classifier_head
+
+    with pytest.raises(ConfigError, match=message):
+        token_classifier_head(imported, step_tag, reward_tokens)
