@@ -8,7 +8,6 @@ figure each benchmark reports first.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +61,8 @@ class ScoredRecords:
         return record[name]
 
     def probability(self, index: int, field: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not 0.0 <= value <= 1.0:
+        # Compared as it is: an integer too large for a float is out of range, not an OverflowError.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             self.fail(index, field, f"{value!r} is not a probability (a finite number in [0, 1])")
         return float(value)
 

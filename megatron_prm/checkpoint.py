@@ -41,6 +41,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.utils import unwrap_model
 
 from megatron_prm import megatron_compat
+from megatron_prm.checkpoint_consistency import check_tied_embeddings
 from megatron_prm.checkpoint_io import CheckpointWriter, load_sharded
 from megatron_prm.checkpoint_manifest import (
     check_backend,
@@ -57,6 +58,7 @@ from megatron_prm.run_directory import (
     MODEL_CONFIG_NAME,
     CheckpointError,
     checkpoint_name,
+    checkpoint_step,
     checkpoints,
     prune_checkpoints,
     publish_checkpoint,
@@ -86,8 +88,27 @@ class TrainState:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # kept on resume; pruning touches only its own
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainState":
+    def from_dict(cls, values: dict, where: str = "train_state") -> "TrainState":
+        """The state ``values`` describe, each field of its type; a wrong one is a :class:`CheckpointError`
+        (a state read as defaults would restart the step count and re-save over earlier checkpoints)."""
+        if not isinstance(values, dict):
+            raise CheckpointError(f"{where} is a {type(values).__name__}, not a mapping of the training state")
+        for name, kinds in _TRAIN_STATE_TYPES.items():
+            value = values.get(name)
+            if name in values and (isinstance(value, bool) or not isinstance(value, kinds)) \
+                    or name in _TRAIN_STATE_COUNTS and isinstance(value, int) and value < 0:
+                raise CheckpointError(f"{where}: field {name!r} is {value!r}, not {_TRAIN_STATE_KINDS[name]}")
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
+# The type of each TrainState field as stored (JSON and common.pt alike).
+_TRAIN_STATE_TYPES = {"step": int, "consumed_samples": int, "best_metric": (int, float, type(None)),
+                      "best_checkpoint": (str, type(None)), "layout": dict, "optimizer_format": str,
+                      "data_position": dict, "skipped_nonfinite_steps": int, "run_id": str}
+_TRAIN_STATE_COUNTS = ("step", "consumed_samples", "skipped_nonfinite_steps")
+_TRAIN_STATE_KINDS = {"step": "a count", "consumed_samples": "a count", "best_metric": "a number or null",
+                      "best_checkpoint": "a name or null", "layout": "a mapping", "optimizer_format": "a string",
+                      "data_position": "a mapping", "skipped_nonfinite_steps": "a count", "run_id": "a string"}
 
 
 def layout_record(layout: ParallelLayout) -> dict:
@@ -321,6 +342,8 @@ def load_model_weights(chunks: list, path: str | Path, arch: Optional[Architectu
     requested = model_sharded_state_dict(chunks)
     reader = SafeFileSystemReader(checkpoint)
     stored = set(reader.read_metadata().state_dict_metadata)
+    tied = read_hf_config(checkpoint / MODEL_CONFIG_NAME).get("tie_word_embeddings", False)
+    check_tied_embeddings(stored, bool(tied), checkpoint, MODEL_CONFIG_NAME)
     absent_extra_state = _drop_absent_extra_state(requested, stored)
     fresh_head = _drop_absent_reward_head(requested, stored)
     loaded = _load(requested, checkpoint, "the model weights")
@@ -385,9 +408,9 @@ def read_train_state(checkpoint: Path) -> TrainState:
                           "training state to resume (use model_name_or_path to start from its weights)")
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
-        return TrainState.from_dict(values)
-    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as err:
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path} is damaged: {err}") from err
+    return TrainState.from_dict(values, str(path))
 
 
 DISTRIBUTED_FORMATS = ("dp_reshardable", "fully_reshardable")
@@ -441,4 +464,8 @@ def load_checkpoint(state, path: str | Path, arch: Architecture, layout: Paralle
         state.scheduler.load_state_dict(loaded["scheduler"])
         if same_layout:
             _set_rng_state(loaded["rng_state"].data if hasattr(loaded["rng_state"], "data") else loaded["rng_state"])
-        return TrainState.from_dict(loaded["train_state"]), checkpoint
+    resumed = TrainState.from_dict(loaded["train_state"], f"{checkpoint}/common.pt train_state")
+    if resumed.step != saved.step or checkpoint_step(checkpoint.name) not in (None, resumed.step):
+        raise CheckpointError(f"{checkpoint}: common.pt says step {resumed.step}, {TRAIN_STATE_NAME} step {saved.step}; "
+                              "the checkpoint disagrees with itself (a resume would re-save over other checkpoints)")
+    return resumed, checkpoint

@@ -12,9 +12,12 @@ from megatron_prm import megatron_compat, strict_json
 from megatron_prm.config import SECTIONS, ConfigError, argument_type_name, load_config
 from megatron_prm.data.convert import FORMATS, NEUTRAL_CHOICES, FormatError
 from megatron_prm.data.records import RecordError
-from megatron_prm.data.store import StoreError
+from megatron_prm.data.store import STORE_FILES, StoreError
+from megatron_prm.error_boundary import run_guarded
 from megatron_prm.metrics import PRMBENCH_RULES, TIE_BREAKS, ScoresError
 from megatron_prm.nonfinite import NonFiniteError
+from megatron_prm.option_ranges import range_checked
+from megatron_prm.output_paths import check_output_dir, check_output_file, check_output_prefix
 from megatron_prm.tokenizer import TokenizerError
 
 USER_ERRORS = (ConfigError, RecordError, TokenizerError, FileNotFoundError, FormatError, StoreError, ScoresError,
@@ -36,11 +39,21 @@ def normalize_option_spelling(argv: Sequence[str]) -> list[str]:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """An argparse parser whose long options also accept underscores for hyphens (``--batch_size``)."""
+    """An argparse parser whose long options also accept underscores for hyphens (``--batch_size``) and
+    whose numeric options are range-checked from one table (:mod:`megatron_prm.option_ranges`)."""
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        return range_checked(super().add_argument(*args, **kwargs))
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else args
         return super().parse_known_args(normalize_option_spelling(list(args)), namespace)
+
+
+def add_debug_option(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
+    """``--debug``: a traceback instead of the one-line error (as MEGATRON_PRM_DEBUG=1 does)."""
+    parser.add_argument("--debug", action="store_true", default=False if top_level else argparse.SUPPRESS,
+                        help="show the traceback of an error (also: MEGATRON_PRM_DEBUG=1)")
 
 
 def config_keys_help() -> str:
@@ -102,6 +115,7 @@ def _check_data(args: argparse.Namespace) -> None:
 def _preprocess(args: argparse.Namespace) -> None:
     from megatron_prm.data.preprocess import preprocess
 
+    check_output_prefix(args.output_prefix, STORE_FILES, [args.data, args.tokenizer], overwrite=args.overwrite)
     meta = preprocess(_tokenize_job(args), args.output_prefix, workers=args.workers)
     print(strict_json.dumps({"output_prefix": args.output_prefix, "samples": meta["samples"], "tokens": meta["tokens"],
                       "records_per_second": meta["records_per_second"], **meta["report"]}))
@@ -110,6 +124,7 @@ def _preprocess(args: argparse.Namespace) -> None:
 def _convert_data(args: argparse.Namespace) -> None:
     from megatron_prm.data.convert import convert_file
 
+    check_output_file(args.output, [args.input])
     report = convert_file(args.source_format, args.input, args.output, neutral=args.neutral)
     summary = report.as_dict()
     labels = summary["label_counts"]
@@ -117,6 +132,8 @@ def _convert_data(args: argparse.Namespace) -> None:
           f"'+', {labels['bad']} '-'); skipped: "
           + (", ".join(f"{n} ({reason})" for reason, n in summary["skipped_by_reason"].items()) or "none"),
           file=sys.stderr)
+    for first in summary["first_skipped_by_reason"].values():
+        print(f"  skipped, for example: {first}", file=sys.stderr)
     print(strict_json.dumps({"output": args.output, **summary}))
 
 
@@ -128,6 +145,11 @@ def _score(args: argparse.Namespace, overrides: list[str]) -> None:
     from megatron_prm.runtime import shutdown
     from megatron_prm.scoring import score_file, scoring_config
 
+    from megatron_prm.runtime import resolve_device
+
+    check_output_file(args.output, [args.data, args.checkpoint, args.hf])
+    run_settings = load_config(None, ["--bf16", "false", *overrides]).training  # the overrides alone, checked early
+    resolve_device(run_settings.device)
     aggregates = tuple(a.strip() for a in args.aggregate.split(",") if a.strip())
     with tempfile.TemporaryDirectory(prefix="megatron-prm-score-") as scratch:
         checkpoint = args.checkpoint
@@ -138,8 +160,7 @@ def _score(args: argparse.Namespace, overrides: list[str]) -> None:
             from megatron_prm.conversion.importer import import_hf
 
             # Convert to the precision the scoring runs in (fp32 unless --bf16/--fp16 true), not the file's.
-            precision = load_config(None, ["--bf16", "false", *overrides]).training
-            dtype = "bf16" if precision.bf16 else "fp16" if precision.fp16 else "fp32"
+            dtype = "bf16" if run_settings.bf16 else "fp16" if run_settings.fp16 else "fp32"
             checkpoint = str(Path(scratch) / "checkpoint")
             import_hf(Path(args.hf), Path(checkpoint), dtype=dtype, progress=False)
         config = scoring_config(checkpoint, args.data, overrides)
@@ -248,6 +269,7 @@ def _reshard(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from megatron_prm.demo import run_demo
 
+    check_output_dir(args.output_dir)
     run_demo(args.output_dir, quick=args.quick)
 
 
@@ -287,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenize_options(pre)
     pre.add_argument("--output-prefix", required=True, help="the store's files are PREFIX.tokens.bin, ...")
     pre.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    pre.add_argument("--overwrite", action="store_true", help="replace an existing store at the prefix")
 
     convert = commands.add_parser("convert-data", help="convert public PRM data to this project's format")
     convert.add_argument("--from", dest="source_format", required=True, choices=FORMATS)
@@ -348,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="generate synthetic data, train a tiny PRM on CPU, print metrics")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test), not for the figures")
+    add_debug_option(parser, top_level=True)
+    for sub in (train, check, pre, convert, score, evaluate, plan, check_ckpt, demo):
+        add_debug_option(sub)
     return parser
 
 
@@ -358,36 +384,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         # argparse would take the value of a leading --name value override for the optional CONFIG.
-        tokens = argv[argv.index("train") + 1:]
+        tokens = [t for t in argv[argv.index("train") + 1:] if t != "--debug"]
         args.config = tokens[0] if tokens and not tokens[0].startswith("-") else None
         rest = tokens[1:] if args.config else tokens
     if rest and args.command not in ("train", "score", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    try:
-        if args.command == "train":
-            _train(args, rest)
-        elif args.command == "check-data":
-            _check_data(args)
-        elif args.command == "preprocess":
-            _preprocess(args)
-        elif args.command == "convert-data":
-            _convert_data(args)
-        elif args.command == "score":
-            _score(args, rest)
-        elif args.command == "evaluate":
-            _evaluate(args)
-        elif args.command == "plan":
-            _plan(args, rest)
-        elif args.command == "demo":
-            _demo(args)
-        elif args.command == "reshard":
-            _reshard(args)
-        elif args.command == "check-checkpoint":
-            return _check_checkpoint(args)
-    except USER_ERRORS as err:
-        print(f"megatron-prm {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    commands = {"train": lambda: _train(args, rest), "check-data": lambda: _check_data(args),
+                "preprocess": lambda: _preprocess(args), "convert-data": lambda: _convert_data(args),
+                "score": lambda: _score(args, rest), "evaluate": lambda: _evaluate(args),
+                "plan": lambda: _plan(args, rest), "demo": lambda: _demo(args), "reshard": lambda: _reshard(args),
+                "check-checkpoint": lambda: _check_checkpoint(args)}
+    return run_guarded(f"megatron-prm {args.command}", commands[args.command], own=USER_ERRORS, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_prm.option_ranges import MAX_SEQ_LEN
+
+DEFAULT_MAX_SEQ_LEN = 4096
+# numpy's and torch's generators take a 32-bit seed.
+SEED_RANGE = (0, 2**32 - 1)
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and, where known, the file."""
@@ -71,8 +76,8 @@ class PRMArguments:
                 f"placeholder_token {self.placeholder_token!r} must differ from reward_tokens "
                 f"{self.reward_tokens!r}"
             )
-        if not self.placeholder_token:
-            raise ConfigError("placeholder_token must not be empty")
+        if not self.placeholder_token.strip():
+            raise ConfigError(f"placeholder_token must not be empty or blank, got {self.placeholder_token!r}")
         if not 0.0 < self.score_threshold < 1.0:
             raise ConfigError(f"score_threshold must lie in (0, 1), got {self.score_threshold}")
         if self.reward_head not in ("lm_head", "mlp"):
@@ -99,8 +104,9 @@ class DataArguments:
         default=None,
     )
     max_seq_len: int = _doc(
-        "Longest token sequence; trailing steps that do not fit are dropped with their labels.",
-        default=4096,
+        "Longest token sequence; trailing steps that do not fit are dropped with their labels. At most the "
+        "model's max_position_embeddings.",
+        default=DEFAULT_MAX_SEQ_LEN,
     )
     max_prompt_len: Optional[int] = _doc(
         "Longest prompt (all turns before the response); a longer prompt keeps its end. Default: "
@@ -157,8 +163,8 @@ class DataArguments:
             raise ConfigError(f"packing_buffer_size must be at least 1, got {self.packing_buffer_size}")
         if self.shuffle_buffer_size < 1 or self.dataloader_num_workers < 0:
             raise ConfigError("shuffle_buffer_size must be at least 1 and dataloader_num_workers at least 0")
-        if self.max_seq_len < 2:
-            raise ConfigError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
+        if not 2 <= self.max_seq_len <= MAX_SEQ_LEN:
+            raise ConfigError(f"max_seq_len must lie in [2, {MAX_SEQ_LEN}], got {self.max_seq_len}")
         if self.system_prompt is not None and not self.apply_chat_template:
             raise ConfigError("system_prompt is used only with apply_chat_template true (--system_prompt null drops "
                               "one taken over from a checkpoint)")
@@ -169,6 +175,25 @@ class DataArguments:
                 f"max_prompt_len ({self.max_prompt_len}) must be at least 1 and below max_seq_len "
                 f"({self.max_seq_len}) so that at least one step can follow the prompt"
             )
+
+
+# rope_scaling fields that must be positive numbers where present (HF names).
+_ROPE_POSITIVE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "beta_fast",
+                  "beta_slow")
+
+
+def check_rope_scaling(value: Any) -> Optional[str]:
+    """What is wrong with an HF ``rope_scaling`` dict's numbers (None: nothing): factors and lengths must be
+    positive, finite numbers."""
+    if not isinstance(value, dict):
+        return f"must be a mapping, got {type(value).__name__}"
+    for name in _ROPE_POSITIVE:
+        number = value.get(name)
+        if number is None:
+            continue
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) or number <= 0:
+            return f"{name} must be a positive number, got {number!r}"
+    return None
 
 
 @dataclass
@@ -227,6 +252,17 @@ class ModelArguments:
         heads, groups = self.num_attention_heads, self.num_key_value_heads
         if heads is not None and groups is not None and heads % groups:
             raise ConfigError(f"num_attention_heads {heads} must be a multiple of num_key_value_heads {groups}")
+        if self.head_dim is None and heads is not None and self.hidden_size is not None and self.hidden_size % heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {heads}: set "
+                              "head_dim, or a head count that divides the hidden size")
+        head_dim = self.head_dim or (self.hidden_size // heads if heads and self.hidden_size else None)
+        if head_dim is not None and head_dim % 2:
+            raise ConfigError(f"the head dimension {head_dim} is odd; rotary embeddings rotate pairs of channels, so "
+                              "it must be even")
+        if self.rope_scaling is not None:
+            rope_scaling_problem = check_rope_scaling(self.rope_scaling)
+            if rope_scaling_problem:
+                raise ConfigError(f"rope_scaling: {rope_scaling_problem}")
 
 
 @dataclass
@@ -424,6 +460,8 @@ class TrainingArguments:
     )
 
     def __post_init__(self) -> None:
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ConfigError(f"seed must lie in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device must be 'auto', 'cuda' or 'cpu', got {self.device!r}")
         if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
@@ -530,6 +568,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         """The rules that tie sections together (each section checks its own values)."""
         data, training = self.data, self.training
+        longest = self.model.max_position_embeddings
+        if longest is not None and data.max_seq_len > longest:
+            raise ConfigError(f"max_seq_len {data.max_seq_len} exceeds max_position_embeddings {longest}")
         mode = data.packing_mode
         if mode is not None and training.per_device_train_batch_size != 1:
             raise ConfigError(
@@ -665,11 +706,23 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:  # one line: what and where, without the caret drawing
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = "; ".join(part for part in (err.context, err.problem) if part)
+        raise ConfigError(f"{path}: not valid YAML{where}: {what} (a config is one mapping of names to values)") from None
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from err
+        raise ConfigError(f"{path}: not valid {kind}: {' '.join(str(err).split())}") from None
+    except (RecursionError, ValueError) as err:  # nested past the recursion limit, an integer of too many digits
+        problem = "nested too deeply" if isinstance(err, RecursionError) else " ".join(str(err).split())[:120]
+        raise ConfigError(f"{path}: not a readable {kind} config: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_prm import cpu_mode
+from megatron_prm.config import ConfigError
 from megatron_prm.layout import ParallelLayout
 
 
@@ -41,7 +42,7 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was requested but no CUDA GPU is visible")
+        raise ConfigError("device=cuda was requested but no CUDA GPU is visible (use device auto or cpu)")
     return requested
 
 

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from megatron_prm.checkpoint_consistency import check_chunks, check_storage_paths
 from megatron_prm.run_directory import CheckpointError
 
 # (module, name) pairs that ``.metadata`` legitimately references, as written by torch 2.13 and 2.14
@@ -109,7 +110,9 @@ class _SafeBytesPlanner:
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """A ``FileSystemReader`` whose metadata and byte items are read without running code (cached)."""
+    """A ``FileSystemReader`` whose metadata and byte items are read without running code, whose storage
+    paths stay inside the checkpoint and whose tensor chunks tile their sizes (checkpoint_consistency.py);
+    cached."""
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(str(path))
@@ -120,6 +123,8 @@ class SafeFileSystemReader(FileSystemReader):
             raise CheckpointError(f"{self.path}: per-rank metadata files are not supported")
         if self._metadata is None:
             metadata = load_metadata(Path(self.path) / ".metadata")
+            check_storage_paths(metadata.storage_data, Path(self.path))
+            check_chunks(metadata.state_dict_metadata, metadata.storage_data, Path(self.path))
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

@@ -35,7 +35,7 @@ from megatron_prm.checkpoint import (
     load_model_weights,
     resolve_checkpoint,
 )
-from megatron_prm.config import ConfigError, RunConfig, load_config, read_config_file
+from megatron_prm.config import DEFAULT_MAX_SEQ_LEN, ConfigError, RunConfig, load_config, read_config_file
 from megatron_prm.data.batching import Collator
 from megatron_prm.data.packing import PackingOptions
 from megatron_prm.data.pipeline import Packing, tokenize_job
@@ -79,7 +79,13 @@ def scoring_config(checkpoint: str, data: str, overrides: list[str]) -> RunConfi
     directory = resolve_checkpoint(checkpoint)
     saved = directory / CONFIG_NAME
     # A checkpoint converted from an MLP-head PRM has no run settings but says so in its model config.
-    values = {"reward_head": reward_head_of(read_hf_config(directory / MODEL_CONFIG_NAME))}
+    model_config = read_hf_config(directory / MODEL_CONFIG_NAME)
+    values = {"reward_head": reward_head_of(model_config)}
+    # Without run settings (a converted model), sequences are as long as the default allows and the model was
+    # built for: a small model's max_position_embeddings, not a default it cannot take.
+    longest = model_config.get("max_position_embeddings")
+    if isinstance(longest, int) and not isinstance(longest, bool) and 2 <= longest < DEFAULT_MAX_SEQ_LEN:
+        values["max_seq_len"] = longest
     if saved.is_file():
         values.update(read_config_file(saved))
     own_tokenizer = checkpoint_tokenizer(checkpoint)  # resolved against the checkpoint, not the working directory

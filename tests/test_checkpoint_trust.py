@@ -168,6 +168,24 @@ def test_latest_naming_a_symlink_out_of_the_run_is_refused(copy, tmp_path):
     one_error_line(exported, "leads out of the run directory")
 
 
+def test_a_resume_from_a_train_state_of_the_wrong_type_stops_and_touches_no_checkpoint(copy, tmp_path):
+    """common.pt's train_state a list: it was read as defaults (step 0, a new run id), so the resumed run
+    re-saved iter_0000003 and iter_0000006 over the earlier ones. Refused now, before anything is written."""
+    import torch
+
+    checkpoint = copy / "iter_0000006"
+    common = load_plain(checkpoint / "common.pt", "common.pt")
+    common["train_state"] = [6, 36]
+    torch.save(common, checkpoint / "common.pt")
+    write_manifest(checkpoint)
+    before = {str(p): p.read_bytes() for p in sorted(copy.glob("iter_*/**/*")) if p.is_file()}
+    result = run_cli(["train", str(_config(copy)), "--output_dir", str(copy), "--max_steps", "9", "--save_steps", "3",
+                      "--resume_from_checkpoint", "latest"], check=False)
+    one_error_line(result, "iter_0000006/common.pt train_state is a list")
+    assert {str(p): p.read_bytes() for p in sorted(copy.glob("iter_*/**/*")) if p.is_file()} == before
+    assert sorted(p.name for p in copy.iterdir() if p.name.startswith("iter_")) == ["iter_0000003", "iter_0000006"]
+
+
 # -------------------------------------------------------------------------------------------- integrity
 
 

@@ -54,6 +54,7 @@ def test_plan_refuses_an_empty_cluster(tmp_path, capsys, option, value):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
                                   "num_attention_heads": 4, "vocab_size": 1000, "tensor_parallel_degree": 1}))
-    assert main(["plan", "--config", str(config), option, value]) == 2
+    with pytest.raises(SystemExit) as exit_:  # a usage error: the option's range is in option_ranges.OPTION_RANGES
+        main(["plan", "--config", str(config), option, value])
     error = capsys.readouterr().err
-    assert f"{option} must be" in error and value in error
+    assert exit_.value.code == 2 and f"{option}: must be" in error and value in error

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -114,11 +115,14 @@ def test_prm800k_phase2_first_error_step_is_kept_and_ends_the_solution():
 
 def test_prm800k_chosen_index_true_is_not_an_index(tmp_path):
     raw = prm800k([step([1], 0), step([1, -1], True)])  # JSON true was taken as completion 1
-    with pytest.raises(Skip, match="chosen_completion does not index a completion"):
+    reason = "label.steps[].chosen_completion: expected an integer >= 0, got true/false"
+    with pytest.raises(Skip, match=re.escape(reason)):
         convert_prm800k(raw)
     path = write_jsonl(tmp_path / "p.jsonl", [raw, prm800k([step([1], 0)])])
     report = convert_file("prm800k", path, tmp_path / "out.jsonl", show_progress=False).as_dict()
-    assert report["converted"] == 1 and report["skipped_by_reason"] == {"chosen_completion does not index a completion": 1}
+    assert report["converted"] == 1 and report["skipped_by_reason"] == {reason: 1}
+    assert report["first_skipped_by_reason"] == {
+        reason: f"{path}: record 0 (line 1), field 'label.steps[1].chosen_completion': expected an integer >= 0, got true"}
 
 
 def test_wrong_format_is_a_clear_error_and_writes_nothing(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 from conftest import MISTRAL, REPO, read_log, write_jsonl
 from megatron_prm import cli, strict_json
 from megatron_prm.config import ARGUMENTS, ConfigError, RunConfig, build_config, load_config, parse_overrides
+from megatron_prm.option_ranges import RangeChecked
 from megatron_prm.progress import PlainProgress, progress
 from megatron_prm.throughput import format_duration, mfu, peak_tflops, progress_line
 
@@ -62,7 +63,12 @@ def _sample_value(action: argparse.Action) -> list[str]:
         return []
     if action.choices:
         return [next(c for c in action.choices if c != action.default)]
-    return ["7"] if action.type in (int, float) else ["0.5GB"] if "shard" in action.dest else ["x"]
+    if "shard" in action.dest:
+        return ["0.5GB"]
+    if isinstance(action.type, RangeChecked):  # a numeric option, range-checked from its table
+        allowed = action.type.allowed
+        return ["7" if allowed.high is None or allowed.high >= 7 else str(allowed.low + (allowed.high - allowed.low) / 4)]
+    return ["7"] if action.type in (int, float) else ["x"]
 
 
 def test_the_table_covers_every_command_and_tool():

@@ -21,8 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package, as the other tools
 
 from megatron_prm import megatron_compat  # noqa: E402
-from megatron_prm.cli import ArgumentParser  # noqa: E402
+from megatron_prm.cli import ArgumentParser, add_debug_option  # noqa: E402
 from megatron_prm.config import ConfigError  # noqa: E402
+from megatron_prm.error_boundary import run_guarded  # noqa: E402
+from megatron_prm.output_paths import check_output_dir  # noqa: E402
 from megatron_prm.tokenizer import TokenizerError  # noqa: E402
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)?$", re.IGNORECASE)
@@ -57,27 +59,32 @@ def build_parser() -> ArgumentParser:
     exp.add_argument("--step-tag", help="token-classifier: the step tag (default: the run's placeholder_token)")
     exp.add_argument("--reward-tokens", help="token-classifier: GOOD,BAD (default: the run's reward_tokens)")
     parser.add_argument("--no-progress", action="store_true")
+    add_debug_option(parser, top_level=True)
+    for sub in (imp, exp):
+        add_debug_option(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     megatron_compat.filter_unactionable_warnings()
     args = build_parser().parse_args(argv)
-    try:
+
+    def convert() -> None:
         if args.direction == "import":
             from megatron_prm.conversion.importer import import_hf
 
+            check_output_dir(args.out, [args.hf], what="--out")
             summary = import_hf(args.hf, args.out, args.tp, args.pp, args.dtype, progress=not args.no_progress)
         else:
             from megatron_prm.conversion.exporter import export_hf
 
+            check_output_dir(args.out, [args.megatron], what="--out")
             summary = export_hf(args.megatron, args.out, args.dtype, args.max_shard_size, progress=not args.no_progress,
                                 target=args.target, step_tag=args.step_tag, reward_tokens=args.reward_tokens)
-    except (ConfigError, TokenizerError, FileNotFoundError) as err:
-        print(f"convert_hf {args.direction}: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+        print(json.dumps(summary))
+
+    return run_guarded(f"convert_hf {args.direction}", convert, own=(ConfigError, TokenizerError, FileNotFoundError),
+                       debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 from tqdm import tqdm
 
+from megatron_prm.checkpoint_consistency import check_tied_embeddings
 from megatron_prm.checkpoint import CONFIG_NAME, MODEL_CONFIG_NAME, TOKENIZER_DIR, check_integrity, resolve_checkpoint
 from megatron_prm.config import ConfigError, PRMArguments, read_config_file
 from megatron_prm.conversion.importer import DTYPES, copy_tokenizer_files
@@ -139,8 +140,10 @@ def token_classifier_head(checkpoint: Path, step_tag: Optional[str], reward_toke
     defaults), ``step_tag`` / ``reward_tokens`` overriding them."""
     run_config = read_config_file(checkpoint / CONFIG_NAME) if (checkpoint / CONFIG_NAME).is_file() else {}
     defaults = PRMArguments()
-    prm = PRMArguments(placeholder_token=step_tag or run_config.get("placeholder_token") or defaults.placeholder_token,
-                       reward_tokens=reward_tokens or run_config.get("reward_tokens") or defaults.reward_tokens)
+    # An option given empty is refused by PRMArguments, not replaced by the run's value.
+    prm = PRMArguments(
+        placeholder_token=step_tag if step_tag is not None else run_config.get("placeholder_token") or defaults.placeholder_token,
+        reward_tokens=reward_tokens if reward_tokens is not None else run_config.get("reward_tokens") or defaults.reward_tokens)
     if not (checkpoint / TOKENIZER_DIR).is_dir():
         raise ConfigError(f"{checkpoint} carries no tokenizer/ directory: the reward token ids are unknown")
     tokenizer = load_tokenizer(str(checkpoint / TOKENIZER_DIR))
@@ -177,6 +180,7 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
     rules = rules_for(arch)
     reader = SafeFileSystemReader(checkpoint)
     metadata = reader.read_metadata().state_dict_metadata
+    check_tied_embeddings(metadata, arch.tie_word_embeddings, checkpoint, MODEL_CONFIG_NAME)
     _check_stored(metadata, rules, arch, checkpoint)
     target_dtype = DTYPES[dtype] if dtype else metadata[rules[0].checkpoint_key].properties.dtype
     head = None

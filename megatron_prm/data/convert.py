@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from megatron_prm.data.records import RecordError, iter_raw_records
+from megatron_prm.data.records import RecordError, iter_raw_records, validate_record
+from megatron_prm.data.source_schemas import SOURCE_SCHEMAS, SchemaProblem, schema_problem
 from megatron_prm.progress import progress
 
 STEP_TAG = "ки"
@@ -63,16 +64,28 @@ class Skip(Exception):
     """A record that cannot be converted faithfully; the message is the reason counted."""
 
 
+class SchemaSkip(Skip):
+    """A record with a field its format's schema refuses; counted under the field and the types."""
+
+    def __init__(self, problem: SchemaProblem):
+        super().__init__(problem.reason)
+        self.problem = problem
+
+
 class FormatError(ValueError):
     """The input file is not of the format that was named."""
 
 
-def _require(raw: Any, keys: tuple[str, ...]) -> None:
+def _require(raw: Any, keys: tuple[str, ...], source_format: str) -> None:
+    """Skip a record without the format's keys, or with a field its schema refuses."""
     if not isinstance(raw, dict):
         raise Skip("not a JSON object")
     missing = [k for k in keys if k not in raw]
     if missing:
         raise Skip(f"missing {', '.join(missing)}")
+    problem = schema_problem(raw, SOURCE_SCHEMAS[source_format])
+    if problem is not None:
+        raise SchemaSkip(problem)
 
 
 # Questions of Math-Shepherd that hold a stray step tag of their own (TRL's list of annotation errors).
@@ -100,7 +113,7 @@ def _first_step_start(text: str, first_tag: int) -> int:
 
 
 def convert_math_shepherd(raw: dict) -> dict:
-    _require(raw, ("input", "label"))
+    _require(raw, ("input", "label"), "math-shepherd")
     text, labelled = raw["input"], raw["label"]
     if not isinstance(text, str) or not isinstance(labelled, str):
         raise Skip("input or label is not a string")
@@ -144,11 +157,11 @@ def convert_math_shepherd(raw: dict) -> dict:
 
 
 def convert_processbench(raw: dict) -> dict:
-    _require(raw, ("problem", "steps", "label"))
+    _require(raw, ("problem", "steps", "label"), "processbench")
     steps, first_error = raw["steps"], raw["label"]
     if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
         raise Skip("steps is not a non-empty list of strings")
-    if not isinstance(first_error, int) or not -1 <= first_error < len(steps):
+    if isinstance(first_error, bool) or not isinstance(first_error, int) or not -1 <= first_error < len(steps):
         raise Skip("label is not -1 or a step index")
     wrong_from = len(steps) if first_error == -1 else first_error
     record = {
@@ -206,7 +219,7 @@ def _prm800k_path(label: dict, phase2: bool, neutral: str) -> Iterator[tuple[str
 
 
 def convert_prm800k(raw: dict, neutral: str = "positive") -> dict:
-    _require(raw, ("question", "label"))
+    _require(raw, ("question", "label"), "prm800k")
     question, label = raw["question"], raw["label"]
     if not isinstance(question, dict) or "problem" not in question or not isinstance(label, dict):
         raise Skip("question.problem or label is missing")
@@ -229,6 +242,8 @@ class ConversionReport:
     read: int = 0
     converted: int = 0
     skipped: Counter = field(default_factory=Counter)
+    # reason -> the first record skipped for a field its schema refuses: "file: record N, field F: expected ..."
+    first_of_reason: dict = field(default_factory=dict)
     steps: int = 0
     labels: Counter = field(default_factory=Counter)  # "good" ("+") and "bad" ("-") labels written
 
@@ -245,6 +260,7 @@ class ConversionReport:
             "converted": self.converted,
             "skipped": sum(self.skipped.values()),
             "skipped_by_reason": dict(sorted(self.skipped.items())),
+            "first_skipped_by_reason": dict(sorted(self.first_of_reason.items())),
             "steps": self.steps,
             "label_counts": {name: self.labels[name] for name in ("good", "bad")},
         }
@@ -262,7 +278,7 @@ def convert_prmbench(raw: dict) -> list[dict]:
     index past the last step marks nothing), kept with ``error_steps``, ``idx`` and ``classification``;
     for a ``redundency`` row also its ``original_process``, all ``+``, as class ``correct``. Of the same
     ``(classification, idx)`` twice, :func:`convert_file` keeps the first, as the official loader does."""
-    _require(raw, ("modified_question", "modified_process", "error_steps"))
+    _require(raw, ("modified_question", "modified_process", "error_steps"), "prmbench")
     steps = _prmbench_steps(raw["modified_process"], "modified_process")
     errors = raw["error_steps"]
     if not isinstance(errors, list) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1
@@ -273,7 +289,7 @@ def convert_prmbench(raw: dict) -> list[dict]:
                 "labels": ["-" if i + 1 in errors else "+" for i in range(len(steps))],
                 "error_steps": errors, **meta}]
     if raw.get("classification") == PRMBENCH_CORRECT_SOURCE:
-        _require(raw, ("original_question", "original_process"))
+        _require(raw, ("original_question", "original_process"), "prmbench")
         original = _prmbench_steps(raw["original_process"], "original_process")
         records.insert(0, {"src": raw["original_question"], "tgt": [], "responses": original,
                            "labels": ["+"] * len(original), "error_steps": [],
@@ -291,7 +307,7 @@ def prmbench_key(record: dict) -> Optional[str]:
 def convert_best_of_n(raw: dict) -> dict | list[dict]:
     """Grouped candidates ``{id, problem, candidates: [{steps, answer, correct}]}``: one unlabelled
     record per candidate, with ``group``, ``answer`` and ``correct`` kept for ``evaluate``."""
-    _require(raw, ("id", "problem", "candidates"))
+    _require(raw, ("id", "problem", "candidates"), "best-of-n")
     candidates = raw["candidates"]
     if not isinstance(candidates, list) or not candidates:
         raise Skip("candidates is not a non-empty list")
@@ -340,7 +356,7 @@ def convert_file(
         with open(tmp, "w", encoding="utf-8") as out:
             records = progress(iter_raw_records(input_path, keep_invalid=True),
                                desc=f"converting {Path(input_path).name}", unit="records", enabled=show_progress)
-            for _, _, raw in records:
+            for index, line, raw in records:
                 report.read += 1
                 if isinstance(raw, RecordError):
                     report.skipped[raw.reason] += 1
@@ -352,8 +368,15 @@ def convert_file(
                     record = convert(raw)
                 except Skip as reason:
                     report.skipped[str(reason)] += 1
+                    if isinstance(reason, SchemaSkip):
+                        report.first_of_reason.setdefault(str(reason), str(RecordError(
+                            input_path, index, reason.problem.field, reason.problem.detail, line)))
                     continue
                 for converted in record if isinstance(record, list) else [record]:
+                    refusal = check_data_refusal(converted, labelled=source_format != "best-of-n")
+                    if refusal is not None:
+                        report.skipped[refusal] += 1
+                        continue
                     key = prmbench_key(converted) if source_format == "prmbench" else None
                     if key is not None:
                         if key in seen_prmbench:
@@ -368,6 +391,20 @@ def convert_file(
     finally:
         tmp.unlink(missing_ok=True)
     return report
+
+
+def check_data_refusal(record: dict, labelled: bool) -> Optional[str]:
+    """Why ``check-data`` would refuse a converted record (None: it would not): the converters never write
+    one. The step tag is refused anywhere in the text, as check-data refuses the default placeholder."""
+    try:
+        validate_record(record, path="<converted>", index=0, line=None, reward_tokens=("+", "-"),
+                        require_labels=labelled)
+    except RecordError as err:
+        return f"converted record invalid: {err.field.split('[')[0]} {err.problem}"
+    texts = [record["src"]] if isinstance(record["src"], str) else list(record["src"])
+    if any(STEP_TAG in text for text in [*texts, *record["responses"]]):
+        return "the step tag in the question or a step"
+    return None
 
 
 def _check_signature(raw: Any, source_format: str, path: str | Path) -> None:

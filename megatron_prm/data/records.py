@@ -13,12 +13,14 @@ import codecs
 import gzip
 import json
 import math
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional
 
 
+LONE_SURROGATE = "holds a lone surrogate"
 # Faults of a line as a whole, before there is a record to validate: the field names RecordError uses.
 _LINE_FAULTS = {"<json>": "not valid JSON", "<encoding>": "not UTF-8"}
 
@@ -38,6 +40,8 @@ class RecordError(ValueError):
     @property
     def reason(self) -> str:
         """A short reason under which a skipped record is counted."""
+        if self.problem.startswith(LONE_SURROGATE):
+            return "a lone surrogate in a string"
         return _LINE_FAULTS.get(self.field) or f"invalid {self.field.split('[')[0]}"
 
     def __reduce__(self):
@@ -82,14 +86,71 @@ def decode_line(data: bytes, line_no: int) -> tuple[str, Optional[str]]:
             f"not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} of line {line_no}")
 
 
+# A \uD800-\uDFFF escape: JSON may spell a lone surrogate, which is no text (it cannot be written as UTF-8).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+class UnreadableValue(ValueError):
+    """JSON text whose value cannot be used: nested past the recursion limit, an integer of more digits
+    than Python converts, or a string holding a lone surrogate (``field`` names where)."""
+
+    def __init__(self, problem: str, field_name: str = "<json>"):
+        super().__init__(problem)
+        self.field = field_name
+
+
+def lone_surrogate_field(value: Any) -> Optional[str]:
+    """The path (``responses[2]``, ``label.steps[0]``) of the first string or key in ``value`` holding a
+    lone surrogate, or None. Iterative: a value may be nested as deep as the parser allows."""
+    pending: list[tuple[Any, str]] = [(value, "")]
+    while pending:
+        item, where = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "<record>"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                name = f"{where}.{key}" if where else str(key)
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    return (where or "<record>") + " (a key)"
+                pending.append((child, name))
+        elif isinstance(item, list):
+            pending.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
+    return None
+
+
+def loads_value(text: str) -> Any:
+    """``json.loads`` of a record's text; a value that parses but cannot be used raises
+    :class:`UnreadableValue` (``json.JSONDecodeError`` stays the parser's own)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise UnreadableValue("nested deeper than the JSON reader allows (Python's recursion limit)") from None
+    except ValueError as err:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise UnreadableValue(f"not readable JSON: {' '.join(str(err).split())[:120]}") from None
+    if _SURROGATE_ESCAPE.search(text):
+        where = lone_surrogate_field(value)
+        if where is not None:
+            raise UnreadableValue(f"{LONE_SURROGATE} (a \\uD800-\\uDFFF escape that is no character)", where)
+    return value
+
+
 def parse_json_line(path: str | Path, index: int, line_no: int, text: str, fault: Optional[str]) -> Any:
     """The JSON value of one JSONL line, or the :class:`RecordError` that says why it has none."""
     if fault is not None:
         return RecordError(path, index, "<encoding>", fault, line_no)
     try:
-        return json.loads(text)
+        return loads_value(text)
     except json.JSONDecodeError as err:
         return RecordError(path, index, "<json>", f"not valid JSON: {err.msg}", line_no)
+    except UnreadableValue as err:
+        return RecordError(path, index, err.field, str(err), line_no)
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, str, Optional[str]]]:
@@ -117,10 +178,8 @@ def iter_raw_records(path: str | Path, *, keep_invalid: bool = False) -> Iterato
     it, like a truncated gzip file, is an error of the whole file.
     """
     path = Path(path)
-    if is_json_array(path):
-        yield from _iter_json_array(path)
-        return
-    for index, line, value in _iter_json_stream(_read_lines(path), path):
+    source = _iter_json_array(path) if is_json_array(path) else _iter_json_stream(_read_lines(path), path)
+    for index, line, value in source:
         if isinstance(value, RecordError) and not keep_invalid:
             raise value
         yield index, line, value
@@ -142,11 +201,25 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, None, Any]]:
         if fault is not None:
             raise RecordError(path, -1, "<file>", fault, line_no)
         parts.append(text)
+    text = "".join(parts)
     try:
-        items = json.loads("".join(parts))
+        items = json.loads(text)
     except json.JSONDecodeError as err:
         raise RecordError(path, -1, "<file>", f"not a valid JSON array: {err.msg}", err.lineno) from None
+    except RecursionError:
+        raise RecordError(path, -1, "<file>", "nested deeper than the JSON reader allows (Python's recursion "
+                          "limit)") from None
+    except ValueError as err:
+        raise RecordError(path, -1, "<file>", f"not readable JSON: {' '.join(str(err).split())[:120]}") from None
+    if not isinstance(items, list):
+        raise RecordError(path, -1, "<file>", f"starts with '[' but holds a {type(items).__name__}")
+    check_surrogates = _SURROGATE_ESCAPE.search(text) is not None
     for index, item in enumerate(items):
+        where = lone_surrogate_field(item) if check_surrogates else None
+        if where is not None:
+            yield index, None, RecordError(path, index, where, f"{LONE_SURROGATE} (a \\uD800-\\uDFFF escape "
+                                           "that is no character)")
+            continue
         yield index, None, item
 
 
@@ -179,11 +252,15 @@ def _iter_json_stream(lines: Iterator[tuple[int, str, Optional[str]]], path: Pat
         if fault is not None:
             continue  # reported once the value ends
         try:
-            item = json.loads(buffer)
+            item = loads_value(buffer)
         except json.JSONDecodeError as err:
             if err.msg.startswith("Extra data"):
                 yield index, start_line, RecordError(path, index, "<json>", f"not valid JSON: {err.msg}", start_line)
                 index, buffer, skipping = index + 1, "", True
+            continue
+        except UnreadableValue as err:
+            yield index, start_line, RecordError(path, index, err.field, str(err), start_line)
+            index, buffer, skipping = index + 1, "", True
             continue
         yield index, start_line, item
         index += 1
@@ -213,7 +290,10 @@ def parse_label(value: Any, reward_tokens: tuple[str, str]) -> Optional[float]:
             return 0.0
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float: not in [0, 1] either
+            return None
         if math.isfinite(number) and 0.0 <= number <= 1.0:
             return number
     return None

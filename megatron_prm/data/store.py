@@ -31,6 +31,7 @@ STORE_VERSION = 1
 LABEL_DTYPE = np.dtype([("position", "<i4"), ("value", "<f4"), ("step", "<i4")])
 _PARTS = (".tokens.bin", ".labels.bin", ".offsets.npy", ".records.npy")
 META_SUFFIX = ".meta.json"
+STORE_FILES = (*_PARTS, META_SUFFIX)  # every file of a store, by suffix
 
 
 class StoreError(ValueError):

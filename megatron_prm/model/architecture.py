@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
-from megatron_prm.config import ConfigError, ModelArguments
+from megatron_prm.config import ConfigError, ModelArguments, check_rope_scaling
 from megatron_prm.run_directory import MODEL_CONFIG_NAME, resolve_checkpoint
 
 
@@ -90,6 +90,9 @@ def rope_scaling_from_hf(value: dict, max_position_embeddings: int, where: str) 
     if rope_type == "yarn" and value.get("attention_factor") is not None:
         raise ConfigError(f"{where}: rope_scaling yarn with an explicit attention_factor is not supported "
                           "(Megatron-Core derives it from factor, mscale and mscale_all_dim)")
+    problem = check_rope_scaling(value)
+    if problem:
+        raise ConfigError(f"{where}: rope_scaling {problem}")
     values = {f.name: value[f.name] for f in dataclasses.fields(cls) if value.get(f.name) is not None}
     if rope_type == "yarn":
         values.setdefault("original_max_position_embeddings", max_position_embeddings)
@@ -124,6 +127,10 @@ class Architecture:
     reward_head: str = "lm_head"
 
     def __post_init__(self) -> None:
+        for name in _COUNTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.model_type not in FAMILIES:
             raise ConfigError(f"model_type {self.model_type!r} is not supported; supported: "
                               f"{', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -134,10 +141,9 @@ class Architecture:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                     "head_dim", "vocab_size", "max_position_embeddings"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim {self.head_dim} is odd; rotary embeddings rotate pairs of channels, so it "
+                              "must be even")
 
     @property
     def family(self) -> Family:
@@ -183,6 +189,8 @@ _DEFAULTS = {
     "reward_head": "lm_head",
 }
 
+_COUNTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+           "head_dim", "vocab_size", "max_position_embeddings")
 _SHAPE_FIELDS = (
     "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
     "head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling", "rms_norm_eps",
@@ -311,6 +319,13 @@ def _complete(values: dict[str, Any], where: str) -> Architecture:
     for name, default in _DEFAULTS.items():
         values.setdefault(name, default)
     values.setdefault("num_key_value_heads", values["num_attention_heads"])
+    for name in _COUNTS:  # a model config file may hold anything
+        value = values.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}: {name} must be a positive integer, got {value!r}")
+    if "head_dim" not in values and values["hidden_size"] % values["num_attention_heads"]:
+        raise ConfigError(f"{where}: hidden_size {values['hidden_size']} is not a multiple of num_attention_heads "
+                          f"{values['num_attention_heads']}, and no head_dim is given")
     values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
     scaling = values.pop("rope_scaling", None)
     return Architecture(
