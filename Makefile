@@ -40,7 +40,7 @@ $(STAMP312): setup.py
 	touch $(STAMP312)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The GPU tests (tests_gpu/, not collected by `make test`); without a CUDA GPU they stop with exit status 3.
 # In NVIDIA's containers use the container's Python (its CUDA torch, TE, Apex) instead of .venv:
@@ -49,7 +49,7 @@ test-gpu: $(if $(GPU_PYTHON),,$(STAMP))
 	$(or $(GPU_PYTHON),$(PY)) -m pytest -q tests_gpu
 
 test-py312: $(STAMP312)
-	$(PY312) -m pytest -q tests
+	$(PY312) -m pytest -q --durations=15 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/megatron-prm demo --output-dir runs/demo

@@ -76,6 +76,10 @@ OPTION_RANGES: dict[str, Range] = {
     "tensor_elements": AT_LEAST_1,
     "records": AT_LEAST_1,
     "buffer_size": AT_LEAST_1,
+    "microbatches": AT_LEAST_1,
+    "epochs": AT_LEAST_1,
+    "tokenize_records": AT_LEAST_1,
+    "lazy_records": AT_LEAST_1,
 }
 
 
