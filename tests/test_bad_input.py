@@ -325,3 +325,18 @@ def test_convert_data_prints_the_first_record_of_each_schema_reason(tmp_path, ca
                       str(tmp_path / "o.jsonl")], capsys)
     assert code == 0 and "1 (label: expected an integer >= -1, got true/false)" in err
     assert f"skipped, for example: {source}: record 1 (line 2), field 'label': expected an integer >= -1, got true" in err
+
+
+def test_fewer_records_than_one_global_batch_is_one_line(tmp_path):
+    from conftest import run_cli
+    from megatron_prm.data.synthetic import write_dataset
+
+    data = write_dataset(tmp_path / "all.jsonl", 4, seed=5)
+    one = tmp_path / "one.jsonl"
+    one.write_text(data.read_text().splitlines()[0] + "\n")
+    result = run_cli(["train", "--tokenizer_name_or_path", MISTRAL, "--num_hidden_layers", "1", "--hidden_size", "32",
+                      "--intermediate_size", "64", "--num_attention_heads", "2", "--max_seq_len", "128",
+                      "--max_prompt_len", "64", "--device", "cpu", "--bf16", "false", "--dev_dataset_path", "null",
+                      "--train_dataset_path", str(one), "--output_dir", str(tmp_path / "run")], check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    one_line(result.returncode, result.stderr, "fewer than one global batch")
