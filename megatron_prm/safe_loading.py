@@ -33,7 +33,8 @@ _METADATA_CLASSES = {
         "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
     },
     "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    # _StoragePrefix (one string) travels in the SavePlans that a cached-structure save stores
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
     "torch.serialization": {"_get_layout"},
     "collections": {"OrderedDict"},
     # StorageMeta.checkpoint_id: the directory a checkpoint was saved to, as a path (dcp.save(no_dist=True))
