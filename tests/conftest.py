@@ -23,6 +23,7 @@ def pytest_configure(config):
     for message, category, *module in megatron_compat.UNACTIONABLE_WARNINGS + megatron_compat.CPU_MODE_WARNINGS:
         config.addinivalue_line("filterwarnings", ":".join(["ignore", message, category.__name__, *module]))
     megatron_compat.filter_unactionable_warnings(cpu_mode=True)  # and the log-record filters
+    megatron_compat.import_megatron_core()
 
 
 @pytest.fixture(scope="session")

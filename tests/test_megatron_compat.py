@@ -79,3 +79,41 @@ def test_training_prints_no_warnings(tmp_path):
     noise = [line for line in (result.stderr + scored.stderr).splitlines()
              if re.search(r"warn|deprecat|experimental|not installed", line, re.IGNORECASE)]
     assert not noise, "\n".join(noise)
+
+
+def test_megatron_imports_without_compiling_and_compiles_each_kernel_at_its_first_call():
+    """Importing Megatron-Core leaves TorchDynamo unimported and torch.compile as it was; a deferred
+    function (and a method) is compiled once, at its first call, with the options it was decorated with."""
+    code = ("import sys, torch\nfrom megatron_prm import megatron_compat\ncompile_before = torch.compile\n"
+            "megatron_compat.import_megatron_core()\n"
+            "from megatron.core.fusions.fused_bias_gelu import bias_gelu\n"
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules), "
+            "torch.compile is compile_before, bias_gelu.__wrapped__.__module__)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["[]", "True", "megatron.core.fusions.fused_bias_gelu"], result.stderr
+
+    from megatron_prm.megatron_compat import deferred_compile
+
+    compiled = []
+
+    def compile_now(function, **options):
+        compiled.append((function.__name__, options))
+        return lambda *args: ("compiled", function(*args))
+
+    deferred = deferred_compile(compile_now)
+
+    @deferred
+    def double(x):
+        return 2 * x
+
+    class Scale:
+        factor = 3
+
+        @deferred(mode="max-autotune")
+        def apply(self, x):
+            return self.factor * x
+
+    assert compiled == [] and double.__name__ == "double"
+    assert double(2) == double(2) == ("compiled", 4)
+    assert Scale().apply(2) == ("compiled", 6)
+    assert compiled == [("double", {}), ("apply", {"mode": "max-autotune"})]

@@ -113,7 +113,7 @@ def test_convert_data_skips_and_counts_unreadable_lines(tmp_path):
 
 def test_streamed_lines_that_cannot_be_read_are_skipped_under_skip_invalid(tmp_path):
     from megatron_prm.data.preprocess import RecordTokenizer, TokenizeJob
-    from megatron_prm.data.streaming import ReaderPosition, _read_block
+    from megatron_prm.data.streaming import ReaderPosition, ReaderShare, _read_block
     from megatron_prm.data.records import open_data
 
     path = tmp_path / "d.jsonl"
@@ -121,7 +121,7 @@ def test_streamed_lines_that_cannot_be_read_are_skipped_under_skip_invalid(tmp_p
 
     def own_records():
         with open_data(path) as handle:
-            raw, next_record, _ = _read_block(handle, str(path), ReaderPosition(), 0, 1, size=100)
+            raw, _, next_record, _ = _read_block(handle, str(path), ReaderPosition(), ReaderShare(0, 1), size=100)
         assert next_record == 4
         return raw
 

@@ -43,6 +43,7 @@ from megatron_prm.cli import ArgumentParser  # noqa: E402
 from megatron_prm import megatron_compat  # noqa: E402
 
 megatron_compat.filter_unactionable_warnings()  # before the imports below import Megatron-Core
+megatron_compat.import_megatron_core()
 
 from megatron_prm.config import build_config  # noqa: E402
 from megatron_prm.data.batching import MicroBatch, collate_packed  # noqa: E402

@@ -67,6 +67,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     megatron_compat.filter_unactionable_warnings()
+    megatron_compat.import_megatron_core()
     args = build_parser().parse_args(argv)
 
     def convert() -> None:

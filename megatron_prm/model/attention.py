@@ -114,9 +114,15 @@ class PackedSDPAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.varlen_attn = installed_varlen_attn()
-        self.varlen_parameters = (frozenset(inspect.signature(self.varlen_attn).parameters)
-                                  if self.varlen_attn is not None else frozenset())
+
+    @functools.cached_property
+    def varlen_attn(self) -> Optional[Callable]:
+        """Looked up at the first packed row on CUDA: importing it imports TorchDynamo (seconds)."""
+        return installed_varlen_attn()
+
+    @functools.cached_property
+    def varlen_parameters(self) -> frozenset[str]:
+        return frozenset(inspect.signature(self.varlen_attn).parameters) if self.varlen_attn is not None else frozenset()
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Causal attention over ``[batch, heads, seq, dim]`` tensors."""
@@ -139,7 +145,8 @@ class PackedSDPAttention(MegatronModule):
         with self._dropout_rng():
             if packed_seq_params is None:
                 return self._padded(query, key, value)
-            kernel = packed_attention_kernel(query.device.type, query.dtype, self.varlen_attn is not None,
+            on_cuda = query.device.type == "cuda"
+            kernel = packed_attention_kernel(query.device.type, query.dtype, on_cuda and self.varlen_attn is not None,
                                              self.dropout if self.training else 0.0)
             if kernel == VARLEN:
                 return self._packed_varlen(query, key, value, packed_seq_params)
