@@ -39,8 +39,11 @@ $(STAMP312): setup.py
 	$(PY312) -m pip install -q -e '.[test,tensorboard]'
 	touch $(STAMP312)
 
+# Two pytest workers, whole test files to each (module fixtures are built once); the 15 slowest tests listed.
+PYTEST_ARGS := -q -n 2 --dist loadfile --durations=15
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 # The GPU tests (tests_gpu/, not collected by `make test`); without a CUDA GPU they stop with exit status 3.
 # In NVIDIA's containers use the container's Python (its CUDA torch, TE, Apex) instead of .venv:
@@ -48,8 +51,10 @@ test: $(STAMP)
 test-gpu: $(if $(GPU_PYTHON),,$(STAMP))
 	$(or $(GPU_PYTHON),$(PY)) -m pytest -q tests_gpu
 
+# The tests marked one_leg (pytest.ini) run in `make test` only: end-to-end runs of version-independent code
+# (the quick start, the SLURM script, kill-and-resume loops, ...) whose Megatron-Core calls other tests make.
 test-py312: $(STAMP312)
-	$(PY312) -m pytest -q --durations=15 tests
+	$(PY312) -m pytest $(PYTEST_ARGS) -m "not one_leg" tests
 
 demo: $(STAMP)
 	$(VENV)/bin/megatron-prm demo --output-dir runs/demo

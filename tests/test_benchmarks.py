@@ -147,6 +147,7 @@ def test_converters_for_prmbench_and_best_of_n_and_the_evaluate_command(tmp_path
     assert refused.returncode == 2 and "record 0 (line 1), field 'step_scores': is missing" in refused.stderr
 
 
+@pytest.mark.one_leg
 def test_quick_demo_scores_and_evaluates_its_held_out_set(tmp_path):
     result = run_cli(["demo", "--quick", "--output-dir", str(tmp_path)])
     # Quiet output that ends with the learned figures (all of them also in summary.json).

@@ -67,7 +67,8 @@ def kill_after_checkpoint(config_path, output, nproc, step):
     assert process.returncode != 0, "the run was not killed"
 
 
-@pytest.mark.parametrize("nproc, extra", [(1, {}), (2, {"gradient_accumulation_steps": 2})])
+@pytest.mark.parametrize("nproc, extra", [pytest.param(1, {}, marks=pytest.mark.one_leg),
+                                          (2, {"gradient_accumulation_steps": 2})])
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path, config_path, nproc, extra):
     straight = tmp_path / "straight"
     train(config_path, straight, nproc, **extra)
@@ -162,6 +163,7 @@ def test_reshard_lets_a_resume_change_tensor_and_pipeline_layout(tmp_path, confi
     assert not (tmp_path / "again").exists()
 
 
+@pytest.mark.one_leg
 def test_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path, config_path):
     output = tmp_path / "crash"
     result = subprocess.run([sys.executable, str(REPO / "tests" / "crash_during_save.py"), "6", "train",
@@ -176,6 +178,7 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path, config_path)
     assert not (output / "iter_0000006.tmp").exists()
 
 
+@pytest.mark.one_leg
 def test_best_model_is_tracked_kept_and_loaded(tmp_path, config_path):
     output = tmp_path / "best"
     dev = config_path.with_name("dev_path").read_text()
@@ -192,6 +195,7 @@ def test_best_model_is_tracked_kept_and_loaded(tmp_path, config_path):
     assert final["loss"] == pytest.approx(evals[best_step], rel=1e-6)  # the best model, evaluated again
 
 
+@pytest.mark.one_leg
 def test_loading_refuses_other_shapes_and_non_checkpoints(tmp_path, config_path):
     output = tmp_path / "small"
     train(config_path, output, max_steps=1)

@@ -268,6 +268,7 @@ def test_a_switched_sharding_format_is_refused_clearly(run_dir, tmp_path):
 # ------------------------------------------------------------------------------------- run directories
 
 
+@pytest.mark.one_leg
 def test_a_fresh_run_refuses_a_used_directory_and_overwrite_moves_the_earlier_run_aside(copy, tmp_path):
     before = {p.name: sorted(q.name for q in p.iterdir()) for p in copy.iterdir() if p.is_dir()}
     refused = run_cli(["train", str(_config(copy)), "--output_dir", str(copy), "--max_steps", "2"], check=False)
@@ -283,6 +284,7 @@ def test_a_fresh_run_refuses_a_used_directory_and_overwrite_moves_the_earlier_ru
     assert read_latest(copy).name == "iter_0000002"
 
 
+@pytest.mark.one_leg
 def test_resume_auto_starts_fresh_then_resumes(tmp_path, run_dir):
     output = tmp_path / "requeued"
     output.mkdir()
@@ -344,6 +346,7 @@ def test_nonfinite_budget():
         budget.record(5, float("inf"))
 
 
+@pytest.mark.one_leg
 def test_the_nonfinite_budget_spans_resumes(tmp_path, run_dir):
     """Budget 1 at learning rate 1e12: step 2 is skipped (saved, unchanged weights), step 3 stops the run.
     Resumed from step 2, the budget is already spent: step 3 stops it again (a fresh budget would skip it)."""
@@ -357,6 +360,7 @@ def test_the_nonfinite_budget_spans_resumes(tmp_path, run_dir):
     one_error_line(resumed, "step 3: loss nan; 2 non-finite step(s)")
 
 
+@pytest.mark.one_leg
 def test_a_diverging_run_stops_before_saving_nan(tmp_path, run_dir):
     output = tmp_path / "diverged"
     result = run_cli(["train", str(_config(run_dir)), "--output_dir", str(output), "--max_steps", "6",

@@ -99,6 +99,7 @@ save_steps: 100
 """
 
 
+@pytest.mark.one_leg
 def test_slurm_script_runs_end_to_end_on_two_simulated_nodes(tmp_path):
     """examples/train_llama3_8b_prm.sh as sbatch would run it on 2 nodes x 1 process, on CPU: the fake srun
     starts each node's task locally with its SLURM variables and torchrun rendezvouses on 127.0.0.1. Plan,
@@ -201,6 +202,7 @@ def test_plan_counts_the_parameters_of_a_built_model(tmp_path):
     assert mlp_plan["memory_bytes"]["gradients"] == 4 * trained_mlp and mlp_plan["memory_bytes"]["optimizer"] == 8 * trained_mlp
 
 
+@pytest.mark.one_leg
 def test_plan_command_reports_and_refuses(tmp_path):
     config = _tiny_config(tmp_path, tensor_parallel_degree=2, sharding="stage1")
     result = run_cli(["plan", "--config", str(config), "--nodes", "2", "--gpus-per-node", "2"])

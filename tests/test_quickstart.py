@@ -16,6 +16,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.one_leg  # version-independent: the commands it runs are tested in both legs
+
 START, END = "<!-- quickstart:start -->", "<!-- quickstart:end -->"
 CPU_RECIPE = """\
 # Starts from a checkpoint (model_name_or_path, given on the command line).

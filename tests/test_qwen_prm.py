@@ -63,6 +63,7 @@ def processbench_records(shared_data, tmp_path):
     return out
 
 
+@pytest.mark.one_leg
 def test_added_step_tag_travels_and_token_classifier_scores_like_the_scorer(tmp_path, processbench_records):
     tokenizer_dir = write_qwen2_tokenizer(tmp_path / "tokenizer")
     vocab = load_tokenizer(str(tokenizer_dir)).vocab_size  # <extra_0> is not among them

@@ -207,6 +207,7 @@ def uninterrupted(config, tmp_path, nproc):
     return losses(output)
 
 
+@pytest.mark.one_leg
 def test_sigterm_saves_stops_cleanly_and_auto_resumes_exactly_one_process(tmp_path, run_config):
     expected = uninterrupted(run_config, tmp_path, 1)
     output = tmp_path / "run"
@@ -224,6 +225,7 @@ def test_sigterm_saves_stops_cleanly_and_auto_resumes_exactly_one_process(tmp_pa
     assert [got[s] for s in range(1, 9)] == [expected[s] for s in range(1, 9)]  # bitwise
 
 
+@pytest.mark.one_leg
 def test_kill_at_random_steps_then_signal_resumes_exactly_stage1_two_ranks(tmp_path, run_config):
     """Seeded SIGKILLs at random steps (saving every step, asynchronously: a kill lands while the next save
     is being written), then SIGUSR1: every resumed run continues where the last published checkpoint

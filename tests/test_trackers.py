@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import MISTRAL, run_cli
 from megatron_prm.data.synthetic import write_dataset
 
 
+@pytest.mark.one_leg
 def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
