@@ -170,11 +170,16 @@ def test_latest_naming_a_symlink_out_of_the_run_is_refused(copy, tmp_path):
 
 def test_a_resume_from_a_train_state_of_the_wrong_type_stops_and_touches_no_checkpoint(copy, tmp_path):
     """common.pt's train_state a list: it was read as defaults (step 0, a new run id), so the resumed run
-    re-saved iter_0000003 and iter_0000006 over the earlier ones. Refused now, before anything is written."""
+    re-saved iter_0000003 and iter_0000006 over the earlier ones. Refused now, before anything is written.
+    (Megatron-Core 0.19 stores the common state inside the .distcp files, and reads a common.pt first.)"""
     import torch
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    from megatron_prm.megatron_compat import _safe_megatron_readers
 
     checkpoint = copy / "iter_0000006"
-    common = load_plain(checkpoint / "common.pt", "common.pt")
+    with _safe_megatron_readers():
+        common = load_common_state_dict(checkpoint)
     common["train_state"] = [6, 36]
     torch.save(common, checkpoint / "common.pt")
     write_manifest(checkpoint)
