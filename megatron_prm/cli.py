@@ -377,12 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that build or load a Megatron model; the others start without importing Megatron-Core.
+MEGATRON_COMMANDS = frozenset({"train", "score", "plan", "reshard", "demo"})
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     megatron_compat.filter_unactionable_warnings()
-    megatron_compat.import_megatron_core()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
+    if args.command in MEGATRON_COMMANDS:
+        megatron_compat.import_megatron_core()
     if args.command == "train":
         # argparse would take the value of a leading --name value override for the optional CONFIG.
         tokens = [t for t in argv[argv.index("train") + 1:] if t != "--debug"]

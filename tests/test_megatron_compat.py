@@ -91,6 +91,11 @@ def test_megatron_imports_without_compiling_and_compiles_each_kernel_at_its_firs
             "torch.compile is compile_before, bias_gelu.__wrapped__.__module__)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["[]", "True", "megatron.core.fusions.fused_bias_gelu"], result.stderr
+    # A command that needs no model starts without Megatron-Core at all.
+    code = ("import sys\nfrom megatron_prm.cli import main\n"
+            "print(main(['check-checkpoint', '/nonexistent']), 'megatron.core' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"], result.stderr
 
     from megatron_prm.megatron_compat import deferred_compile
 
