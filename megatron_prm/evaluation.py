@@ -39,13 +39,14 @@ def predict(
     model: list, samples: SampleSource, micro_batch_size: int, collator: Collator, device: torch.device,
     packing: Optional[Packing] = None, show_progress: bool = False, gather: bool = True,
 ) -> tuple[StepPredictions, float] | None:
-    """Every sample's step predictions and the summed loss, gathered from all data-parallel ranks (with
-    ``gather`` false: this rank's share only, as its microbatches give them).
+    """Every sample's step predictions and the summed loss, gathered from all data-parallel ranks onto the
+    logging rank (with ``gather`` false: this rank's share only, as its microbatches give them).
 
     Micro batches are length-sorted and run in groups, one forward-only schedule each; with pipeline
     parallelism a group holds similar lengths padded to one shape (the interleaved schedule also
     gets label-free micro batches up to a multiple of the pipeline size). Returns None on ranks that
-    are not on the last pipeline stage (they hold no predictions).
+    are not on the last pipeline stage (they hold no predictions), and when gathering, on every rank but
+    the logging rank.
     """
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -69,10 +70,29 @@ def predict(
     local = _to_predictions(reports)
     if not gather:
         return local
-    gathered: list = [None] * dp_size
-    dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group())
-    predictions = StepPredictions.concatenate([g[0] for g in gathered])
-    return predictions, sum(g[1] for g in gathered)
+    return gather_to_logging_rank(local, parallel_state.get_data_parallel_group())
+
+
+def gather_to_logging_rank(
+    local: tuple[StepPredictions, float], group: dist.ProcessGroup,
+) -> tuple[StepPredictions, float] | None:
+    """The data-parallel ranks' predictions and loss sums joined on the logging rank (the last global rank,
+    where metrics are computed and logged); None on every other rank.
+
+    Metrics such as AUROC and ECE need every (P(good), target) pair in one place, but only one place:
+    gathering to every rank would hold the whole dev set's predictions on each of them. Only the
+    data-parallel group that holds the logging rank takes part (the other tensor-parallel ranks' groups
+    hold the same predictions again).
+    """
+    logging_rank = dist.get_world_size() - 1
+    members = dist.get_process_group_ranks(group)
+    if logging_rank not in members:
+        return None
+    gathered: list | None = [None] * len(members) if dist.get_rank() == logging_rank else None
+    dist.gather_object(local, gathered, dst=logging_rank, group=group)
+    if gathered is None:
+        return None
+    return StepPredictions.concatenate([part[0] for part in gathered]), sum(part[1] for part in gathered)
 
 
 def evaluate(
@@ -86,7 +106,7 @@ def evaluate(
     packing: Optional[Packing] = None,
     show_progress: bool = False,
 ) -> dict | None:
-    """Loss and PRM metrics over ``samples``; None on ranks without predictions."""
+    """Loss and PRM metrics over ``samples`` on the logging rank; None on every other rank."""
     result = predict(model, samples, micro_batch_size, collator, device, packing, show_progress)
     if result is None:
         return None

@@ -54,3 +54,22 @@ def test_two_data_parallel_ranks_match_one_process(tmp_path, data):
     assert (double / "latest").read_text().strip() == "iter_0000003"
     assert (double / "iter_0000003" / "run_config.json").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_evaluation_predictions_are_gathered_on_the_logging_rank_only():
+    """Metrics need all predictions in one place, not on every rank: the last rank gets its data-parallel
+    group's parts in rank order, the others (and a group without the logging rank) get nothing."""
+    import multiprocessing
+
+    from conftest import free_port
+    from eval_gather import gather_on_rank
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=gather_on_rank, args=(rank, port, results)) for rank in range(3)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+    assert sorted(results.get(timeout=5) for _ in range(3)) == [(0, None), (1, None), (2, ([1, 1, 2, 2, 2], 3.0))]
