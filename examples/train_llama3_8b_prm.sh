@@ -50,6 +50,7 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}                          # processes per node
 DEVICE=${DEVICE:-cuda}                                     # cpu: the CPU mode (gloo), for tests
 GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-80}
 TP=${TP:-8}
+CP=${CP:-1}                                                # context parallelism: long traces (see qwen2_5_7b_prm_32k.yaml)
 PP=${PP:-1}
 VPP=${VPP:-1}
 SEQ_LEN=${SEQ_LEN:-4096}
@@ -77,7 +78,7 @@ fi
 
 RUN_ARGS=(
   --model_name_or_path "$CHECKPOINT" --train_dataset_path "$STORE" --dev_dataset_path "$DEV_DATA"
-  --output_dir "$RUN" --tensor_parallel_degree "$TP" --pipeline_parallel_degree "$PP"
+  --output_dir "$RUN" --tensor_parallel_degree "$TP" --context_parallel_degree "$CP" --pipeline_parallel_degree "$PP"
   --virtual_pp_degree "$VPP" --max_seq_len "$SEQ_LEN" --max_prompt_len "$PROMPT_LEN" --device "$DEVICE"
   --resume_from_checkpoint auto
 )
@@ -85,8 +86,9 @@ if [[ "$FP8" == 1 ]]; then
   RUN_ARGS+=(--fp8 hybrid)
 fi
 
-# The plan needs only the model's shape: HF_MODEL's, else (a dry run without HF_MODEL) the shipped Llama-3-8B one.
-MODEL_SHAPE=${HF_MODEL:+$HF_MODEL/config.json}
+# The plan needs only the model's shape: MODEL_SHAPE (an HF config.json), else HF_MODEL's, else (a dry run
+# without HF_MODEL) the shipped Llama-3-8B one.
+MODEL_SHAPE=${MODEL_SHAPE:-${HF_MODEL:+$HF_MODEL/config.json}}
 if [[ -z "$MODEL_SHAPE" && "$DRY_RUN" != 1 ]]; then
   echo "set HF_MODEL to the Hugging Face model directory to train from" >&2
   exit 2

@@ -112,9 +112,14 @@ _TRAIN_STATE_KINDS = {"step": "a count", "consumed_samples": "a count", "best_me
 
 
 def layout_record(layout: ParallelLayout) -> dict:
-    return {"tensor": layout.tensor_parallel_size, "pipeline": layout.pipeline_parallel_size,
-            "virtual_pipeline": layout.virtual_pipeline_parallel_size, "data": layout.data_parallel_size,
-            "distributed_optimizer": layout.distributed_optimizer}
+    return {"tensor": layout.tensor_parallel_size, "context": layout.context_parallel_size,
+            "pipeline": layout.pipeline_parallel_size, "virtual_pipeline": layout.virtual_pipeline_parallel_size,
+            "data": layout.data_parallel_size, "distributed_optimizer": layout.distributed_optimizer}
+
+
+def saved_layout(saved: TrainState) -> dict:
+    """The layout a checkpoint was saved under (one written before context parallelism had CP 1)."""
+    return {"context": 1, **saved.layout}
 
 
 def model_sharded_state_dict(model: list) -> dict:
@@ -424,14 +429,14 @@ def check_optimizer_format(checkpoint: Path, saved: TrainState, fmt: str, layout
             f"{checkpoint} stores the optimizer state as {saved.optimizer_format!r} but this run uses "
             f"{fmt!r}; resume with the same sharding setting, or start from its weights with model_name_or_path"
         )
-    model_parallel = {k: v for k, v in saved.layout.items() if k != "data"}
+    model_parallel = {k: v for k, v in saved_layout(saved).items() if k != "data"}
     if saved.optimizer_format == "dp_reshardable" and model_parallel != {
             k: v for k, v in layout_record(layout).items() if k != "data"}:
         raise ConfigError(
             f"{checkpoint} stores the distributed optimizer's state in the dp_reshardable format, which only "
-            f"reshards over data parallelism: saved under {saved.layout}, this run is {layout_record(layout)}. "
+            f"reshards over data parallelism: saved under {saved_layout(saved)}, this run is {layout_record(layout)}. "
             f"Convert it first: `torchrun --nproc-per-node N -m megatron_prm reshard {checkpoint} --output-dir "
-            "NEW_RUN` (N a multiple of its tensor x pipeline size) writes it fully reshardable; then resume from "
+            "NEW_RUN` (N a multiple of its tensor x context x pipeline size) writes it fully reshardable; then resume from "
             "NEW_RUN under any layout. Or start from its weights with model_name_or_path"
         )
 
@@ -445,7 +450,7 @@ def load_checkpoint(state, path: str | Path, arch: Architecture, layout: Paralle
     saved = read_train_state(checkpoint)
     if not saved.optimizer_format:
         raise ConfigError(f"{checkpoint} holds model weights only; start from it with model_name_or_path")
-    same_layout = saved.layout == layout_record(layout)
+    same_layout = saved_layout(saved) == layout_record(layout)
     check_optimizer_format(checkpoint, saved, fmt, layout)
     model_sd = model_sharded_state_dict(state.model)
     megatron_compat.prime_adam_state(state.optimizer)

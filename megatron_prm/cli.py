@@ -143,13 +143,15 @@ def _score(args: argparse.Namespace, overrides: list[str]) -> None:
     from pathlib import Path
 
     from megatron_prm.runtime import shutdown
-    from megatron_prm.scoring import score_file, scoring_config
+    from megatron_prm.scoring import refuse_context_parallelism, score_file, scoring_config
 
     from megatron_prm.runtime import resolve_device
 
     check_output_file(args.output, [args.data, args.checkpoint, args.hf])
-    run_settings = load_config(None, ["--bf16", "false", *overrides]).training  # the overrides alone, checked early
+    settings = load_config(None, ["--bf16", "false", *overrides])  # the overrides alone, checked early
+    run_settings = settings.training
     resolve_device(run_settings.device)
+    refuse_context_parallelism(settings.parallel)
     aggregates = tuple(a.strip() for a in args.aggregate.split(",") if a.strip())
     with tempfile.TemporaryDirectory(prefix="megatron-prm-score-") as scratch:
         checkpoint = args.checkpoint

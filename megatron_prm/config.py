@@ -265,12 +265,26 @@ class ModelArguments:
                 raise ConfigError(f"rope_scaling: {rope_scaling_problem}")
 
 
+CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
+
+
 @dataclass
 class ParallelArguments:
     """How the model and the work are split over processes, and what is recomputed."""
 
     tensor_parallel_degree: int = _doc("Tensor-parallel size (splits heads, FFN and vocabulary).", default=1)
     pipeline_parallel_degree: int = _doc("Pipeline-parallel size (splits the layers).", default=1)
+    context_parallel_degree: int = _doc(
+        "Context-parallel size: every sequence is split over this many ranks (2 x CP chunks in Megatron's "
+        "load-balanced order), for long reasoning traces whose activations do not fit one GPU.",
+        default=1,
+    )
+    cp_comm_type: str = _doc(
+        "With context_parallel_degree > 1 and Transformer Engine: how attention exchanges keys and values "
+        "('p2p' ring, 'a2a' all-to-all, 'all_gather', 'a2a+p2p'; Megatron-Core's cp_comm_type). Without TE the "
+        "package's own attention all-gathers them.",
+        default="p2p",
+    )
     virtual_pp_degree: int = _doc(
         "Model chunks per pipeline rank (interleaved schedule); needs pipeline_parallel_degree > 1.", default=1
     )
@@ -317,7 +331,8 @@ class ParallelArguments:
     recompute_num_layers: int = _doc("Layers per recompute group (uniform) or recomputed layers (block).", default=1)
 
     def __post_init__(self) -> None:
-        for name in ("tensor_parallel_degree", "pipeline_parallel_degree", "virtual_pp_degree", "recompute_num_layers"):
+        for name in ("tensor_parallel_degree", "pipeline_parallel_degree", "context_parallel_degree", "virtual_pp_degree",
+                     "recompute_num_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.sharding in ("stage2", "stage3"):
@@ -328,6 +343,8 @@ class ParallelArguments:
                 "silently run as stage1; use sharding: stage1 (with tensor/pipeline parallelism for models that "
                 "do not fit)"
             )
+        if self.cp_comm_type not in CP_COMM_TYPES:
+            raise ConfigError(f"cp_comm_type must be one of {', '.join(map(repr, CP_COMM_TYPES))}, got {self.cp_comm_type!r}")
         if self.sharding not in ("", "stage1"):
             raise ConfigError(f"sharding must be '' or 'stage1', got {self.sharding!r}")
         if self.recompute_granularity not in ("full", "full_attn", "core_attn"):

@@ -50,6 +50,10 @@ class _CudaToCpu(TorchFunctionMode):
             return func(*args).replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs:
             kwargs["device"] = _cpu_if_cuda(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            # Pinned host memory needs a CUDA allocator; Megatron-Core pins the indices it copies to the GPU
+            # (the context-parallel RoPE slice, for one).
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to:
             args = tuple(_cpu_if_cuda(a) if isinstance(a, (str, torch.device)) else a for a in args)
         return func(*args, **kwargs)

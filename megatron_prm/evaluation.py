@@ -39,8 +39,9 @@ def predict(
     model: list, samples: SampleSource, micro_batch_size: int, collator: Collator, device: torch.device,
     packing: Optional[Packing] = None, show_progress: bool = False, gather: bool = True,
 ) -> tuple[StepPredictions, float] | None:
-    """Every sample's step predictions and the summed loss, gathered from all data-parallel ranks onto the
-    logging rank (with ``gather`` false: this rank's share only, as its microbatches give them).
+    """Every sample's step predictions and the summed loss, gathered from all data (and context) parallel
+    ranks onto the logging rank (with ``gather`` false: this rank's share only, as its microbatches give
+    them).
 
     Micro batches are length-sorted and run in groups, one forward-only schedule each; with pipeline
     parallelism a group holds similar lengths padded to one shape (the interleaved schedule also
@@ -70,7 +71,8 @@ def predict(
     local = _to_predictions(reports)
     if not gather:
         return local
-    return gather_to_logging_rank(local, parallel_state.get_data_parallel_group())
+    # Under context parallelism each rank predicts the labelled steps in its chunks: gather those too.
+    return gather_to_logging_rank(local, parallel_state.get_data_parallel_group(with_context_parallel=True))
 
 
 def gather_to_logging_rank(

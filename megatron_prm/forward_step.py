@@ -10,7 +10,15 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_prm.data.batching import MicroBatch
+from megatron_prm.data.context_split import split_for_context_parallel
 from megatron_prm.loss import prm_loss, step_losses
+
+
+def _next_local_batch(data_iterator: Iterator[MicroBatch], device: torch.device) -> MicroBatch:
+    """The next micro batch, cut to this context-parallel rank's share of its sequences, on ``device``."""
+    batch = split_for_context_parallel(next(data_iterator), parallel_state.get_context_parallel_rank(),
+                                       parallel_state.get_context_parallel_world_size())
+    return batch.to(device)
 
 
 def _run_model(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
@@ -20,7 +28,7 @@ def _run_model(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
 
 def make_train_forward_step(device: torch.device, threshold: float) -> Callable:
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
-        batch = next(data_iterator).to(device)
+        batch = _next_local_batch(data_iterator, device)
         output = _run_model(model, batch)
         return output, partial(prm_loss, batch.label_values, threshold=threshold)
 
@@ -43,7 +51,7 @@ def _eval_loss(batch: MicroBatch, logits: torch.Tensor):
 
 def eval_forward_step(device: torch.device) -> Callable:
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
-        batch = next(data_iterator).to(device)
+        batch = _next_local_batch(data_iterator, device)
         output = _run_model(model, batch)
         return output, partial(_eval_loss, batch)
 

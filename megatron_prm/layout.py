@@ -16,15 +16,25 @@ class ParallelLayout:
     data_parallel_size: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    context_parallel_size: int = 1
+    cp_comm_type: str = "p2p"
 
     @property
     def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+        return (self.tensor_parallel_size * self.context_parallel_size * self.pipeline_parallel_size
+                * self.data_parallel_size)
+
+    @property
+    def sample_multiple(self) -> int:
+        """Every sample of a packed row is padded to a multiple of this: context parallelism cuts each
+        sample into 2 x CP chunks."""
+        return 2 * self.context_parallel_size if self.context_parallel_size > 1 else 1
 
     @property
     def sequence_multiple(self) -> int:
-        """Every packed or padded sequence length must be a multiple of this."""
-        return self.tensor_parallel_size if self.sequence_parallel else 1
+        """Every packed or padded sequence length must be a multiple of this: 2 x CP chunks, each rank's
+        part split over the tensor-parallel ranks under sequence parallelism."""
+        return self.sample_multiple * (self.tensor_parallel_size if self.sequence_parallel else 1)
 
 
 def model_split_problems(arch: Architecture, tp: int, pp: int, vpp: int = 1) -> list[str]:
@@ -49,14 +59,15 @@ def model_split_problems(arch: Architecture, tp: int, pp: int, vpp: int = 1) -> 
 def resolve_layout(config: RunConfig, world_size: int, arch: Architecture) -> tuple[ParallelLayout, list[str]]:
     """The layout, and notes on settings that were adjusted; a ConfigError naming the clashing numbers."""
     p = config.parallel
-    tp, pp, vpp = p.tensor_parallel_degree, p.pipeline_parallel_degree, p.virtual_pp_degree
+    tp, pp, vpp, cp = p.tensor_parallel_degree, p.pipeline_parallel_degree, p.virtual_pp_degree, p.context_parallel_degree
     problems, notes = [], []
-    if world_size % (tp * pp):
+    if world_size % (tp * cp * pp):
+        context = f"context_parallel_degree {cp} x " if cp > 1 else ""
         problems.append(
-            f"the world size {world_size} is not divisible by tensor_parallel_degree {tp} x "
-            f"pipeline_parallel_degree {pp} = {tp * pp}"
+            f"the world size {world_size} is not divisible by tensor_parallel_degree {tp} x {context}"
+            f"pipeline_parallel_degree {pp} = {tp * cp * pp}"
         )
-    dp = max(world_size // (tp * pp), 1)
+    dp = max(world_size // (tp * cp * pp), 1)
     problems += model_split_problems(arch, tp, pp, vpp)
     accumulation = config.training.gradient_accumulation_steps
     if pp > 1 and vpp > 1 and accumulation % pp:
@@ -69,10 +80,12 @@ def resolve_layout(config: RunConfig, world_size: int, arch: Architecture) -> tu
             f"tp_comm_overlap pads every sequence to max_seq_len {config.data.max_seq_len}, which must then be "
             f"divisible by tensor_parallel_degree {tp}"
         )
+    if p.tp_comm_overlap and cp > 1:
+        problems.append("tp_comm_overlap is not supported with context_parallel_degree > 1 here")
     if p.sharding_parallel_degree not in (-1, dp) and not problems:
         problems.append(
             f"sharding_parallel_degree {p.sharding_parallel_degree} must be -1 or the data-parallel size {dp} "
-            f"(world size {world_size} / (tensor {tp} x pipeline {pp}))"
+            f"(world size {world_size} / (tensor {tp} x{f' context {cp} x' if cp > 1 else ''} pipeline {pp}))"
         )
     if problems:
         raise ConfigError("impossible parallel layout: " + "; ".join(problems))
@@ -80,4 +93,4 @@ def resolve_layout(config: RunConfig, world_size: int, arch: Architecture) -> tu
     if sequence_parallel and tp == 1:
         sequence_parallel = False
         notes.append("sequence_parallel is off: it needs tensor_parallel_degree > 1")
-    return ParallelLayout(tp, pp, vpp, dp, sequence_parallel, p.use_distributed_optimizer), notes
+    return ParallelLayout(tp, pp, vpp, dp, sequence_parallel, p.use_distributed_optimizer, cp, p.cp_comm_type), notes

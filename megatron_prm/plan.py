@@ -9,9 +9,11 @@ Memory per GPU (bytes, the most loaded pipeline stage):
 - activations per layer of one micro batch of ``s`` tokens (Korthikanti et al. 2022, "Reducing
   Activation Recomputation in Large Transformer Models", with fused attention so no ``s x s`` scores are
   kept): ``s h (10 + 24 f / (4 h)) / t`` bytes for a SwiGLU block under sequence parallelism (the
-  paper's ``34 s h`` with the MLP term rescaled from 4h GeLU to the gated FFN ``f``), ``2 s h / t`` per
-  layer with full recompute plus one layer's full activations; the first pipeline stage holds
-  ``pp`` micro batches in flight under 1F1B.
+  paper's ``34 s h`` with the MLP term rescaled from 4h GeLU to the gated FFN ``f``), ``s h (10 + 24 f /
+  (4 h) / t)`` without it (the norms' and residuals' ``10 s h`` whole on every tensor-parallel rank);
+  ``2 s h / t`` (``2 s h`` without sequence parallelism) per layer with full recompute plus one layer's
+  full activations; ``s`` is divided by the context-parallel size (each rank holds ``s / cp`` tokens of
+  the sequence); the first pipeline stage holds ``pp`` micro batches in flight under 1F1B.
 These are estimates (allocator fragmentation and communication buffers come on top; keep headroom).
 
 Checkpoints (:func:`checkpoint_figures`): a save writes the weights (2 or 4 bytes per parameter) and the
@@ -90,10 +92,14 @@ def stage_parameters(arch: Architecture, layout: ParallelLayout, stage: int) -> 
 def activation_bytes(arch: Architecture, layout: ParallelLayout, tokens: int, recompute: bool) -> int:
     """Activations kept for the backward pass on the first pipeline stage (see the module docstring)."""
     h, f, tp, pp = arch.hidden_size, arch.intermediate_size, layout.tensor_parallel_size, layout.pipeline_parallel_size
-    per_layer = tokens * h * (10 + 24 * f / (4 * h)) / tp
+    local_tokens = tokens / layout.context_parallel_size  # each context-parallel rank holds 1/CP of the sequence
+    # Without sequence parallelism the layer inputs, norms and residuals (the 10 s h) are whole on every
+    # tensor-parallel rank; only the attention and MLP internals are split.
+    sequence_split = tp if layout.sequence_parallel else 1
+    per_layer = local_tokens * h * (10 / sequence_split + 24 * f / (4 * h) / tp)
     layers = arch.num_hidden_layers // pp
     if recompute:
-        kept = layers * 2 * tokens * h / tp + per_layer
+        kept = layers * 2 * local_tokens * h / sequence_split + per_layer
     else:
         kept = layers * per_layer
     return int(kept * pp)
@@ -153,7 +159,8 @@ def plan(config: RunConfig, arch: Architecture, nodes: int, gpus_per_node: int, 
     total = memory["weights"] + memory["gradients"] + memory["optimizer"] + active
     result = {
         "world_size": world,
-        "layout": {"tensor": layout.tensor_parallel_size, "pipeline": layout.pipeline_parallel_size,
+        "layout": {"tensor": layout.tensor_parallel_size, "context": layout.context_parallel_size,
+                   "pipeline": layout.pipeline_parallel_size,
                    "virtual_pipeline": layout.virtual_pipeline_parallel_size, "data": layout.data_parallel_size,
                    "sequence_parallel": layout.sequence_parallel,
                    "distributed_optimizer": layout.distributed_optimizer},
@@ -183,7 +190,7 @@ def describe(result: dict) -> str:
     layout = result["layout"]
     memory = result["memory_bytes"]
     lines = [
-        f"world size {result['world_size']}: TP {layout['tensor']} x PP {layout['pipeline']} (VPP "
+        f"world size {result['world_size']}: TP {layout['tensor']} x CP {layout['context']} x PP {layout['pipeline']} (VPP "
         f"{layout['virtual_pipeline']}) x DP {layout['data']}; sequence parallel {layout['sequence_parallel']}, "
         f"distributed optimizer {layout['distributed_optimizer']}",
         f"{result['microbatches_per_step']} micro batches per step per data-parallel rank; global batch "

@@ -24,6 +24,7 @@ from megatron_prm.checkpoint import (
     load_checkpoint,
     read_train_state,
     save_checkpoint,
+    saved_layout,
 )
 from megatron_prm.checkpoint_io import CheckpointWriter
 from megatron_prm.config import ConfigError, RunConfig, load_config
@@ -40,8 +41,9 @@ RESHARDED_FORMAT = "fully_reshardable"
 
 
 def reshard_config(checkpoint: Path, output_dir: str, device: str, layout: dict) -> RunConfig:
-    """The run's own settings under its saved tensor/pipeline layout, writing into ``output_dir``."""
+    """The run's own settings under its saved tensor/context/pipeline layout, writing into ``output_dir``."""
     overrides = {"tensor_parallel_degree": layout["tensor"], "pipeline_parallel_degree": layout["pipeline"],
+                 "context_parallel_degree": layout["context"],
                  "virtual_pp_degree": layout["virtual_pipeline"], "model_name_or_path": str(checkpoint),
                  "tokenizer_name_or_path": checkpoint_tokenizer(str(checkpoint)), "output_dir": output_dir,
                  "device": device, "resume_from_checkpoint": None, "unified_checkpoint": True, "async_save": False}
@@ -59,11 +61,12 @@ def reshard(source: str, output_dir: str, device: str, world_size: int) -> Path:
                 f"stores its optimizer state as {saved.optimizer_format!r}, which already loads under any layout")
         raise ConfigError(f"{checkpoint} {what}: nothing to reshard; resume from it directly")
     check_output_dir(Path(output_dir), resuming=False, overwrite=False)
-    config = reshard_config(checkpoint, output_dir, device, saved.layout)
-    model_parallel = saved.layout["tensor"] * saved.layout["pipeline"]
+    saved_parallel = saved_layout(saved)
+    config = reshard_config(checkpoint, output_dir, device, saved_parallel)
+    model_parallel = saved_parallel["tensor"] * saved_parallel["context"] * saved_parallel["pipeline"]
     if world_size % model_parallel:
-        raise ConfigError(f"{checkpoint} was saved under tensor {saved.layout['tensor']} x pipeline "
-                          f"{saved.layout['pipeline']}: run reshard on a multiple of {model_parallel} processes "
+        raise ConfigError(f"{checkpoint} was saved under tensor {saved_parallel['tensor']} x context "
+                          f"{saved_parallel['context']} x pipeline {saved_parallel['pipeline']}: run reshard on a multiple of {model_parallel} processes "
                           f"(torchrun --nproc-per-node ...), not {world_size}")
     tokenizer = RecordTokenizer(tokenize_job(config, ""))
     arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len,

@@ -96,6 +96,7 @@ def init_runtime(device: str, seed: int, layout: ParallelLayout = ParallelLayout
         pipeline_model_parallel_size=layout.pipeline_parallel_size,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_parallel_size
         if layout.virtual_pipeline_parallel_size > 1 else None,
+        context_parallel_size=layout.context_parallel_size,
     )
     if parallel_state.get_data_parallel_world_size() != layout.data_parallel_size:
         raise RuntimeError(

@@ -35,7 +35,7 @@ from megatron_prm.checkpoint import (
     load_model_weights,
     resolve_checkpoint,
 )
-from megatron_prm.config import DEFAULT_MAX_SEQ_LEN, ConfigError, RunConfig, load_config, read_config_file
+from megatron_prm.config import DEFAULT_MAX_SEQ_LEN, ConfigError, ParallelArguments, RunConfig, load_config, read_config_file
 from megatron_prm.data.batching import Collator
 from megatron_prm.data.packing import PackingOptions
 from megatron_prm.data.pipeline import Packing, tokenize_job
@@ -104,9 +104,19 @@ def compute_dtype(config: RunConfig) -> str:
     return "bfloat16" if config.training.bf16 else "float16" if config.training.fp16 else "float32"
 
 
+def refuse_context_parallelism(parallel: ParallelArguments) -> None:
+    """Scoring splits records, not sequences, over ranks (see the README's long-trace section)."""
+    if parallel.context_parallel_degree > 1:
+        raise ConfigError(
+            "score runs without context parallelism (context_parallel_degree 1): scoring keeps no activations "
+            "for a backward pass, so a trace that needed CP to train fits one forward pass; split a model that "
+            "does not fit with --tensor_parallel_degree or --pipeline_parallel_degree")
+
+
 def score_file(config: RunConfig, output: Path, aggregates: tuple[str, ...], batch_size: int, packed: bool) -> Optional[dict]:
     """Score every record of ``config.data.train_dataset_path`` into ``output`` (JSONL, written
     atomically by one rank); returns a summary on that rank, None on the others."""
+    refuse_context_parallelism(config.parallel)
     unknown = [how for how in aggregates if how not in AGGREGATES]
     if unknown:
         raise ConfigError(f"unknown aggregate(s) {', '.join(unknown)}; choose from {', '.join(AGGREGATES)}")

@@ -95,14 +95,17 @@ def restore_data_position(data: PreparedData, saved: TrainState, data_parallel_r
 
 def _reduce_step_report(reports: list[dict], batches: list[MicroBatch], flops: float, device: torch.device) -> dict:
     """Loss, accuracy, tokens, samples and model FLOPs of one optimizer step, summed over microbatches and
-    data parallel. Runs on every rank; only the last pipeline stage has losses."""
+    data parallel. Runs on every rank; only the last pipeline stage has losses. Under context parallelism
+    each rank's losses are those of its own labelled steps, while its batches are the whole sequences
+    that its context-parallel group shares: those are counted once, by context-parallel rank 0."""
     totals = torch.zeros(6, dtype=torch.float64, device=device)
     for report in reports:
         totals[:3] += report["prm"].to(totals)
-    totals[3] = sum(b.num_real_tokens for b in batches)
-    totals[4] = sum(b.num_samples for b in batches)
-    totals[5] = flops
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_context_parallel_rank() == 0:
+        totals[3] = sum(b.num_real_tokens for b in batches)
+        totals[4] = sum(b.num_samples for b in batches)
+        totals[5] = flops
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     loss_sum, steps, correct, tokens, samples, flops = totals.tolist()
     figures = {"tokens": int(tokens), "samples": int(samples), "flops": flops}
     if parallel_state.is_pipeline_last_stage():
@@ -212,7 +215,8 @@ def setup(config: RunConfig) -> Run:
     batch_layout = BatchLayout(args.per_device_train_batch_size, args.gradient_accumulation_steps,
                                layout.data_parallel_size)
     data = prepare_data(config, tokenizer, batch_layout, runtime.data_parallel_rank,
-                        show_progress=runtime.is_logging_rank, row_multiple=layout.sequence_multiple)
+                        show_progress=runtime.is_logging_rank, row_multiple=layout.sequence_multiple,
+                        sample_multiple=layout.sample_multiple)
     logger.scalars("data", 0, data.reports,
                    line="\n".join(_describe_data(name, report) for name, report in data.reports.items()))
 
@@ -237,7 +241,7 @@ def setup(config: RunConfig) -> Run:
     logger.message(
         f"model: {arch.num_hidden_layers} layers, hidden {arch.hidden_size}, {n_params / 1e6:.2f}M parameters on "
         f"this rank; {runtime.world_size} processes on {runtime.device.type}: tensor {layout.tensor_parallel_size} x "
-        f"pipeline {layout.pipeline_parallel_size} (virtual {layout.virtual_pipeline_parallel_size}) x data "
+        f"{f'context {layout.context_parallel_size} x ' if layout.context_parallel_size > 1 else ''}pipeline {layout.pipeline_parallel_size} (virtual {layout.virtual_pipeline_parallel_size}) x data "
         f"{layout.data_parallel_size}; global batch {batch_layout.global_batch_size}; {total_steps} steps"
     )
     collator = Collator(data.pad_id, layout.sequence_multiple, uniform_length=layout.pipeline_parallel_size > 1,

@@ -48,7 +48,7 @@ def test_slurm_script_dry_run_prints_plan_and_torchrun_lines(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     plan = json.loads(next(line for line in lines if line.startswith("{")))
-    assert plan["layout"] == {"tensor": 8, "pipeline": 1, "virtual_pipeline": 1, "data": 2,
+    assert plan["layout"] == {"tensor": 8, "context": 1, "pipeline": 1, "virtual_pipeline": 1, "data": 2,
                               "sequence_parallel": True, "distributed_optimizer": True}
     torchrun = [line for line in lines if line.startswith("node ")]
     assert len(torchrun) == 2
@@ -57,7 +57,25 @@ def test_slurm_script_dry_run_prints_plan_and_torchrun_lines(tmp_path):
         assert "-m megatron_prm train examples/configs/llama3_8b_prm.yaml" in line
         assert "--tensor_parallel_degree 8" in line and f"{tmp_path}/work/checkpoint" in line
     assert "srun must not run" not in result.stderr
-    assert "TP 8 x PP 1 (VPP 1) x DP 2" in result.stderr
+    assert "TP 8 x CP 1 x PP 1 (VPP 1) x DP 2" in result.stderr
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_long_trace_recipe_plans_context_parallel_layouts_on_8_and_16_gpus(nodes):
+    env = {**os.environ, "SLURM_NNODES": str(nodes), "DRY_RUN": "1", "PYTHON": sys.executable,
+           "CONFIG": "examples/configs/qwen2_5_7b_prm_32k.yaml", "MODEL_SHAPE": "examples/configs/qwen2_5_7b_config.json",
+           "TP": "4", "CP": "2", "SEQ_LEN": "32768", "PROMPT_LEN": "4096"}
+    env.pop("SLURM_JOB_NODELIST", None)
+    result = subprocess.run(["bash", "examples/train_llama3_8b_prm.sh"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    plan = json.loads(next(line for line in lines if line.startswith("{")))
+    assert plan["layout"]["tensor"] == 4 and plan["layout"]["context"] == 2 and plan["layout"]["data"] == nodes
+    assert plan["estimated_total_bytes"] < 80 * 2**30 and not plan["recompute"]  # 32k activations fit without recompute
+    torchrun = [line for line in lines if line.startswith("node ")]
+    assert len(torchrun) == nodes and all("--context_parallel_degree 2" in line and "--max_seq_len 32768" in line
+                                          for line in torchrun)
 
 
 def _tiny_hf_llama(directory: Path, corpus: Path) -> None:

@@ -31,6 +31,10 @@ CASES = {
     "dp2_distributed_optimizer": (2, {"sharding": "stage1", "gradient_accumulation_steps": 2}),
     "tp2_dp2": (4, {"tensor_parallel_degree": 2, "gradient_accumulation_steps": 2}),
     "pp2_dp2": (4, {"pipeline_parallel_degree": 2, "gradient_accumulation_steps": 2}),
+    "cp2": (2, {"context_parallel_degree": 2}),
+    "cp2_tp2_sp": (4, {"context_parallel_degree": 2, "tensor_parallel_degree": 2, "sequence_parallel": True}),
+    "cp2_pp2": (4, {"context_parallel_degree": 2, "pipeline_parallel_degree": 2}),
+    "cp2_dp2": (4, {"context_parallel_degree": 2, "gradient_accumulation_steps": 2}),  # the data of DP2
     "full_recompute": (1, {"recompute": True, "recompute_granularity": "full", "recompute_num_layers": 2}),
     "selective_recompute": (1, {"recompute": True, "recompute_granularity": "core_attn"}),
     "attention_block_recompute": (1, {"recompute": True, "recompute_granularity": "full_attn"}),

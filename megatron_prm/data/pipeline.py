@@ -86,12 +86,13 @@ def open_source(config: RunConfig, path: str, tokenizer: RecordTokenizer, show_p
     return InMemorySamples(samples), report.as_dict()
 
 
-def packing_for(config: RunConfig, row_multiple: int) -> Optional[Packing]:
-    """The run's packing, or None; rows hold at most max_seq_len tokens."""
+def packing_for(config: RunConfig, row_multiple: int, sample_multiple: int = 1) -> Optional[Packing]:
+    """The run's packing, or None; rows hold at most max_seq_len tokens, each sample padded to a multiple
+    of ``sample_multiple`` (2 x CP under context parallelism), each row to one of ``row_multiple``."""
     mode = config.data.packing_mode
     if mode is None:
         return None
-    return Packing(mode, PackingOptions(config.data.max_seq_len, row_multiple=row_multiple),
+    return Packing(mode, PackingOptions(config.data.max_seq_len, sample_multiple=sample_multiple, row_multiple=row_multiple),
                    config.data.packing_buffer_size)
 
 
@@ -116,8 +117,8 @@ def packed_batches(config: RunConfig, source: SampleSource, layout: BatchLayout,
 
 
 def prepare_data(config: RunConfig, tokenizer: RecordTokenizer, layout: BatchLayout, data_parallel_rank: int,
-                 show_progress: bool, row_multiple: int = 1) -> PreparedData:
-    packing = packing_for(config, row_multiple)
+                 show_progress: bool, row_multiple: int = 1, sample_multiple: int = 1) -> PreparedData:
+    packing = packing_for(config, row_multiple, sample_multiple)
     cache_dir = data_cache_dir(config)
     reports: dict = {}
     train_source: Optional[SampleSource] = None

@@ -11,7 +11,9 @@ packed row is attended within each of its samples, causally, so a sample never s
   once per sample, padding output zero.
 
 RoPE positions are restarted per sample by Megatron's attention before this module is called (from
-``cu_seqlens_padded``). Unpacked ``[s, b, h, d]`` input gets plain causal attention. Grouped-query
+``cu_seqlens_padded``). Unpacked ``[s, b, h, d]`` input gets plain causal attention. Under context
+parallelism every rank holds two chunks of each sequence and
+:mod:`megatron_prm.model.context_parallel_attention` attends them to the gathered keys. Grouped-query
 attention needs no copies of the key/value heads where the kernel takes ``enable_gqa``.
 """
 
@@ -26,11 +28,16 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+from megatron_prm.model.context_parallel_attention import (
+    packed_context_parallel_attention,
+    padded_context_parallel_attention,
+)
 
 VARLEN = "varlen"
 SDPA_PER_SAMPLE = "sdpa_per_sample"
@@ -106,9 +113,11 @@ class PackedSDPAttention(MegatronModule):
         pg_collection=None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise ValueError("context parallelism needs Transformer Engine's attention")
         tp = pg_collection.tp.size() if pg_collection is not None else config.tensor_model_parallel_size
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            cp_group = getattr(pg_collection, "cp", None)
+            self.cp_group = cp_group if cp_group is not None else parallel_state.get_context_parallel_group()
         self.heads = config.num_attention_heads // tp
         self.groups = config.num_query_groups // tp
         self.head_dim = config.kv_channels
@@ -124,11 +133,13 @@ class PackedSDPAttention(MegatronModule):
     def varlen_parameters(self) -> frozenset[str]:
         return frozenset(inspect.signature(self.varlen_attn).parameters) if self.varlen_attn is not None else frozenset()
 
-    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Causal attention over ``[batch, heads, seq, dim]`` tensors."""
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal attention over ``[batch, heads, seq, dim]`` tensors (with ``mask``: that boolean mask)."""
         dropout = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True,
-                                              scale=self.scale, enable_gqa=self.groups != self.heads)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                              is_causal=mask is None, scale=self.scale,
+                                              enable_gqa=self.groups != self.heads)
 
     def forward(
         self,
@@ -143,6 +154,8 @@ class PackedSDPAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("attention bias is not supported")
         with self._dropout_rng():
+            if self.cp_group is not None:
+                return self._context_parallel(query, key, value, packed_seq_params)
             if packed_seq_params is None:
                 return self._padded(query, key, value)
             on_cuda = query.device.type == "cuda"
@@ -157,6 +170,15 @@ class PackedSDPAttention(MegatronModule):
         if self.dropout > 0 and self.training and not self.config.sequence_parallel:
             return tensor_parallel.get_cuda_rng_tracker().fork()
         return contextlib.nullcontext()
+
+    def _context_parallel(self, query, key, value, params: Optional[PackedSeqParams]) -> torch.Tensor:
+        """This rank's chunks of every sequence attend the whole sequence's keys (gathered over CP)."""
+        if params is None:
+            out = padded_context_parallel_attention(query, key, value, self._attend, self.cp_group)
+            return out.reshape(*out.shape[:2], self.heads * self.head_dim)
+        offsets = (params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q).tolist()
+        out = packed_context_parallel_attention(query, key, value, offsets, self._attend, self.cp_group)
+        return out.reshape(query.shape[0], self.heads * self.head_dim)
 
     def _padded(self, query, key, value) -> torch.Tensor:
         """``[s, b, h, d]`` -> ``[s, b, h * d]``; right padding never reaches a real position."""

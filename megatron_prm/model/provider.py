@@ -176,6 +176,10 @@ def transformer_config(arch: Architecture, options: ModelBuildOptions) -> Transf
             layout.virtual_pipeline_parallel_size if layout.virtual_pipeline_parallel_size > 1 else None
         ),
         sequence_parallel=layout.sequence_parallel,
+        context_parallel_size=layout.context_parallel_size,
+        # Transformer Engine's attention exchanges keys and values this way; the local spec's attention
+        # (model/context_parallel_attention.py) all-gathers them.
+        cp_comm_type=layout.cp_comm_type if te and layout.context_parallel_size > 1 else None,
         tp_comm_overlap=options.tp_comm_overlap_tokens > 0,
         use_cpu_initialization=options.use_cpu_initialization,
         # The loss function returns (sum, count); Megatron divides by the global count.

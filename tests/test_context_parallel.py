@@ -1,0 +1,131 @@
+"""Context parallelism: the load-balanced split, the attention without Transformer Engine, and the layout.
+
+The training runs under CP x TP, CP x PP and CP x DP are in tests/test_parallel.py, the exact resume of
+a packed CP2 run in tests/test_checkpoint.py.
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, free_port, run_cli
+from megatron_prm.config import ConfigError, load_config
+from megatron_prm.context_chunks import chunk_indices, gathered_order, rank_positions
+from megatron_prm.data.batching import collate_packed
+from megatron_prm.data.context_split import split_for_context_parallel
+from megatron_prm.data.packing import PackingOptions
+from megatron_prm.data.samples import Sample
+from megatron_prm.layout import resolve_layout
+from megatron_prm.model.architecture import Architecture
+
+
+def test_each_rank_holds_chunks_r_and_2cp_minus_1_minus_r():
+    assert chunk_indices(16, 0, 2).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert chunk_indices(16, 1, 2).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    # A packed row is cut sample by sample; all ranks together hold every position once.
+    offsets = [0, 8, 24, 32]
+    shares = [rank_positions(32, offsets, rank, 4) for rank in range(4)]
+    assert shares[0].tolist() == [0, 7, 8, 9, 22, 23, 24, 31]
+    assert sorted(np.concatenate(shares).tolist()) == list(range(32))
+    gathered = np.concatenate(shares)
+    assert gathered[gathered_order(32, offsets, 4)].tolist() == list(range(32))
+    with pytest.raises(ValueError, match="2 x 4 equal chunks"):
+        chunk_indices(12, 0, 4)
+
+
+def test_labels_travel_with_their_tokens():
+    def sample(length, positions, record):
+        return Sample(np.arange(100 * record, 100 * record + length, dtype=np.int32), np.asarray(positions, np.int32),
+                      np.linspace(0, 1, len(positions), dtype=np.float32), np.arange(len(positions), dtype=np.int32),
+                      record)
+
+    batch = collate_packed([sample(5, [0, 4], 1), sample(8, [3, 4, 7], 2)], 0, PackingOptions(32, sample_multiple=4))
+    assert batch.cu_seqlens_padded.tolist() == [0, 8, 16]
+    seen = []
+    for rank in range(2):
+        local = split_for_context_parallel(batch, rank, 2)
+        assert local.tokens.shape == (1, 8) and local.cu_seqlens_padded.tolist() == [0, 8, 16]  # whole-row offsets
+        for (row, position), record, step in zip(local.reward_index.tolist(), local.record_ids.tolist(),
+                                                 local.step_ids.tolist()):
+            token = int(local.tokens[row, position])
+            seen.append((record, step))
+            assert token == 100 * record + int(sample(5, [0, 4], 1).label_positions[step] if record == 1 else
+                                               sample(8, [3, 4, 7], 2).label_positions[step])
+    assert sorted(seen) == [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
+
+
+def _cp_run(out, cp, family, fmt):
+    script = [str(REPO / "tests" / "context_parallel_grads.py"), str(out), str(cp), family, fmt]
+    command = [sys.executable, *script] if cp == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cp), "--master-addr", "127.0.0.1",
+        "--master-port", str(free_port()), *script]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return load_file(out)
+
+
+@pytest.mark.parametrize("family, fmt", [("llama3", "padded"), ("qwen2", "packed")])
+def test_context_parallel_logits_and_gradients_equal_one_rank(tmp_path, family, fmt):
+    """CP 2 and 4 against CP 1 in fp32: every labelled step's reward logits and every parameter's gradient
+    within 1e-6, with Llama-3 RoPE scaling (padded rows) and YaRN (packed rows, samples shorter than
+    2 x CP), placeholders on chunk boundaries."""
+    reference = _cp_run(tmp_path / "cp1.safetensors", 1, family, fmt)
+    assert reference["logits"].shape[0] >= 13
+    for cp in (2, 4):
+        split = _cp_run(tmp_path / f"cp{cp}.safetensors", cp, family, fmt)
+        assert torch.equal(split["keys"], reference["keys"])
+        torch.testing.assert_close(split["logits"], reference["logits"], rtol=0, atol=1e-6)
+        assert split.keys() == reference.keys()
+        for name in reference:
+            if name.startswith("grad."):
+                assert reference[name].abs().max() > 0, name
+                torch.testing.assert_close(split[name], reference[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+ARCH = Architecture(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256,
+                    rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02)
+
+
+def test_layout_counts_context_parallel_ranks():
+    config = load_config(None, ["--context-parallel-degree", "2", "--tensor_parallel_degree", "2",
+                                "--sequence_parallel", "true"])
+    layout, _ = resolve_layout(config, 8, ARCH)
+    assert (layout.context_parallel_size, layout.data_parallel_size, layout.world_size) == (2, 2, 8)
+    assert (layout.sample_multiple, layout.sequence_multiple) == (4, 8)
+    with pytest.raises(ConfigError, match="world size 6 is not divisible by tensor_parallel_degree 2 x "
+                                          "context_parallel_degree 2 x pipeline_parallel_degree 1 = 4"):
+        resolve_layout(config, 6, ARCH)
+    with pytest.raises(ConfigError, match="cp_comm_type must be one of 'p2p', 'a2a', 'all_gather', 'a2a\\+p2p'"):
+        load_config(None, ["--cp_comm_type", "ring"])
+    with pytest.raises(ConfigError, match="context_parallel_degree must be at least 1"):
+        load_config(None, ["--context_parallel_degree", "0"])
+
+
+def test_score_refuses_context_parallelism_with_an_alternative(tmp_path):
+    result = run_cli(["score", "--checkpoint", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--output",
+                      str(tmp_path / "s.jsonl"), "--context_parallel_degree", "2"], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "score runs without context parallelism" in result.stderr and "--tensor_parallel_degree" in result.stderr
+
+
+def test_plan_divides_activations_by_context_parallelism_and_by_tensor_parallelism_where_split():
+    from megatron_prm.layout import ParallelLayout
+    from megatron_prm.plan import activation_bytes
+
+    tokens = 4096  # per layer: s h (10 + 24 f / 4h) = s x 64 x (10 + 12) bytes, 4 layers
+    assert activation_bytes(ARCH, ParallelLayout(), tokens, False) == 4 * tokens * 64 * 22
+    assert activation_bytes(ARCH, ParallelLayout(context_parallel_size=2), tokens, False) == 4 * tokens * 64 * 11
+    assert activation_bytes(ARCH, ParallelLayout(context_parallel_size=4), tokens, False) == 4 * tokens * 64 * 22 // 4
+    # Tensor parallelism splits the 10 s h of norms and residuals only under sequence parallelism.
+    assert activation_bytes(ARCH, ParallelLayout(tensor_parallel_size=2), tokens, False) == 4 * tokens * 64 * 16
+    assert activation_bytes(ARCH, ParallelLayout(tensor_parallel_size=2, sequence_parallel=True), tokens,
+                            False) == 4 * tokens * 64 * 11
+    # Full recompute keeps each layer's input (2 s h, split only under sequence parallelism) + one layer.
+    assert activation_bytes(ARCH, ParallelLayout(tensor_parallel_size=2), tokens, True) == (
+        4 * 2 * tokens * 64 + tokens * 64 * 16)
