@@ -129,3 +129,28 @@ def test_plan_divides_activations_by_context_parallelism_and_by_tensor_paralleli
     # Full recompute keeps each layer's input (2 s h, split only under sequence parallelism) + one layer.
     assert activation_bytes(ARCH, ParallelLayout(tensor_parallel_size=2), tokens, True) == (
         4 * 2 * tokens * 64 + tokens * 64 * 16)
+
+
+def test_a_chunk_attends_causally_at_the_lower_right_without_keeping_its_mask():
+    import torch.nn.functional as F
+
+    from megatron_prm.model.context_parallel_attention import attend_chunk
+
+    def attend(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, length, 8, generator=generator, requires_grad=True)
+               for heads, length in ((4, 6), (2, 16), (2, 16)))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = attend_chunk(attend, q, k, v)
+    assert not any(t.dtype == torch.bool for t in saved)  # the 6 x 16 mask is rebuilt in the backward pass
+    # The chunk is the last 6 of 16 positions: equal to full causal attention's last 6 rows.
+    padded_q = torch.cat([torch.zeros(1, 4, 10, 8), q], dim=2)
+    full = F.scaled_dot_product_attention(padded_q, k, v, is_causal=True, enable_gqa=True)[:, :, 10:]
+    torch.testing.assert_close(out, full, rtol=0, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    expected = torch.autograd.grad(full.square().sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

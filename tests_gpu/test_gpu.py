@@ -254,3 +254,25 @@ def test_tensor_parallel_2_matches_one_gpu(data, tmp_path):
         runs[name] = [step["loss"] for step in train_log(tmp_path / name)]
     assert len(runs["tp2"]) == 3
     assert runs["tp2"] == pytest.approx(runs["tp1"], rel=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason=f"context parallelism 2 needs 2 GPUs; this machine has {torch.cuda.device_count()}")
+@pytest.mark.parametrize("packed", [False, True])
+def test_context_parallel_2_matches_one_gpu(data, tmp_path, packed):
+    """CP2 over NCCL against one GPU, from the same initial weights, in fp32: Transformer Engine's
+    context-parallel attention where TE is installed, the package's all-gather attention where it is not."""
+    base = write_config(tmp_path, data, "base", bf16=False, max_steps=3)
+    subprocess.run([sys.executable, str(REPO / "tests" / "init_checkpoint.py"), str(base), str(tmp_path / "init")],
+                   cwd=REPO, check=True, capture_output=True,
+                   env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)})  # written on the CPU
+    packing = ["--greedy_zero_padding", "true", "--per_device_train_batch_size", "1"] if packed else []
+    runs = {}
+    for name, nproc, extra in (("cp1", 1, []), ("cp2", 2, ["--context_parallel_degree", "2"])):
+        run_module(["train", str(base), "--model_name_or_path", str(tmp_path / "init"),
+                    "--output_dir", str(tmp_path / name), *packing, *extra], nproc=nproc)
+        runs[name] = [(step["loss"], step["tokens"]) for step in train_log(tmp_path / name)]
+    assert len(runs["cp2"]) == 3
+    if not packed:  # packed rows pad each sample to 2 x CP, which may pack other rows
+        assert [t for _, t in runs["cp2"]] == [t for _, t in runs["cp1"]]
+        assert [loss for loss, _ in runs["cp2"]] == pytest.approx([loss for loss, _ in runs["cp1"]], rel=1e-3)
