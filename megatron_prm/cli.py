@@ -13,7 +13,7 @@ from megatron_prm.config import SECTIONS, ConfigError, argument_type_name, load_
 from megatron_prm.data.convert import FORMATS, NEUTRAL_CHOICES, FormatError
 from megatron_prm.data.records import RecordError
 from megatron_prm.data.store import STORE_FILES, StoreError
-from megatron_prm.error_boundary import run_guarded
+from megatron_prm.error_boundary import INTERRUPTED_STATUS, run_guarded
 from megatron_prm.metrics import PRMBENCH_RULES, TIE_BREAKS, ScoresError
 from megatron_prm.nonfinite import NonFiniteError
 from megatron_prm.option_ranges import range_checked
@@ -68,19 +68,22 @@ def config_keys_help() -> str:
     return "\n".join(lines)
 
 
-def _train(args: argparse.Namespace, overrides: list[str]) -> None:
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from megatron_prm.runtime import shutdown
     from megatron_prm.train import TrainingInterrupted, run_training
 
     config = load_config(args.config, overrides)
     try:
         metrics = run_training(config)
-    except TrainingInterrupted:
-        return  # saved at a step boundary after SIGTERM / SIGUSR1: exit 0, the job resumes with `auto`
+    except TrainingInterrupted as stop:
+        # Saved at a step boundary: after SIGTERM / SIGUSR1 exit 0 (the job resumes with `auto`), after
+        # Ctrl-C 130, as an interrupted command does.
+        return INTERRUPTED_STATUS if stop.interrupted else 0
     finally:
         shutdown()
     if metrics is not None:
         print(strict_json.dumps(metrics))
+    return 0
 
 
 def _tokenize_job(args: argparse.Namespace):

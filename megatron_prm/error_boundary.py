@@ -17,6 +17,8 @@ DEBUG_VARIABLE = "MEGATRON_PRM_DEBUG"
 # Raised by readers on bad input: an unreadable or missing file, undecodable text, JSON nested deeper than
 # the recursion limit, numbers that overflow a float, values Python refuses.
 INPUT_ERRORS = (OSError, UnicodeError, RecursionError, OverflowError, ValueError)
+# The exit status of a command stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
+INTERRUPTED_STATUS = 130
 
 
 def debug_requested(flag: bool = False) -> bool:
@@ -43,9 +45,14 @@ def describe(err: BaseException, own: tuple[type[BaseException], ...] = ()) -> s
 def run_guarded(prog: str, command: Callable[[], Optional[int]], own: tuple[type[BaseException], ...] = (),
                 debug: bool = False) -> int:
     """Run ``command``; the project's errors ``own`` and input errors become ``PROG: error: ...`` on stderr
-    and exit status 2."""
+    and exit status 2, Ctrl-C one line and 130."""
     try:
         return command() or 0
+    except KeyboardInterrupt:
+        if debug_requested(debug):
+            raise
+        print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED_STATUS
     except (*own, *INPUT_ERRORS) as err:
         if debug_requested(debug):
             raise

@@ -1,32 +1,44 @@
-"""SIGTERM / SIGUSR1: save at the next step boundary and stop, instead of dying mid-step.
+"""SIGTERM / SIGUSR1 / SIGINT (Ctrl-C): save at the next step boundary and stop, instead of dying mid-step.
 
 SLURM sends a signal some time before a job's time limit (``--signal``); a preempting scheduler
 sends SIGTERM. The handler only records the signal; every rank checks at the end of each optimizer step,
 all together (the signal may reach ranks at different moments, or only some of them), so that all ranks
 save the same step and stop. See examples/train_llama3_8b_prm.sh for how the signal reaches torchrun's
-workers and how the job requeues itself.
+workers and how the job requeues itself. A second Ctrl-C stops at once, without saving
+(``KeyboardInterrupt``; the CLI turns it into one line and exit status 130).
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopSignals:
-    """Records SIGTERM / SIGUSR1 from creation until :meth:`restore`."""
+    """Records SIGTERM / SIGUSR1 / SIGINT from creation until :meth:`restore`."""
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
         self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
 
     def _record(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.received == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now
+            print("Ctrl-C: saving at the end of this step, then stopping (Ctrl-C again stops at once, without "
+                  "saving)", file=sys.stderr, flush=True)
         self.received = signum
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the stop was asked for with Ctrl-C (the CLI then exits with 130, as after SIGINT)."""
+        return self.received == signal.SIGINT
 
     def requested(self, device: torch.device) -> bool:
         """Whether any rank received a stop signal (a collective: every rank calls it at every step)."""

@@ -159,7 +159,12 @@ def _eval_line(step: int, total: int, metrics: dict) -> str:
 
 
 class TrainingInterrupted(Exception):
-    """A stop signal arrived; the checkpoint of the last whole step was saved (the CLI exits with 0)."""
+    """A stop signal arrived; the checkpoint of the last whole step was saved (the CLI exits with 0 after
+    SIGTERM / SIGUSR1, so a requeued job resumes, and with 130 after Ctrl-C)."""
+
+    def __init__(self, signal_name: str, interrupted: bool) -> None:
+        super().__init__(signal_name)
+        self.interrupted = interrupted
 
 
 @dataclass
@@ -386,7 +391,7 @@ def run_training(config: RunConfig) -> Optional[dict]:
                                "with resume_from_checkpoint auto (or latest) to continue")
             run.logger.close()
             stop.restore()
-            raise TrainingInterrupted(stop.name)
+            raise TrainingInterrupted(stop.name, stop.interrupted)
     stop.restore()
     run.checkpoints.wait()
 

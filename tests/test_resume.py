@@ -208,13 +208,15 @@ def uninterrupted(config, tmp_path, nproc):
 
 
 @pytest.mark.one_leg
-def test_sigterm_saves_stops_cleanly_and_auto_resumes_exactly_one_process(tmp_path, run_config):
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_stop_signal_saves_stops_cleanly_and_auto_resumes_exactly_one_process(tmp_path, run_config, sig, status):
+    """SIGTERM (preemption) exits 0 so that a requeued job resumes; Ctrl-C does the same and exits 130."""
     expected = uninterrupted(run_config, tmp_path, 1)
     output = tmp_path / "run"
     process = start(run_config, output, 1, "--resume_from_checkpoint", "auto")
-    text = run_until(process, "step 2/", signal.SIGTERM)
-    assert process.returncode == 0, text[-3000:]
-    assert "received SIGTERM: saved the checkpoint of step" in text, text[-3000:]
+    text = run_until(process, "step 2/", sig)
+    assert process.returncode == status, text[-3000:]
+    assert f"received {sig.name}: saved the checkpoint of step" in text and "Traceback" not in text, text[-3000:]
     stopped = int((output / "latest").read_text().strip()[len("iter_"):])
     assert 2 <= stopped < 5
     process = start(run_config, output, 1, "--resume_from_checkpoint", "auto")
@@ -223,6 +225,25 @@ def test_sigterm_saves_stops_cleanly_and_auto_resumes_exactly_one_process(tmp_pa
     got = losses(output)
     assert stopped + 3 <= 8
     assert [got[s] for s in range(1, 9)] == [expected[s] for s in range(1, 9)]  # bitwise
+
+
+@pytest.mark.one_leg
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, run_config):
+    process = start(run_config, tmp_path / "run", 1)
+    out = []
+    for line in process.stdout:
+        out.append(line)
+        if line.startswith("Ctrl-C: saving"):
+            signal_all(process, signal.SIGINT)
+            break
+        if line.startswith("step 1/"):
+            signal_all(process, signal.SIGINT)
+    out += process.stdout.read()
+    process.wait(timeout=300)
+    text = "".join(out)
+    assert process.returncode == 130, text[-3000:]
+    assert "megatron-prm train: interrupted (Ctrl-C)" in text and "Traceback" not in text, text[-3000:]
+    assert not (tmp_path / "run" / "latest").exists()
 
 
 @pytest.mark.one_leg
