@@ -68,11 +68,41 @@ def config_keys_help() -> str:
     return "\n".join(lines)
 
 
+def config_and_overrides(tokens: list[str], config: Optional[str] = None) -> tuple[Optional[str], list[str]]:
+    """The run config file, given as the first positional argument or as ``--config FILE`` (the TRL / HF
+    habit; ``--config=FILE`` too), and the ``--key value`` overrides that follow. ``config``: one that
+    argparse already took."""
+    if tokens and not tokens[0].startswith("-"):
+        config, tokens = _one_config(config, tokens[0]), tokens[1:]
+    overrides: list[str] = []
+    position = 0
+    while position < len(tokens):
+        token = tokens[position]
+        if token == "--config" or token.startswith("--config="):
+            if "=" in token:
+                value, position = token.split("=", 1)[1], position + 1
+            elif position + 1 < len(tokens) and not tokens[position + 1].startswith("-"):
+                value, position = tokens[position + 1], position + 2
+            else:
+                raise ConfigError("--config needs a JSON or YAML file")
+            config = _one_config(config, value)
+            continue
+        overrides.append(token)
+        position += 1
+    return config, overrides
+
+
+def _one_config(current: Optional[str], new: str) -> str:
+    if current is not None and current != new:
+        raise ConfigError(f"two configs given ({current} and {new}): give one, as CONFIG or --config CONFIG")
+    return new
+
+
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from megatron_prm.runtime import shutdown
     from megatron_prm.train import TrainingInterrupted, run_training
 
-    config = load_config(args.config, overrides)
+    config = load_config(*config_and_overrides(overrides))
     try:
         metrics = run_training(config)
     except TrainingInterrupted as stop:
@@ -225,7 +255,10 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> None:
     from megatron_prm.model.architecture import resolve_architecture
     from megatron_prm.plan import describe, plan
 
-    config = load_config(args.config, overrides)
+    path, overrides = config_and_overrides(overrides, args.config)
+    if path is None:
+        raise ConfigError("plan needs the run's config: megatron-prm plan CONFIG (or --config CONFIG)")
+    config = load_config(path, overrides)
     arch = resolve_architecture(config.model, 1, config.data.max_seq_len, config.prm.reward_head)
     if arch.vocab_size == 1:
         raise ConfigError("plan reads the vocabulary size from the model config (model_config or vocab_size)")
@@ -300,12 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train a PRM",
-        description="Train a PRM. Arguments come from CONFIG (JSON or YAML), then from --key value "
-        "overrides.",
+        description="Train a PRM. Arguments come from CONFIG (JSON or YAML; also --config CONFIG), then from "
+        "--key value overrides.",
         epilog=config_keys_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("config", nargs="?", help="JSON or YAML file of arguments")
+    train.add_argument("config", nargs="?", help="JSON or YAML file of arguments (or --config CONFIG)")
 
     check = commands.add_parser("check-data", help="validate and tokenize a data file; print a JSON summary")
     _add_tokenize_options(check)
@@ -353,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser(
         "plan", help="layout, parameters and memory per GPU of a run config; refuses what cannot divide or fit",
         description="Plan a run without a GPU. Extra --name value arguments override the config.")
-    plan.add_argument("--config", required=True, help="the run's JSON or YAML config")
+    plan.add_argument("--config", help="the run's JSON or YAML config (or as the first argument: plan CONFIG)")
     plan.add_argument("--nodes", type=int, default=1)
     plan.add_argument("--gpus-per-node", type=int, default=8)
     plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (H100: 80)")
@@ -395,9 +428,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         megatron_compat.import_megatron_core()
     if args.command == "train":
         # argparse would take the value of a leading --name value override for the optional CONFIG.
-        tokens = [t for t in argv[argv.index("train") + 1:] if t != "--debug"]
-        args.config = tokens[0] if tokens and not tokens[0].startswith("-") else None
-        rest = tokens[1:] if args.config else tokens
+        rest = [t for t in argv[argv.index("train") + 1:] if t != "--debug"]
     if rest and args.command not in ("train", "score", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     commands = {"train": lambda: _train(args, rest), "check-data": lambda: _check_data(args),

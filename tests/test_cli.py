@@ -33,3 +33,32 @@ def test_placeholder_of_several_tokens(tmp_path):
     result = run_cli(["check-data", "--data", str(data), "--tokenizer", MISTRAL, "--placeholder-token", "<step>"],
                      check=False)
     assert result.returncode == 2 and "placeholder_token '<step>'" in result.stderr and "exactly one token" in result.stderr
+
+
+def test_the_config_is_positional_or_given_with_config_for_train_and_plan(tmp_path, capsys):
+    import pytest
+
+    from megatron_prm import cli
+    from megatron_prm.config import ConfigError
+
+    split = cli.config_and_overrides
+    assert split(["run.yaml", "--max_seq_len", "64"]) == ("run.yaml", ["--max_seq_len", "64"])
+    assert split(["--config", "run.yaml", "--max_seq_len", "64"]) == ("run.yaml", ["--max_seq_len", "64"])
+    assert split(["--max_seq_len", "64", "--config=run.yaml"]) == ("run.yaml", ["--max_seq_len", "64"])
+    assert split(["--max_seq_len", "64"]) == (None, ["--max_seq_len", "64"])
+    with pytest.raises(ConfigError, match="two configs given"):
+        split(["a.yaml", "--config", "b.yaml"])
+    with pytest.raises(ConfigError, match="--config needs a JSON or YAML file"):
+        split(["--config", "--max_seq_len", "64"])
+    # plan takes both forms (it required --config; train took only the positional form) and says the same.
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+                                  "max_seq_len": 128, "max_prompt_len": 64}))
+    figures = []
+    for form in ([str(config)], ["--config", str(config)]):
+        assert cli.main(["plan", *form, "--nodes", "1", "--gpus-per-node", "1"]) == 0
+        figures.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert figures[0] == figures[1] and figures[0]["world_size"] == 1
+    assert cli.main(["plan", "--nodes", "1"]) == 2
+    assert "plan needs the run's config: megatron-prm plan CONFIG (or --config CONFIG)" in capsys.readouterr().err
