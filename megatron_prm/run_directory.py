@@ -14,6 +14,8 @@ This module knows names and directories only; what a checkpoint holds is ``check
 
 from __future__ import annotations
 
+import json
+
 import re
 import shutil
 from datetime import datetime, timezone
@@ -162,15 +164,41 @@ def _earlier_files(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(EARLIER_RUN_PREFIX))
 
 
+# What a launch writes before its first step (provenance.py, run_logger.py, and the token stores and
+# packing plans of data/store_cache.py, which a later run of the same data reuses).
+START_FILES = frozenset({"config.json", "provenance.jsonl", "log.jsonl", "data_cache"})
+
+
+def only_a_start_that_never_trained(run_dir: Path, present: list[str]) -> bool:
+    """Whether ``run_dir`` holds nothing but what a launch that stopped before its first step wrote (a bad
+    setting found after the directory was made): no checkpoint, no step or evaluation in its log."""
+    if not set(present) <= START_FILES:
+        return False
+    log = run_dir / "log.jsonl"
+    if not log.is_file():
+        return True
+    with open(log, encoding="utf-8", errors="replace") as handle:
+        return not any(_event_kind(line) in ("train", "eval") for line in handle)
+
+
+def _event_kind(line: str) -> Optional[str]:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event.get("kind") if isinstance(event, dict) else None
+
+
 def check_output_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
-    """Refuse to start a fresh run in a directory that holds files, unless ``overwrite``; read-only, so
-    every rank can run it before any collective."""
+    """Refuse to start a fresh run in a directory that holds files, unless ``overwrite`` or they are only
+    the files of a start that never trained (the new run writes its config over theirs and appends to
+    their provenance and log); read-only, so every rank can run it before any collective."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir {run_dir} exists and is not a directory")
     if resuming or overwrite or not run_dir.is_dir():
         return
     present = _earlier_files(run_dir)
-    if present:
+    if present and not only_a_start_that_never_trained(run_dir, present):
         raise ConfigError(
             f"output_dir {run_dir} is not empty ({', '.join(present[:5])}{', ...' if len(present) > 5 else ''}); "
             "resume with resume_from_checkpoint (latest / auto), choose another output_dir, or set "

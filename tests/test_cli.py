@@ -26,6 +26,19 @@ def test_bad_record_stops_training_before_anything_is_written(tmp_path):
     assert result.returncode == 2
     assert f"{data}: record 1 (line 2), field 'labels': has 1 labels for 2 steps" in result.stderr
     assert not any(p.name.startswith("iter_") for p in (tmp_path / "out").iterdir())
+    # The corrected run starts in the same output_dir: what the failed start left is no earlier run.
+    write_jsonl(data, [{"src": "q", "responses": ["a", "b"], "labels": ["+", "-"]}] * 4)
+    rerun = run_cli(["train", str(tmp_path / "run.json"), "--max_steps", "1", "--per_device_train_batch_size", "1",
+                     "--gradient_accumulation_steps", "1", "--warmup_steps", "0", "--save_strategy", "no"], check=False)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    # A directory whose log holds a trained step is an earlier run, checkpoint or not.
+    import pytest
+
+    from megatron_prm.config import ConfigError
+    from megatron_prm.run_directory import check_output_dir
+
+    with pytest.raises(ConfigError, match="is not empty"):
+        check_output_dir(tmp_path / "out", resuming=False, overwrite=False)
 
 
 def test_placeholder_of_several_tokens(tmp_path):
