@@ -75,3 +75,15 @@ def test_the_config_is_positional_or_given_with_config_for_train_and_plan(tmp_pa
     assert figures[0] == figures[1] and figures[0]["world_size"] == 1
     assert cli.main(["plan", "--nodes", "1"]) == 2
     assert "plan needs the run's config: megatron-prm plan CONFIG (or --config CONFIG)" in capsys.readouterr().err
+
+
+def test_raw_public_records_get_the_convert_data_command(tmp_path, capsys):
+    from megatron_prm import cli
+
+    raw = write_jsonl(tmp_path / "gsm8k.jsonl", [{"id": "gsm8k-0", "generator": "m", "problem": "1 + 1?",
+                                                   "steps": ["1 + 1 = 2", "So 2."], "final_answer_correct": True,
+                                                   "label": -1}])
+    assert cli.main(["check-data", "--data", str(raw), "--tokenizer", MISTRAL]) == 2
+    assert (f"{raw}: record 0 (line 1), field 'src': is missing; the record looks like processbench data: convert "
+            "it first with `megatron-prm convert-data --from processbench --input FILE --output FILE.jsonl`"
+            ) in capsys.readouterr().err

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from megatron_prm.data.records import RecordError, iter_raw_records, validate_record
-from megatron_prm.data.source_schemas import SOURCE_SCHEMAS, SchemaProblem, schema_problem
+from megatron_prm.data.source_schemas import SOURCE_SCHEMAS, SOURCE_SIGNATURES, SchemaProblem, schema_problem
 from megatron_prm.progress import progress
 
 STEP_TAG = "ки"
@@ -51,13 +51,6 @@ PRMBENCH_CORRECT = "correct"
 FORMATS = ("math-shepherd", "processbench", "prm800k", "prmbench", "best-of-n")
 NEUTRAL_CHOICES = ("positive", "negative", "drop")
 # Keys whose absence in the first record means the file is of another format.
-_SIGNATURE = {
-    "math-shepherd": ("input", "label"),
-    "processbench": ("problem", "steps", "label"),
-    "prm800k": ("question", "label"),
-    "prmbench": ("modified_question", "modified_process", "error_steps"),
-    "best-of-n": ("id", "problem", "candidates"),
-}
 
 
 class Skip(Exception):
@@ -408,10 +401,10 @@ def check_data_refusal(record: dict, labelled: bool) -> Optional[str]:
 
 
 def _check_signature(raw: Any, source_format: str, path: str | Path) -> None:
-    keys = _SIGNATURE[source_format]
+    keys = SOURCE_SIGNATURES[source_format]
     if not isinstance(raw, dict) or any(k not in raw for k in keys):
         found = sorted(raw)[:8] if isinstance(raw, dict) else type(raw).__name__
-        others = [name for name, sig in _SIGNATURE.items()
+        others = [name for name, sig in SOURCE_SIGNATURES.items()
                   if name != source_format and isinstance(raw, dict) and all(k in raw for k in sig)]
         hint = f"; it looks like {others[0]} data" if others else ""
         raise FormatError(

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional
 
+from megatron_prm.data.source_schemas import source_format_of
+
 
 LONE_SURROGATE = "holds a lone surrogate"
 # Faults of a line as a whole, before there is a record to validate: the field names RecordError uses.
@@ -317,7 +319,10 @@ def validate_record(
         fail("<record>", f"must be a JSON object, got {type(raw).__name__}")
     for key in ("src", "responses"):
         if key not in raw:
-            fail(key, "is missing")
+            source = source_format_of(raw)
+            hint = (f"; the record looks like {source} data: convert it first with `megatron-prm convert-data "
+                    f"--from {source} --input FILE --output FILE.jsonl`") if source else ""
+            fail(key, "is missing" + hint)
     src = _turns(raw["src"], "src", fail)
     tgt = _turns(raw.get("tgt", []), "tgt", fail)
     if len(src) != len(tgt) + 1:

@@ -23,6 +23,22 @@ _MISSING = _Missing()
 _INDEX = re.compile(r"\[\d+\]")
 
 
+# The keys that identify each source format's records (convert-data checks the first record for them).
+SOURCE_SIGNATURES = {
+    "math-shepherd": ("input", "label"),
+    "processbench": ("problem", "steps", "label"),
+    "prm800k": ("question", "label"),
+    "prmbench": ("modified_question", "modified_process", "error_steps"),
+    "best-of-n": ("id", "problem", "candidates"),
+}
+
+
+def source_format_of(raw: Any) -> Optional[str]:
+    """The source format a raw record looks like (None: none of them), for a hint to convert it first."""
+    if not isinstance(raw, dict):
+        return None
+    return next((name for name, keys in SOURCE_SIGNATURES.items() if all(key in raw for key in keys)), None)
+
 @dataclass(frozen=True)
 class Text:
     """A string; ``blank_ok`` False: with a character other than whitespace."""
