@@ -178,6 +178,7 @@ def _score(args: argparse.Namespace, overrides: list[str]) -> None:
     from megatron_prm.runtime import shutdown
     from megatron_prm.scoring import refuse_context_parallelism, score_file, scoring_config
 
+    from megatron_prm.run_directory import is_megatron_run_or_checkpoint
     from megatron_prm.runtime import resolve_device
 
     check_output_file(args.output, [args.data, args.checkpoint, args.hf])
@@ -189,6 +190,9 @@ def _score(args: argparse.Namespace, overrides: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="megatron-prm-score-") as scratch:
         checkpoint = args.checkpoint
         if args.hf:
+            if is_megatron_run_or_checkpoint(Path(args.hf)):
+                raise ConfigError(f"{args.hf} is a megatron-prm run or checkpoint, not a Hugging Face model: score "
+                                  f"it with --checkpoint {args.hf}")
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise ConfigError("--hf converts the model in this process; with several processes convert it once "
                                   "(tools/convert_hf.py import) and pass --checkpoint")

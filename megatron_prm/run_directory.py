@@ -95,8 +95,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest is not None:
         path = latest
     if not (path / DCP_METADATA_NAME).is_file() or not (path / MODEL_CONFIG_NAME).is_file():
-        raise CheckpointError(f"{path} is not a megatron-prm checkpoint (no {DCP_METADATA_NAME} / {MODEL_CONFIG_NAME})")
+        hint = ""
+        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            hint = ("; it is a Hugging Face model directory: `megatron-prm score --hf` reads it as it is, and "
+                    "`python tools/convert_hf.py import --hf DIR --out CHECKPOINT` converts it for training")
+        raise CheckpointError(f"{path} is not a megatron-prm checkpoint (no {DCP_METADATA_NAME} / "
+                              f"{MODEL_CONFIG_NAME}){hint}")
     return path
+
+
+def is_megatron_run_or_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a megatron-prm run directory (a ``latest`` file) or checkpoint."""
+    return (path / "latest").is_file() or (path / MODEL_CONFIG_NAME).is_file()
 
 
 def checkpoint_in_run(run_dir: Path, name: str, what: str) -> Path:

@@ -87,3 +87,20 @@ def test_raw_public_records_get_the_convert_data_command(tmp_path, capsys):
     assert (f"{raw}: record 0 (line 1), field 'src': is missing; the record looks like processbench data: convert "
             "it first with `megatron-prm convert-data --from processbench --input FILE --output FILE.jsonl`"
             ) in capsys.readouterr().err
+
+
+def test_score_says_which_option_the_other_kind_of_model_directory_needs(tmp_path, capsys):
+    from megatron_prm import cli
+
+    run, hf = tmp_path / "run", tmp_path / "hf"
+    run.mkdir(), hf.mkdir()
+    (run / "latest").write_text("iter_0000004\n")
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (hf / "model.safetensors").write_bytes(b"")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"src": "q", "responses": ["a"]}])
+    out = str(tmp_path / "scores.jsonl")
+    assert cli.main(["score", "--hf", str(run), "--data", str(data), "--output", out]) == 2
+    assert f"{run} is a megatron-prm run or checkpoint, not a Hugging Face model: score it with --checkpoint" in (
+        capsys.readouterr().err)
+    assert cli.main(["score", "--checkpoint", str(hf), "--data", str(data), "--output", out]) == 2
+    assert "it is a Hugging Face model directory: `megatron-prm score --hf` reads it" in capsys.readouterr().err
