@@ -143,6 +143,11 @@ def prmbench(records, threshold: float = 0.5, rule: str = "gt") -> dict:
     threshold = check_threshold(threshold)
     rows = [(str(scored.record(i).get("classification", "unclassified")), scored.step_scores(i),
              _prmbench_error_steps(scored, i)) for i in range(len(scored))]
+    prmbench_fields = ("classification", "error_steps")
+    if len(scored) and not any(field in scored.record(i) for i in range(len(scored)) for field in prmbench_fields):
+        if any("first_error" in scored.record(i) for i in range(len(scored))):
+            raise ScoresError(f"{scored.path}: these are ProcessBench scores (first_error, no PRMBench "
+                              "classification or error_steps): use --benchmark processbench")
     return metrics.prmbench_figures(rows, threshold, rule, excluded_from_total=(PRMBENCH_CORRECT,))
 
 

@@ -58,6 +58,10 @@ def test_prmbench_and_steps_hand_computed():
 
     figures = benchmarks.steps(records)
     assert figures["accuracy"] == pytest.approx(3 / 5)
+    # ProcessBench scores (first_error, neither PRMBench's classification nor error_steps) are refused.
+    processbench_rows = [{**r, "first_error": 1} for r in records]
+    with pytest.raises(ScoresError, match="these are ProcessBench scores .* use --benchmark processbench"):
+        benchmarks.prmbench(processbench_rows)
     assert (figures["neg_precision"], figures["neg_recall"]) == (0.5, 0.5)
     # AUROC: good scores {0.9, 0.4, 0.8} vs bad {0.2, 0.7}: 5 of 6 pairs ordered right (not 0.4 > 0.7).
     assert figures["auroc"] == pytest.approx(5 / 6)
