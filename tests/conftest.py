@@ -51,6 +51,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def spawn_ranks(target, world_size: int, timeout: int = 120) -> list:
+    """Run ``target(rank, port, results)`` in ``world_size`` spawned processes (a gloo group of their own,
+    at ``port``); what each put on ``results``, sorted."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=target, args=(rank, port, results)) for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout)
+    return sorted(results.get(timeout=5) for _ in range(world_size))
+
+
 def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``megatron-prm ARGS`` in fresh processes (torchrun for nproc > 1); with ``check``, a non-zero
     exit fails the test."""

@@ -163,23 +163,13 @@ def test_scoring_on_two_data_parallel_ranks_writes_the_same_bytes(tmp_path):
 
 
 def test_every_rank_gets_the_working_ranks_result_or_its_error():
-    import multiprocessing
-
-    from conftest import free_port
+    from conftest import spawn_ranks
 
     from one_rank_failure import fail_on_rank_zero
 
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    port = free_port()
-    processes = [context.Process(target=fail_on_rank_zero, args=(rank, port, results)) for rank in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(120)
     message = "data.jsonl: record 3 (line 4), field 'labels': is missing"
     decided = "decided on rank 0"
-    assert sorted(results.get(timeout=5) for _ in range(2)) == [(0, decided, [0], message), (1, decided, [], message)]
+    assert spawn_ranks(fail_on_rank_zero, 2) == [(0, decided, [0], message), (1, decided, [], message)]
 
 
 def test_a_store_written_from_arrays_equals_one_written_sample_by_sample(prepared, tmp_path):

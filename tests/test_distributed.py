@@ -59,17 +59,7 @@ def test_two_data_parallel_ranks_match_one_process(tmp_path, data):
 def test_evaluation_predictions_are_gathered_on_the_logging_rank_only():
     """Metrics need all predictions in one place, not on every rank: the last rank gets its data-parallel
     group's parts in rank order, the others (and a group without the logging rank) get nothing."""
-    import multiprocessing
-
-    from conftest import free_port
+    from conftest import spawn_ranks
     from eval_gather import gather_on_rank
 
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    port = free_port()
-    processes = [context.Process(target=gather_on_rank, args=(rank, port, results)) for rank in range(3)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(120)
-    assert sorted(results.get(timeout=5) for _ in range(3)) == [(0, None), (1, None), (2, ([1, 1, 2, 2, 2], 3.0))]
+    assert spawn_ranks(gather_on_rank, 3) == [(0, None), (1, None), (2, ([1, 1, 2, 2, 2], 3.0))]
