@@ -213,6 +213,7 @@ def _score(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from megatron_prm import benchmarks
+    from megatron_prm.progress import for_people, plural
 
     scored = benchmarks.ScoredRecords.read(args.scores)
     if args.tune_on and args.benchmark != "processbench":
@@ -220,8 +221,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.benchmark == "processbench":
         result = benchmarks.processbench(scored, args.threshold, args.tune_on)
         for name, subset in result["subsets"].items():
-            print(f"{name}: acc_erroneous {subset['acc_erroneous']} acc_correct {subset['acc_correct']} "
-                  f"f1 {subset['f1']} ({subset['items']} items)", file=sys.stderr)
+            print(f"{name}: acc_erroneous {for_people(subset['acc_erroneous'])} acc_correct "
+                  f"{for_people(subset['acc_correct'])} f1 {for_people(subset['f1'])} "
+                  f"({plural(subset['items'], 'item')})", file=sys.stderr)
     elif args.benchmark == "prmbench":
         result = benchmarks.prmbench(scored, args.threshold, args.prmbench_rule)
         print(_prmbench_table(result), file=sys.stderr)
@@ -235,7 +237,7 @@ def _evaluate(args: argparse.Namespace) -> None:
                   f"{result['weighted_vote_accuracy'][name]:.4f}" for name in result["prm_accuracy"]),
               file=sys.stderr)
     headline = benchmarks.HEADLINE[args.benchmark]
-    print(f"{args.benchmark}: {headline} = {result[headline]}", file=sys.stderr)
+    print(f"{args.benchmark}: {headline} = {for_people(result[headline])}", file=sys.stderr)
     print(strict_json.dumps({"benchmark": args.benchmark, "scores": args.scores, headline: result[headline],
                       **{k: v for k, v in result.items() if k != headline}}))
 

@@ -16,6 +16,20 @@ from tqdm import tqdm
 PLAIN_INTERVAL_S = 30.0
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 process``, ``2 processes``: a count and its noun for a person to read."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun}es" if noun.endswith(("s", "sh", "ch", "x")) else f"{count} {noun}s"
+
+
+def for_people(value) -> str:
+    """A figure rounded for a person (4 decimals; ``n/a`` for None); JSON output keeps full precision."""
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 class PlainProgress:
     """The part of tqdm's interface the project uses (iterate, ``update``, ``close``, ``with``)."""
 

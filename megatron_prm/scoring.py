@@ -47,6 +47,7 @@ from megatron_prm.evaluation import predict
 from megatron_prm.layout import resolve_layout
 from megatron_prm.model.architecture import read_hf_config, resolve_architecture, reward_head_of
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
+from megatron_prm.progress import plural
 from megatron_prm.runtime import init_runtime
 
 AGGREGATES = ("min", "last", "prod", "mean", "max")
@@ -140,8 +141,8 @@ def score_file(config: RunConfig, output: Path, aggregates: tuple[str, ...], bat
     parts = output.with_name(output.name + ".parts")
     store = TokenStore(tokenize_once(job, tokenizer, parts, show_progress=runtime.is_logging_rank))
     if runtime.is_logging_rank:
-        print(f"scoring {len(store)} records in {compute_dtype(config)} on {runtime.world_size} "
-              f"{runtime.device.type} process(es)", file=sys.stderr, flush=True)
+        print(f"scoring {plural(len(store), 'record')} in {compute_dtype(config)} on "
+              f"{plural(runtime.world_size, runtime.device.type + ' process')}", file=sys.stderr, flush=True)
     packing = Packing("greedy_zero_padding", PackingOptions(config.data.max_seq_len, row_multiple=layout.sequence_multiple),
                       config.data.packing_buffer_size) if packed else None
     eos = tokenizer.tokenizer.eos_id

@@ -37,6 +37,7 @@ from megatron_prm.metrics import majority_baseline
 from megatron_prm.model.architecture import Architecture, resolve_architecture
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks, padded_vocab_size
 from megatron_prm.nonfinite import NonFiniteBudget, NonFiniteError
+from megatron_prm.progress import plural
 from megatron_prm.provenance import record_launch
 from megatron_prm.run_logger import RunLogger, check_trackers
 from megatron_prm.run_directory import (
@@ -245,7 +246,7 @@ def setup(config: RunConfig) -> Run:
     n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
     logger.message(
         f"model: {arch.num_hidden_layers} layers, hidden {arch.hidden_size}, {n_params / 1e6:.2f}M parameters on "
-        f"this rank; {runtime.world_size} processes on {runtime.device.type}: tensor {layout.tensor_parallel_size} x "
+        f"this rank; {plural(runtime.world_size, 'process')} on {runtime.device.type}: tensor {layout.tensor_parallel_size} x "
         f"{f'context {layout.context_parallel_size} x ' if layout.context_parallel_size > 1 else ''}pipeline {layout.pipeline_parallel_size} (virtual {layout.virtual_pipeline_parallel_size}) x data "
         f"{layout.data_parallel_size}; global batch {batch_layout.global_batch_size}; {total_steps} steps"
     )

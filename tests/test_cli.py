@@ -104,3 +104,21 @@ def test_score_says_which_option_the_other_kind_of_model_directory_needs(tmp_pat
         capsys.readouterr().err)
     assert cli.main(["score", "--checkpoint", str(hf), "--data", str(data), "--output", out]) == 2
     assert "it is a Hugging Face model directory: `megatron-prm score --hf` reads it" in capsys.readouterr().err
+
+
+def test_figures_for_people_are_rounded_and_counted_in_words(tmp_path, capsys):
+    from megatron_prm import cli
+    from megatron_prm.progress import for_people, plural
+
+    assert (plural(1, "process"), plural(2, "process"), plural(1, "cpu process"), plural(3, "item")) == (
+        "1 process", "2 processes", "1 cpu process", "3 items")
+    assert (for_people(2 / 3), for_people(None), for_people(4)) == ("0.6667", "n/a", "4")
+    scores = write_jsonl(tmp_path / "scores.jsonl", [
+        {"id": "gsm8k-0", "first_error": 1, "step_scores": [0.9, 0.1 / 3]},
+        {"id": "gsm8k-1", "first_error": -1, "step_scores": [0.8, 0.7]},
+        {"id": "gsm8k-2", "first_error": 0, "step_scores": [0.7, 0.2]}])
+    assert cli.main(["evaluate", "--scores", str(scores), "--benchmark", "processbench"]) == 0
+    captured = capsys.readouterr()
+    assert "gsm8k: acc_erroneous 0.5000 acc_correct 1.0000 f1 0.6667 (3 items)" in captured.err
+    assert "processbench: average_f1 = 0.6667" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["average_f1"] == 2 / 3  # full precision in JSON
