@@ -18,10 +18,10 @@
 # The flow, each step skipped when its output already exists:
 #   0. plan       megatron-prm plan: layout, parameters and memory per GPU; a layout that cannot divide
 #                 or fit stops the job here, in seconds (DRY_RUN=1 stops after printing the commands)
-#   1. convert    tools/convert_hf.py import: HF Llama-3 -> Megatron checkpoint (+ tokenizer), one task
+#   1. convert    megatron-prm convert-hf import: HF Llama-3 -> Megatron checkpoint (+ tokenizer), one task
 #   2. preprocess megatron-prm preprocess: tokenize the JSONL once into a store, one task
 #   3. train      one srun task per node, each starting torchrun with 8 processes
-#   4. export     tools/convert_hf.py export: the trained PRM -> HF safetensors
+#   4. export     megatron-prm convert-hf export: the trained PRM -> HF safetensors
 #   5. score      megatron-prm score on the dev set with TP ranks of one node
 #
 # Time limit and preemption: 10 minutes before the limit SLURM sends SIGUSR1 to this script
@@ -112,7 +112,7 @@ fi
 
 if [[ ! -f "$CHECKPOINT/model_config.json" ]]; then
   echo "== convert $HF_MODEL"
-  srun --nodes 1 --ntasks 1 "$PYTHON" tools/convert_hf.py import --hf "$HF_MODEL" --out "$CHECKPOINT" \
+  srun --nodes 1 --ntasks 1 "$PYTHON" -m megatron_prm convert-hf import --hf "$HF_MODEL" --out "$CHECKPOINT" \
     --tp "$TP" --pp "$PP"
 fi
 if [[ ! -f "$STORE.meta.json" ]]; then
@@ -144,7 +144,7 @@ if [[ "$TRAIN_STATUS" != 0 ]]; then
 fi
 
 echo "== export and score"
-srun --nodes 1 --ntasks 1 "$PYTHON" tools/convert_hf.py export --megatron "$RUN" --out "$WORK/hf"
+srun --nodes 1 --ntasks 1 "$PYTHON" -m megatron_prm convert-hf export --megatron "$RUN" --out "$WORK/hf"
 srun --nodes 1 --ntasks 1 torchrun --standalone --nproc-per-node "$TP" -m megatron_prm score --checkpoint "$RUN" \
   --data "$DEV_DATA" --output "$WORK/dev_scores.jsonl" --tensor_parallel_degree "$TP" --device "$DEVICE"
 "$PYTHON" -m megatron_prm evaluate --scores "$WORK/dev_scores.jsonl" --benchmark steps

@@ -9,6 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_prm import megatron_compat, strict_json
+from megatron_prm.conversion import command as convert_hf_command
 from megatron_prm.config import SECTIONS, ConfigError, argument_type_name, load_config
 from megatron_prm.data.convert import FORMATS, NEUTRAL_CHOICES, FormatError
 from megatron_prm.data.records import RecordError
@@ -195,7 +196,7 @@ def _score(args: argparse.Namespace, overrides: list[str]) -> None:
                                   f"it with --checkpoint {args.hf}")
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise ConfigError("--hf converts the model in this process; with several processes convert it once "
-                                  "(tools/convert_hf.py import) and pass --checkpoint")
+                                  "(megatron-prm convert-hf import) and pass --checkpoint")
             from megatron_prm.conversion.importer import import_hf
 
             # Convert to the precision the scoring runs in (fp32 unless --bf16/--fp16 true), not the file's.
@@ -412,17 +413,23 @@ def build_parser() -> argparse.ArgumentParser:
     reshard.add_argument("--output-dir", required=True, help="the new run directory (must be empty or absent)")
     reshard.add_argument("--device", default="cuda", help="cuda (default) or cpu")
 
+    convert_hf = commands.add_parser(
+        "convert-hf", help="Hugging Face checkpoints -> Megatron-Core checkpoints (import) and back (export)",
+        description=convert_hf_command.__doc__.split("\n\n")[0] + "\n\n" + convert_hf_command.USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    directions = convert_hf_command.add_directions(convert_hf)
+
     demo = commands.add_parser("demo", help="generate synthetic data, train a tiny PRM on CPU, print metrics")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test), not for the figures")
     add_debug_option(parser, top_level=True)
-    for sub in (train, check, pre, convert, score, evaluate, plan, check_ckpt, demo):
+    for sub in (train, check, pre, convert, score, evaluate, plan, check_ckpt, demo, convert_hf, *directions):
         add_debug_option(sub)
     return parser
 
 
 # The commands that build or load a Megatron model; the others start without importing Megatron-Core.
-MEGATRON_COMMANDS = frozenset({"train", "score", "plan", "reshard", "demo"})
+MEGATRON_COMMANDS = frozenset({"train", "score", "plan", "reshard", "demo", "convert-hf"})
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -441,7 +448,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "preprocess": lambda: _preprocess(args), "convert-data": lambda: _convert_data(args),
                 "score": lambda: _score(args, rest), "evaluate": lambda: _evaluate(args),
                 "plan": lambda: _plan(args, rest), "demo": lambda: _demo(args), "reshard": lambda: _reshard(args),
-                "check-checkpoint": lambda: _check_checkpoint(args)}
+                "check-checkpoint": lambda: _check_checkpoint(args),
+                "convert-hf": lambda: convert_hf_command.convert_hf(args)}
     return run_guarded(f"megatron-prm {args.command}", commands[args.command], own=USER_ERRORS, debug=args.debug)
 
 

@@ -98,7 +98,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         hint = ""
         if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
             hint = ("; it is a Hugging Face model directory: `megatron-prm score --hf` reads it as it is, and "
-                    "`python tools/convert_hf.py import --hf DIR --out CHECKPOINT` converts it for training")
+                    "`megatron-prm convert-hf import --hf DIR --out CHECKPOINT` converts it for training")
         raise CheckpointError(f"{path} is not a megatron-prm checkpoint (no {DCP_METADATA_NAME} / "
                               f"{MODEL_CONFIG_NAME}){hint}")
     return path

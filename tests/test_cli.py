@@ -122,3 +122,17 @@ def test_figures_for_people_are_rounded_and_counted_in_words(tmp_path, capsys):
     assert "gsm8k: acc_erroneous 0.5000 acc_correct 1.0000 f1 0.6667 (3 items)" in captured.err
     assert "processbench: average_f1 = 0.6667" in captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["average_f1"] == 2 / 3  # full precision in JSON
+
+
+def test_hf_conversion_is_a_command_of_the_installed_cli(tmp_path, capsys):
+    """`megatron-prm convert-hf` is tools/convert_hf.py's command: same options, same one-line refusals."""
+    from megatron_prm import cli
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert cli.main(["convert-hf", "import", "--hf", str(hf), "--out", str(hf)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    with __import__("pytest").raises(SystemExit):
+        cli.main(["convert-hf", "--help"])
+    assert "convert-hf import --hf DIR --out DIR" in capsys.readouterr().out

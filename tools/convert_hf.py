@@ -1,66 +1,31 @@
 #!/usr/bin/env python
 """Convert Hugging Face Llama / Mistral / Qwen2 / Qwen2.5 / Qwen3 checkpoints to Megatron-Core checkpoints
-and back.
+and back, from a checkout: the installed ``megatron-prm convert-hf`` command
+(megatron_prm/conversion/command.py), with the same options.
 
   python tools/convert_hf.py import --hf DIR --out DIR [--tp N --pp M --dtype bf16]
   python tools/convert_hf.py export --megatron DIR --out DIR [--dtype bf16 --max-shard-size 5GB]
                                     [--as causal-lm | token-classifier [--step-tag TAG --reward-tokens GOOD,BAD]]
-
-Tensors are read and written one at a time (peak memory near one layer), the output directory appears
-only when complete, and nothing is unpickled: HF weights are read from safetensors only.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package, as the other tools
 
 from megatron_prm import megatron_compat  # noqa: E402
-from megatron_prm.cli import ArgumentParser, add_debug_option  # noqa: E402
-from megatron_prm.config import ConfigError  # noqa: E402
+from megatron_prm.cli import USER_ERRORS, ArgumentParser, add_debug_option  # noqa: E402
+from megatron_prm.conversion.command import add_directions, convert_hf  # noqa: E402
 from megatron_prm.error_boundary import run_guarded  # noqa: E402
-from megatron_prm.output_paths import check_output_dir  # noqa: E402
-from megatron_prm.tokenizer import TokenizerError  # noqa: E402
-
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)?$", re.IGNORECASE)
-_UNITS = {None: 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    match = _SIZE.match(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
-    unit = match.group(2).upper() if match.group(2) else None
-    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="direction", required=True)
-    imp = commands.add_parser("import", help="HF -> Megatron")
-    imp.add_argument("--hf", required=True, type=Path, help="HF model directory (config.json, *.safetensors)")
-    imp.add_argument("--out", required=True, type=Path, help="Megatron checkpoint directory to create")
-    imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check against and pad the vocabulary for")
-    imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check against")
-    imp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: the HF weights' dtype")
-    exp = commands.add_parser("export", help="Megatron -> HF")
-    exp.add_argument("--megatron", required=True, type=Path, help="checkpoint directory, or a run directory (its latest)")
-    exp.add_argument("--out", required=True, type=Path, help="HF model directory to create")
-    exp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: the checkpoint's dtype")
-    exp.add_argument("--max-shard-size", type=parse_size, default="5GB", help="safetensors shard size (default 5GB)")
-    exp.add_argument("--as", dest="target", choices=("causal-lm", "token-classifier"), default="causal-lm",
-                     help="causal-lm (default): *ForCausalLM (an MLP-head PRM: its *ForProcessRewardModel layout); "
-                     "token-classifier: *ForTokenClassification, 2 labels (good, bad) from the reward tokens' LM-head rows")
-    exp.add_argument("--step-tag", help="token-classifier: the step tag (default: the run's placeholder_token)")
-    exp.add_argument("--reward-tokens", help="token-classifier: GOOD,BAD (default: the run's reward_tokens)")
-    parser.add_argument("--no-progress", action="store_true")
     add_debug_option(parser, top_level=True)
-    for sub in (imp, exp):
+    for sub in add_directions(parser):
         add_debug_option(sub)
     return parser
 
@@ -69,23 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     megatron_compat.filter_unactionable_warnings()
     megatron_compat.import_megatron_core()
     args = build_parser().parse_args(argv)
-
-    def convert() -> None:
-        if args.direction == "import":
-            from megatron_prm.conversion.importer import import_hf
-
-            check_output_dir(args.out, [args.hf], what="--out")
-            summary = import_hf(args.hf, args.out, args.tp, args.pp, args.dtype, progress=not args.no_progress)
-        else:
-            from megatron_prm.conversion.exporter import export_hf
-
-            check_output_dir(args.out, [args.megatron], what="--out")
-            summary = export_hf(args.megatron, args.out, args.dtype, args.max_shard_size, progress=not args.no_progress,
-                                target=args.target, step_tag=args.step_tag, reward_tokens=args.reward_tokens)
-        print(json.dumps(summary))
-
-    return run_guarded(f"convert_hf {args.direction}", convert, own=(ConfigError, TokenizerError, FileNotFoundError),
-                       debug=args.debug)
+    return run_guarded(f"convert_hf {args.direction}", lambda: convert_hf(args), own=USER_ERRORS, debug=args.debug)
 
 
 if __name__ == "__main__":
