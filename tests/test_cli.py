@@ -136,3 +136,13 @@ def test_hf_conversion_is_a_command_of_the_installed_cli(tmp_path, capsys):
     with __import__("pytest").raises(SystemExit):
         cli.main(["convert-hf", "--help"])
     assert "convert-hf import --hf DIR --out DIR" in capsys.readouterr().out
+
+
+def test_convert_hf_takes_no_progress_before_or_after_the_direction():
+    from megatron_prm import cli
+
+    parser = cli.build_parser()
+    before = parser.parse_args(["convert-hf", "--no-progress", "import", "--hf", "h", "--out", "o"])
+    after = parser.parse_args(["convert-hf", "import", "--hf", "h", "--out", "o", "--no-progress"])
+    neither = parser.parse_args(["convert-hf", "import", "--hf", "h", "--out", "o"])
+    assert before.no_progress and after.no_progress and not neither.no_progress

@@ -50,8 +50,10 @@ def add_directions(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPar
                      "token-classifier: *ForTokenClassification, 2 labels (good, bad) from the reward tokens' LM-head rows")
     exp.add_argument("--step-tag", help="token-classifier: the step tag (default: the run's placeholder_token)")
     exp.add_argument("--reward-tokens", help="token-classifier: GOOD,BAD (default: the run's reward_tokens)")
+    # Before or after the direction (`--no-progress import ...` or `import ... --no-progress`).
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     for sub in (imp, exp):
-        sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sub.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     return [imp, exp]
 
 
