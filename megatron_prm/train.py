@@ -24,7 +24,7 @@ from megatron_prm.checkpoint import (
     save_checkpoint,
 )
 from megatron_prm.checkpoint_io import CheckpointWriter
-from megatron_prm.config import ConfigError, RunConfig
+from megatron_prm.config import ConfigError, RunConfig, TrainingArguments
 from megatron_prm.data.batching import BatchLayout, Collator, MicroBatch
 from megatron_prm.data.pipeline import PreparedData, prepare_data, tokenize_job
 from megatron_prm.data.preprocess import RecordTokenizer
@@ -61,6 +61,21 @@ def total_training_steps(config: RunConfig, data: PreparedData) -> int:
     steps = data.train.steps_for_epochs(config.training.num_train_epochs)
     assert steps is not None, "a streamed data set needs max_steps (checked in config.py)"
     return steps
+
+
+def warmup_within(args: TrainingArguments, total_steps: int) -> tuple[TrainingArguments, Optional[str]]:
+    """The schedule's arguments with a warmup shorter than the run, and a note when it had to be shortened.
+
+    Only a length set by num_train_epochs gets here with warmup_steps >= total_steps (config.py refuses it
+    against max_steps): a recipe's warmup then outlasts a small data set, as in a first run on a sample of
+    the data. Megatron's scheduler needs the warmup to end before the decay does, so it ends one step early.
+    """
+    if args.warmup_steps < total_steps:
+        return args, None
+    shortened = total_steps - 1
+    note = (f"warmup_steps {args.warmup_steps} is not below the {plural(total_steps, 'training step')} that "
+            f"num_train_epochs {args.num_train_epochs:g} make of this data: warming up over {shortened} instead")
+    return dataclasses.replace(args, warmup_steps=shortened), note
 
 
 def data_position(data: PreparedData) -> dict:
@@ -231,7 +246,10 @@ def setup(config: RunConfig) -> Run:
     if config.model.model_name_or_path and resume_source is None:
         load_model_weights(chunks, config.model.model_name_or_path, arch, args.verify_checkpoint_checksums)
     total_steps = total_training_steps(config, data)
-    state = build_training_state(chunks, args, total_steps, layout.distributed_optimizer,
+    schedule_args, warmup_note = warmup_within(args, total_steps)
+    if warmup_note:
+        logger.message(f"note: {warmup_note}")
+    state = build_training_state(chunks, schedule_args, total_steps, layout.distributed_optimizer,
                                  CommunicationOverlap.from_config(config.parallel))
     fmt = optimizer_format(layout.distributed_optimizer, args.unified_checkpoint)
     train_state = TrainState(layout=layout_record(layout), optimizer_format=fmt)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from megatron_prm.data.synthetic import make_record
 
+# Enough for one global batch of the Llama-3-8B recipe: 8 packed rows of 4096 tokens (about 85 tokens a record).
+MATH_SHEPHERD_RECORDS = 440
 PROCESSBENCH_URL = "https://github.com/QwenLM/ProcessBench/raw/main/dataset/gsm8k.json"
 
 
@@ -48,7 +50,7 @@ def write_tiny_llama(directory: Path) -> None:
 
 def write_math_shepherd(path: Path) -> None:
     with open(path, "w", encoding="utf-8") as handle:
-        for record in records(48, seed=1):
+        for record in records(MATH_SHEPHERD_RECORDS, seed=1):
             steps = "".join(f"Step {i + 1}: {step} ки\n" for i, step in enumerate(record["responses"]))
             label = steps
             for tag in record["labels"]:

@@ -293,3 +293,17 @@ def test_slurm_dry_run_without_a_model_plans_the_shipped_llama3_8b_shape(tmp_pat
     refused = subprocess.run(["bash", "examples/train_llama3_8b_prm.sh"], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=60)
     assert refused.returncode == 2 and "set HF_MODEL" in refused.stderr
+
+
+def test_a_warmup_longer_than_an_epoch_run_is_shortened_with_a_note():
+    from megatron_prm.config import TrainingArguments
+    from megatron_prm.train import warmup_within
+
+    recipe = TrainingArguments(warmup_steps=10, num_train_epochs=1)
+    assert warmup_within(recipe, 11) == (recipe, None)
+    shortened, note = warmup_within(recipe, 4)
+    assert shortened.warmup_steps == 3 and shortened.learning_rate == recipe.learning_rate
+    assert note == ("warmup_steps 10 is not below the 4 training steps that num_train_epochs 1 make of this data: "
+                    "warming up over 3 instead")
+    with pytest.raises(ConfigError, match=r"warmup_steps \(10\) must be below max_steps \(4\)"):
+        build_config({"warmup_steps": 10, "max_steps": 4})  # a length the user set is not shortened
