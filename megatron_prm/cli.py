@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from megatron_prm import megatron_compat, strict_json
 from megatron_prm.conversion import command as convert_hf_command
@@ -49,6 +49,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else args
         return super().parse_known_args(normalize_option_spelling(list(args)), namespace)
+
+
+def add_command(commands: Any, name: str, summary: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand of ``commands`` (what ``add_subparsers`` returned) whose ``--help`` opens with the summary
+    the command list shows, unless it has a description of its own."""
+    kwargs.setdefault("description", summary[0].upper() + summary[1:] + ".")
+    return commands.add_parser(name, help=summary, **kwargs)
 
 
 def add_debug_option(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
@@ -321,10 +328,11 @@ def _demo(args: argparse.Namespace) -> None:
 def _add_tokenize_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="JSON or JSONL records")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory, .model file or mistral-common:NAME")
-    parser.add_argument("--max-seq-len", type=int, default=4096)
+    parser.add_argument("--max-seq-len", type=int, default=4096,
+                        help="tokens per sample (the run's max_seq_len); longer records are truncated or dropped")
     parser.add_argument("--max-prompt-len", type=int, default=None, help="default: max-seq-len // 2")
-    parser.add_argument("--placeholder-token", default="ки")
-    parser.add_argument("--reward-tokens", default="+,-")
+    parser.add_argument("--placeholder-token", default="ки", help="the token that ends each step (default ки)")
+    parser.add_argument("--reward-tokens", default="+,-", help="GOOD,BAD: the labels' tokens (default +,-)")
     parser.add_argument("--process-reward", default="true", help="false: ORM mode, only the last step")
     parser.add_argument("--skip-invalid", action="store_true", help="count malformed records instead of stopping")
     parser.add_argument("--apply-chat-template", action="store_true",
@@ -337,9 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "Options may be spelled with hyphens or underscores (--max-seq-len, --max_seq_len).")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser(
-        "train",
-        help="train a PRM",
+    train = add_command(commands, "train", "train a PRM",
         description="Train a PRM. Arguments come from CONFIG (JSON or YAML; also --config CONFIG), then from "
         "--key value overrides.",
         epilog=config_keys_help(),
@@ -347,24 +353,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", nargs="?", help="JSON or YAML file of arguments (or --config CONFIG)")
 
-    check = commands.add_parser("check-data", help="validate and tokenize a data file; print a JSON summary")
+    check = add_command(commands, "check-data", "validate and tokenize a data file; print a JSON summary")
     _add_tokenize_options(check)
 
-    pre = commands.add_parser("preprocess", help="tokenize a data file once into a memory-mapped store")
+    pre = add_command(commands, "preprocess", "tokenize a data file once into a memory-mapped store")
     _add_tokenize_options(pre)
     pre.add_argument("--output-prefix", required=True, help="the store's files are PREFIX.tokens.bin, ...")
     pre.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     pre.add_argument("--overwrite", action="store_true", help="replace an existing store at the prefix")
 
-    convert = commands.add_parser("convert-data", help="convert public PRM data to this project's format")
-    convert.add_argument("--from", dest="source_format", required=True, choices=FORMATS)
-    convert.add_argument("--input", required=True)
+    convert = add_command(commands, "convert-data", "convert public PRM data to this project's format")
+    convert.add_argument("--from", dest="source_format", required=True, choices=FORMATS,
+                         help="the public data set's format")
+    convert.add_argument("--input", required=True, help="the downloaded file (JSON or JSONL)")
     convert.add_argument("--output", required=True, help="JSONL to write")
     convert.add_argument("--neutral", default="positive", choices=NEUTRAL_CHOICES,
                          help="PRM800K rating 0: a good step, a bad step, or end the solution before it")
 
-    score = commands.add_parser(
-        "score", help="P(good) of every step of every record, and aggregates per record",
+    score = add_command(commands, "score", "P(good) of every step of every record, and aggregates per record",
         description="Score records with a trained PRM, in fp32 unless told (--bf16 true / --fp16 true); the "
         "precision used is printed. Extra --name value arguments override the run settings "
         "(e.g. --tensor_parallel_degree 2 --device cuda).")
@@ -378,9 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=8, help="records per micro batch without packing")
     score.add_argument("--no-packing", action="store_true", help="pad records instead of packing them into rows")
 
-    evaluate = commands.add_parser("evaluate", help="benchmark figures from a score output file; last line JSON")
+    evaluate = add_command(commands, "evaluate", "benchmark figures from a score output file; last line JSON")
     evaluate.add_argument("--scores", required=True, help="JSONL written by megatron-prm score")
-    evaluate.add_argument("--benchmark", required=True, choices=("processbench", "prmbench", "steps", "best-of-n"))
+    evaluate.add_argument("--benchmark", required=True, choices=("processbench", "prmbench", "steps", "best-of-n"),
+                          help="processbench / prmbench: the official scorers' figures; steps: step accuracy, F1, "
+                          "AUROC; best-of-n: accuracy of the top-scored candidate per problem")
     evaluate.add_argument("--threshold", type=float, default=0.5,
                           help="P(+) below it marks a step wrong (prmbench: see --prmbench-rule)")
     evaluate.add_argument("--tune-on", help="processbench: tune the threshold on this subset, apply it to all")
@@ -390,21 +398,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="best-of-n: expected accuracy under uniform random tie-breaking, or the first-seen "
                           "candidate / answer")
 
-    plan = commands.add_parser(
-        "plan", help="layout, parameters and memory per GPU of a run config; refuses what cannot divide or fit",
+    plan = add_command(
+        commands, "plan", "layout, parameters and memory per GPU of a run config; refuses what cannot divide or fit",
         description="Plan a run without a GPU. Extra --name value arguments override the config.")
     plan.add_argument("--config", help="the run's JSON or YAML config (or as the first argument: plan CONFIG)")
-    plan.add_argument("--nodes", type=int, default=1)
-    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--nodes", type=int, default=1, help="nodes of the run (default 1)")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs of each node (default 8)")
     plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (H100: 80)")
 
-    check_ckpt = commands.add_parser(
-        "check-checkpoint", help="verify checkpoints against their manifests; one verdict line per checkpoint")
+    check_ckpt = add_command(
+        commands, "check-checkpoint", "verify checkpoints against their manifests; one verdict line per checkpoint")
     check_ckpt.add_argument("directory", help="a checkpoint (iter_NNNNNNN) or a run directory (all its checkpoints)")
     check_ckpt.add_argument("--no-checksums", action="store_true", help="check sizes only, not CRC-32")
 
-    reshard = commands.add_parser(
-        "reshard", help="rewrite a training checkpoint so that a resume may change tensor/pipeline layout",
+    reshard = add_command(
+        commands, "reshard", "rewrite a training checkpoint so that a resume may change tensor/pipeline layout",
         description="Load a checkpoint whose distributed-optimizer state is dp_reshardable (the default of "
         "regular saves) under its own tensor x pipeline layout and write it fully reshardable as the first "
         "checkpoint of a new run directory. Run it with torchrun on a multiple of the saved tensor x pipeline "
@@ -413,14 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
     reshard.add_argument("--output-dir", required=True, help="the new run directory (must be empty or absent)")
     reshard.add_argument("--device", default="cuda", help="cuda (default) or cpu")
 
-    convert_hf = commands.add_parser(
-        "convert-hf", help="Hugging Face checkpoints -> Megatron-Core checkpoints (import) and back (export)",
+    convert_hf = add_command(
+        commands, "convert-hf", "Hugging Face checkpoints -> Megatron-Core checkpoints (import) and back (export)",
         description=convert_hf_command.__doc__.split("\n\n")[0] + "\n\n" + convert_hf_command.USAGE,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     directions = convert_hf_command.add_directions(convert_hf)
 
-    demo = commands.add_parser("demo", help="generate synthetic data, train a tiny PRM on CPU, print metrics")
-    demo.add_argument("--output-dir", default="runs/demo")
+    demo = add_command(commands, "demo", "generate synthetic data, train a tiny PRM on CPU, print metrics")
+    demo.add_argument("--output-dir", default="runs/demo", help="where the data, the run and summary.json go")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test), not for the figures")
     add_debug_option(parser, top_level=True)
     for sub in (train, check, pre, convert, score, evaluate, plan, check_ckpt, demo, convert_hf, *directions):

@@ -307,3 +307,13 @@ def test_a_warmup_longer_than_an_epoch_run_is_shortened_with_a_note():
                     "warming up over 3 instead")
     with pytest.raises(ConfigError, match=r"warmup_steps \(10\) must be below max_steps \(4\)"):
         build_config({"warmup_steps": 10, "max_steps": 4})  # a length the user set is not shortened
+
+
+@pytest.mark.parametrize("program,factory,sub,required", COMMAND_LINES,
+                         ids=[f"{p} {s or ''}".strip() for p, _, s, _ in COMMAND_LINES])
+def test_every_command_and_option_says_what_it_is_for(program, factory, sub, required):
+    parser = factory()
+    target = _subparsers(parser)[sub] if sub else parser
+    assert target.description, f"{program} {sub}: no description in --help"
+    silent = [a.option_strings or [a.dest] for a in target._actions if a.dest != "help" and not a.help]
+    assert not silent, f"{program} {sub}: no help text for {silent}"

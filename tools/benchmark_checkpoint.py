@@ -39,7 +39,8 @@ MODEL = {"num_hidden_layers": 8, "hidden_size": 512, "intermediate_size": 1536, 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-parallel-sizes", default="1,2,4,8")
+    parser.add_argument("--data-parallel-sizes", default="1,2,4,8",
+                        help="comma-separated data-parallel sizes to save with")
     parser.add_argument("--format", choices=("default", "unified"), default="default",
                         help="default: dp_reshardable, fully parallel; unified: unified_checkpoint true")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")

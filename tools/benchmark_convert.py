@@ -85,8 +85,9 @@ def measured(script_and_args: list[str], workdir: Path) -> tuple[float, int]:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/megatron-prm-convert-benchmark"))
-    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/megatron-prm-convert-benchmark"),
+                        help="where the model and its conversions are written")
+    parser.add_argument("--layers", type=int, default=22, help="layers of the synthetic model")
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
     return parser
 

@@ -52,8 +52,8 @@ def packed_shares(lengths: np.ndarray, mode: str, max_seq_len: int, buffer_size:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="records (JSON/JSONL) or a preprocessed store")
-    parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--max-seq-len", type=int, default=4096)
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory, .model file or mistral-common:NAME")
+    parser.add_argument("--max-seq-len", type=int, default=4096, help="tokens per row")
     parser.add_argument("--max-prompt-len", type=int, default=None, help="default: max-seq-len // 2")
     parser.add_argument("--batch-size", type=int, default=8, help="for pad-to-longest")
     parser.add_argument("--buffer-size", type=int, default=1000, help="for greedy_zero_padding")

@@ -101,8 +101,8 @@ def measure_dataset(store: Path, config_values: dict, steps: int) -> dict:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=50_000)
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--records", type=int, default=50_000, help="synthetic records to tokenize")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizing processes (default: the cores)")
     parser.add_argument("--steps", type=int, default=300, help="training steps of batches read per store")
     parser.add_argument("--workdir", default=None, help="keep the files here (default: a temporary folder)")
     return parser

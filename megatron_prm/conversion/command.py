@@ -33,14 +33,19 @@ def parse_size(text: str) -> int:
 
 def add_directions(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     """The ``import`` and ``export`` subcommands and their options, on ``parser``; returns the two."""
-    directions = parser.add_subparsers(dest="direction", required=True)
-    imp = directions.add_parser("import", help="HF -> Megatron")
+    directions = parser.add_subparsers(dest="direction", required=True,
+                                       help="import: HF -> Megatron; export: Megatron -> HF")
+    imp = directions.add_parser("import", help="HF -> Megatron",
+                                description="Import an HF model directory as a Megatron-Core checkpoint (torch_dist) "
+                                "with its tokenizer inside; any tensor/pipeline layout loads it.")
     imp.add_argument("--hf", required=True, type=Path, help="HF model directory (config.json, *.safetensors)")
     imp.add_argument("--out", required=True, type=Path, help="Megatron checkpoint directory to create")
     imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check against and pad the vocabulary for")
     imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check against")
     imp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: the HF weights' dtype")
-    exp = directions.add_parser("export", help="Megatron -> HF")
+    exp = directions.add_parser("export", help="Megatron -> HF",
+                                description="Export a megatron-prm checkpoint (or a run's latest) as an HF model "
+                                "directory: safetensors, config.json and the tokenizer.")
     exp.add_argument("--megatron", required=True, type=Path, help="checkpoint directory, or a run directory (its latest)")
     exp.add_argument("--out", required=True, type=Path, help="HF model directory to create")
     exp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: the checkpoint's dtype")

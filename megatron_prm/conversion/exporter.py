@@ -17,7 +17,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
-from tqdm import tqdm
 
 from megatron_prm.checkpoint_consistency import check_tied_embeddings
 from megatron_prm.checkpoint import CONFIG_NAME, MODEL_CONFIG_NAME, TOKENIZER_DIR, check_integrity, resolve_checkpoint
@@ -37,6 +36,7 @@ from megatron_prm.conversion.safetensors_io import CheckpointFormatError, Planne
 from megatron_prm.conversion.staging import staged_output
 from megatron_prm.conversion.torch_dist_writer import single_process_dcp
 from megatron_prm.model.architecture import Architecture, read_hf_config
+from megatron_prm.progress import progress as show_progress
 from megatron_prm.safe_loading import SafeFileSystemReader, load_errors_named
 from megatron_prm.tokenizer import load_tokenizer, special_token_ids
 
@@ -206,7 +206,7 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
 
     with staged_output(out_dir) as staging:
         writer = ShardedSafetensorsWriter(staging, planned, max_shard_bytes)
-        for layer, group in tqdm(groups, desc="export", unit="layer", disable=not progress):
+        for layer, group in show_progress(groups, desc="export", unit="layer", enabled=progress):
             loaded = _load(reader, group, layer, metadata)
             for rule in group:
                 for name, tensor in zip(rule.hf_names(layer), to_hf(rule, loaded.pop(rule.checkpoint_key), arch)):

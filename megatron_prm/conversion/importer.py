@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from megatron_prm.checkpoint import MODEL_CONFIG_NAME, TOKENIZER_DIR, TRAIN_STATE_NAME, TrainState
 from megatron_prm.checkpoint_manifest import write_manifest
@@ -30,6 +29,7 @@ from megatron_prm.conversion.torch_dist_writer import LazyTensor, stacked, whole
 from megatron_prm.layout import model_split_problems
 from megatron_prm.model.architecture import Architecture, read_hf_config
 from megatron_prm.model.provider import padded_vocab_size
+from megatron_prm.progress import progress as show_progress
 from megatron_prm.tokenizer import TOKENIZER_FILES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -101,7 +101,7 @@ def import_hf(hf_dir: Path, out_dir: Path, tensor_parallel: int = 1, pipeline_pa
         tensors[rule.checkpoint_key] = (stacked(shape, target_dtype, arch.num_hidden_layers, produce)
                                         if rule.per_layer else whole(shape, target_dtype, produce))
     total = sum(len(t.chunks) for t in tensors.values())
-    with staged_output(out_dir) as staging, tqdm(total=total, desc="import", unit="tensor", disable=not progress) as bar:
+    with staged_output(out_dir) as staging, show_progress(total=total, desc="import", unit="tensor", enabled=progress) as bar:
         write_torch_dist(staging, tensors, on_chunk=lambda key: bar.update())
         shutil.copy2(config_path, staging / MODEL_CONFIG_NAME)  # verbatim: export writes it back unchanged
         (staging / TRAIN_STATE_NAME).write_text(json.dumps(dataclasses.asdict(TrainState()), indent=2))
