@@ -18,6 +18,7 @@ setup(
         "transformers",  # HF tokenizer directories (the one convert_hf.py import copies into a checkpoint too)
         "mistral-common",  # ships the mistral-common:tokenizer.model.v1 SentencePiece model
         "tokenizers",  # adding step tags to an HF tokenizer (comes with transformers; imported directly)
+        "huggingface_hub",  # Hub IDs for models and tokenizers (comes with transformers; imported directly)
         "jinja2>=3.1.6",  # transformers' chat templates (apply_chat_template); an extra of transformers
         "packaging",  # Transformer Engine version checks
         "sentencepiece",

@@ -51,7 +51,7 @@ from megatron_prm.checkpoint_manifest import (
     verify_checkpoint,
     write_manifest,
 )
-from megatron_prm.config import ConfigError, RunConfig
+from megatron_prm.config import ConfigError, ModelArguments, RunConfig
 from megatron_prm.layout import ParallelLayout
 from megatron_prm.model.architecture import Architecture, read_hf_config
 from megatron_prm.run_directory import (
@@ -66,7 +66,7 @@ from megatron_prm.run_directory import (
     staging_dir,
 )
 from megatron_prm.safe_loading import SafeFileSystemReader, load_errors_named
-from megatron_prm.tokenizer import save_tokenizer, save_with_special_tokens
+from megatron_prm.tokenizer import save_tokenizer, save_with_special_tokens, tokenizer_beside
 
 CONFIG_NAME = "run_config.json"
 TRAIN_STATE_NAME = "train_state.json"
@@ -198,6 +198,13 @@ def checkpoint_tokenizer(path: Optional[str]) -> Optional[str]:
     return str(directory) if directory.is_dir() else None
 
 
+def run_tokenizer(model: ModelArguments) -> Optional[str]:
+    """The tokenizer a run uses: tokenizer_name_or_path, else the one its starting checkpoint carries, else
+    the one of the HF model its model_config names."""
+    return (model.tokenizer_name_or_path or checkpoint_tokenizer(model.model_name_or_path)
+            or tokenizer_beside(model.model_config))
+
+
 def _base_hf_config(config: RunConfig) -> dict:
     """The HF config the model started from (kept so that an export restores every field of it)."""
     if config.model.model_name_or_path:
@@ -210,7 +217,7 @@ def _base_hf_config(config: RunConfig) -> dict:
 def _write_metadata(directory: Path, config: RunConfig, arch: Architecture, train_state: TrainState) -> None:
     # The tokenizer training used (the config's wins over the starting checkpoint's) with the step tag and
     # reward tokens it added, kept in the checkpoint and named relative to it, so that the checkpoint can move.
-    tokenizer = config.model.tokenizer_name_or_path or checkpoint_tokenizer(config.model.model_name_or_path)
+    tokenizer = run_tokenizer(config.model)
     if tokenizer:
         save_tokenizer(tokenizer, directory / TOKENIZER_DIR)
         save_with_special_tokens(directory / TOKENIZER_DIR, config.prm.placeholder_token, config.prm.reward_token_list)

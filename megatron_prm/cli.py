@@ -204,12 +204,12 @@ def _score(args: argparse.Namespace, overrides: list[str]) -> None:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise ConfigError("--hf converts the model in this process; with several processes convert it once "
                                   "(megatron-prm convert-hf import) and pass --checkpoint")
-            from megatron_prm.conversion.importer import import_hf
+            from megatron_prm.conversion.importer import hf_model_directory, import_hf
 
             # Convert to the precision the scoring runs in (fp32 unless --bf16/--fp16 true), not the file's.
             dtype = "bf16" if run_settings.bf16 else "fp16" if run_settings.fp16 else "fp32"
             checkpoint = str(Path(scratch) / "checkpoint")
-            import_hf(Path(args.hf), Path(checkpoint), dtype=dtype, progress=False)
+            import_hf(hf_model_directory(args.hf, "--hf"), Path(checkpoint), dtype=dtype, progress=False)
         config = scoring_config(checkpoint, args.data, overrides)
         try:
             summary = score_file(config, Path(args.output), aggregates, args.batch_size, packed=not args.no_packing)

@@ -207,17 +207,20 @@ class ModelArguments:
     """
 
     model_name_or_path: Optional[str] = _doc(
-        "A megatron-prm checkpoint (an iter_XXXXXXX directory, or a run directory whose `latest` names one) "
-        "to start from: its weights, in any parallel layout, and its architecture.",
+        "Where to start from: a megatron-prm checkpoint (an iter_XXXXXXX directory, or a run directory whose "
+        "`latest` names one), in any parallel layout; or an HF model directory or Hub ID, imported once into "
+        "output_dir/base_model.",
         default=None,
     )
     tokenizer_name_or_path: Optional[str] = _doc(
-        "A local HF tokenizer directory, a SentencePiece .model file, or "
-        "'mistral-common:tokenizer.model.v1' (the Mistral-7B v0.1 tokenizer shipped by mistral-common).",
+        "An HF tokenizer directory or Hub ID, a SentencePiece .model file, or "
+        "'mistral-common:tokenizer.model.v1' (the Mistral-7B v0.1 tokenizer shipped by mistral-common); "
+        "default: the starting checkpoint's, else the tokenizer of the HF model model_config names.",
         default=None,
     )
     model_config: Optional[str] = _doc(
-        "An HF config.json (model_type llama, mistral, qwen2 or qwen3), or a directory with one, giving the shape.",
+        "An HF config.json (model_type llama, mistral, qwen2 or qwen3), a directory with one, or a Hub ID, "
+        "giving the shape.",
         default=None,
     )
     num_hidden_layers: Optional[int] = _doc("Transformer layers.", default=None)
@@ -439,6 +442,11 @@ class TrainingArguments:
     )
     load_best_model_at_end: bool = _doc(
         "Track the checkpoint with the best metric_for_best_model and load it at the end.", default=False
+    )
+    export_hf_dir: Optional[str] = _doc(
+        "After training, export the final model (the best one with load_best_model_at_end) here as an HF model "
+        "directory, as `megatron-prm convert-hf export` writes it; it must not exist yet or be empty.",
+        default=None,
     )
     metric_for_best_model: str = _doc(
         "Eval metric that ranks checkpoints: loss, accuracy, neg_f1, auroc, first_error_f1, ...", default="loss"

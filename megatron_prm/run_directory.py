@@ -170,8 +170,15 @@ def prune_checkpoints(run_dir: Path, keep: int, own: Iterable[int], protect: Ite
 # --------------------------------------------------------------------------------- the run directory
 
 
+# The HF model a run names as model_name_or_path, imported once (conversion/auto_import.py): an input of
+# the runs in the directory, not an output of an earlier one, so never moved aside or counted as one.
+BASE_MODEL_DIR = "base_model"
+
+
 def _earlier_files(run_dir: Path) -> list[str]:
-    return sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(EARLIER_RUN_PREFIX))
+    inputs = (BASE_MODEL_DIR, f".{BASE_MODEL_DIR}.partial")
+    return sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(EARLIER_RUN_PREFIX)
+                  and p.name not in inputs)
 
 
 # What a launch writes before its first step (provenance.py, run_logger.py, and the token stores and

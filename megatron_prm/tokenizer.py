@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
 
+from megatron_prm.hub import NotFoundError, is_hub_id, local_path
+
 MISTRAL_COMMON_PREFIX = "mistral-common:"
 _STEPS_MARKER = "MEGATRONPRMSTEPSMARKER"  # stands for the steps while a chat template renders the conversation
 
@@ -25,6 +27,9 @@ class TokenizerError(ValueError):
 
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# The files of a tokenizer directory (added tokens live in tokenizer.json / added_tokens.json); never weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
 class Tokenizer(Protocol):
@@ -140,7 +145,8 @@ class HFTokenizer:
 
 
 def resolve_tokenizer_path(name_or_path: str) -> Path:
-    """The file or directory behind a tokenizer argument (``mistral-common:`` names a shipped model)."""
+    """The file or directory behind a tokenizer argument: a path, a Hub ID (:mod:`megatron_prm.hub`), or
+    ``mistral-common:NAME``, a model that package ships."""
     if name_or_path.startswith(MISTRAL_COMMON_PREFIX):
         filename = name_or_path[len(MISTRAL_COMMON_PREFIX):]
         try:
@@ -150,16 +156,26 @@ def resolve_tokenizer_path(name_or_path: str) -> Path:
                 f"{name_or_path}: the mistral-common package is not installed (pip install mistral-common)"
             ) from err
         path = Path(str(resource))
-    else:
-        path = Path(name_or_path)
-    if not path.exists():
-        raise TokenizerError(f"tokenizer not found: {path}")
-    return path
+        if not path.exists():
+            raise TokenizerError(f"tokenizer not found: {path}")
+        return path
+    try:
+        return local_path(name_or_path, "tokenizer", TOKENIZER_FILES)
+    except NotFoundError as err:
+        raise TokenizerError(str(err)) from err
 
 
-# The files of a tokenizer directory (added tokens live in tokenizer.json / added_tokens.json); never weights.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+def tokenizer_beside(model_config: Optional[str]) -> Optional[str]:
+    """The tokenizer of the HF model whose config ``model_config`` names (its directory, a config.json in
+    one, or a Hub ID), when it has one."""
+    if not model_config:
+        return None
+    if is_hub_id(model_config):
+        return model_config
+    path = Path(model_config)
+    directory = path if path.is_dir() else path.parent
+    has_tokenizer = any((directory / name).is_file() for name in (*HF_TOKENIZER_FILES, "tokenizer.model"))
+    return str(directory) if has_tokenizer else None
 
 
 def save_tokenizer(name_or_path: str, target: Path) -> list[str]:

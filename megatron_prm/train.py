@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_prm import megatron_compat
+from megatron_prm import megatron_compat, output_paths
 from megatron_prm.checkpoint import (
     TrainState,
     layout_record,
@@ -25,6 +25,7 @@ from megatron_prm.checkpoint import (
 )
 from megatron_prm.checkpoint_io import CheckpointWriter
 from megatron_prm.config import ConfigError, RunConfig, TrainingArguments
+from megatron_prm.conversion.auto_import import start_from_hf_model
 from megatron_prm.data.batching import BatchLayout, Collator, MicroBatch
 from megatron_prm.data.pipeline import PreparedData, prepare_data, tokenize_job
 from megatron_prm.data.preprocess import RecordTokenizer
@@ -216,6 +217,9 @@ def setup(config: RunConfig) -> Run:
     resume_source = _resume_source(config)
     check_output_dir(Path(args.output_dir), _resumes_in_place(resume_source, Path(args.output_dir))
                      or args.resume_from_checkpoint == "auto", args.overwrite_output_dir)
+    if args.export_hf_dir:
+        check_export_dir(Path(args.export_hf_dir))
+    config = start_from_hf_model(config, int(os.environ.get("RANK", "0")))
     tokenizer = RecordTokenizer(tokenize_job(config, config.data.train_dataset_path))
     arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len,
                                 config.prm.reward_head, added_tokens=len(tokenizer.special.added))
@@ -363,6 +367,22 @@ def _save_due(run: Run, step: int) -> bool:
     return step % args.save_steps == 0
 
 
+def check_export_dir(export_dir: Path) -> None:
+    """export_hf_dir, checked before anything is written: a new or empty directory."""
+    output_paths.check_output_dir(export_dir, what="export_hf_dir")
+    if export_dir.is_dir() and any(export_dir.iterdir()):
+        raise ConfigError(f"export_hf_dir {export_dir} already exists and is not empty; choose another directory")
+
+
+def export_final_model(run: Run) -> dict:
+    """Write the run's final checkpoint (its best, when load_best_model_at_end found one) as an HF model."""
+    from megatron_prm.conversion.exporter import export_hf
+
+    name = run.train_state.best_checkpoint if run.config.training.load_best_model_at_end else None
+    checkpoint = run.output_dir / (name or checkpoint_name(run.total_steps))
+    return export_hf(checkpoint, Path(run.config.training.export_hf_dir), progress=run.runtime.is_logging_rank)
+
+
 def run_training(config: RunConfig) -> Optional[dict]:
     """Train (and evaluate) as configured. Returns the final eval metrics on the logging rank."""
     stop = StopSignals()  # from the start: a signal during setup stops after the first step
@@ -422,6 +442,9 @@ def run_training(config: RunConfig) -> Optional[dict]:
         run.logger.message(f"loaded the best checkpoint {run.train_state.best_checkpoint} "
                            f"({args.metric_for_best_model} {run.train_state.best_metric:.4g})")
         metrics = run_eval(run, run.total_steps)
+    if args.export_hf_dir and args.do_train and run.runtime.rank == 0:
+        exported = export_final_model(run)
+        run.logger.message(f"exported {exported['checkpoint']} to {exported['output']} (HF {exported['architecture']})")
     if metrics is not None and run.data.train_source is not None:
         majority_good = run.data.train_source.good_share() >= 0.5
         baseline = majority_baseline(labelled_steps(run.data.dev), majority_good, config.prm.process_reward)

@@ -65,10 +65,11 @@ def add_directions(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPar
 def convert_hf(args: argparse.Namespace) -> None:
     """Run the conversion ``args`` describe; prints its JSON summary."""
     if args.direction == "import":
-        from megatron_prm.conversion.importer import import_hf
+        from megatron_prm.conversion.importer import hf_model_directory, import_hf
 
         check_output_dir(args.out, [args.hf], what="--out")
-        summary = import_hf(args.hf, args.out, args.tp, args.pp, args.dtype, progress=not args.no_progress)
+        summary = import_hf(hf_model_directory(str(args.hf), "--hf"), args.out, args.tp, args.pp, args.dtype,
+                            progress=not args.no_progress)
     else:
         from megatron_prm.conversion.exporter import export_hf
 

@@ -26,6 +26,7 @@ from megatron_prm.conversion.mapping import (
 from megatron_prm.conversion.safetensors_io import CheckpointFormatError, SafetensorsReader
 from megatron_prm.conversion.staging import staged_output
 from megatron_prm.conversion.torch_dist_writer import LazyTensor, stacked, whole, write_torch_dist
+from megatron_prm.hub import local_path
 from megatron_prm.layout import model_split_problems
 from megatron_prm.model.architecture import Architecture, read_hf_config
 from megatron_prm.model.provider import padded_vocab_size
@@ -65,12 +66,22 @@ def copy_tokenizer_files(source: Path, target: Path) -> list[str]:
     return copied
 
 
+# What an HF model directory holds that an import reads (fetched from the Hub cache for a Hub ID).
+HF_MODEL_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES)
+
+
+def hf_model_directory(name_or_path: str, what: str) -> Path:
+    """The local HF model directory behind a path or Hub ID given as the argument ``what``."""
+    return local_path(name_or_path, what, HF_MODEL_FILES)
+
+
 def import_hf(hf_dir: Path, out_dir: Path, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-              dtype: Optional[str] = None, progress: bool = True) -> dict:
+              dtype: Optional[str] = None, progress: bool = True, extra_files: Optional[dict] = None) -> dict:
     """Convert ``hf_dir`` into a Megatron checkpoint at ``out_dir``; returns a summary.
 
     The checkpoint is layout-independent; ``tensor_parallel`` / ``pipeline_parallel`` are checked
     against the model, and the vocabulary is padded as a run with that tensor-parallel size pads it.
+    ``extra_files`` (name: JSON value) are written into it too.
     """
     config = read_hf_config(hf_dir)
     config_path = hf_dir / "config.json"
@@ -106,6 +117,8 @@ def import_hf(hf_dir: Path, out_dir: Path, tensor_parallel: int = 1, pipeline_pa
         shutil.copy2(config_path, staging / MODEL_CONFIG_NAME)  # verbatim: export writes it back unchanged
         (staging / TRAIN_STATE_NAME).write_text(json.dumps(dataclasses.asdict(TrainState()), indent=2))
         tokenizer_files = copy_tokenizer_files(hf_dir, staging / TOKENIZER_DIR)
+        for name, value in (extra_files or {}).items():
+            (staging / name).write_text(json.dumps(value, indent=2) + "\n")
         write_manifest(staging)
     return {"output": str(out_dir), "model_type": config["model_type"], "layers": arch.num_hidden_layers,
             "vocab_size": arch.vocab_size, "padded_vocab_size": padded_vocab, "dtype": str(target_dtype),

@@ -49,12 +49,13 @@ class PreparedData:
 
 
 def tokenize_job(config: RunConfig, data_path: str) -> TokenizeJob:
-    """The tokenization options of a run; the tokenizer defaults to the one the starting checkpoint carries."""
-    from megatron_prm.checkpoint import checkpoint_tokenizer
+    """The tokenization options of a run; the tokenizer defaults to the one the starting checkpoint carries,
+    then to the one of the HF model model_config names."""
+    from megatron_prm.checkpoint import run_tokenizer
 
     return TokenizeJob(
         data_path=data_path,
-        tokenizer=config.model.tokenizer_name_or_path or checkpoint_tokenizer(config.model.model_name_or_path) or "",
+        tokenizer=run_tokenizer(config.model) or "",
         placeholder_token=config.prm.placeholder_token,
         reward_tokens=tuple(config.prm.reward_token_list),
         options=SampleOptions(config.data.max_seq_len, config.data.max_prompt_len, config.prm.process_reward,

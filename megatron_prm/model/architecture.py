@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
 from megatron_prm.config import ConfigError, ModelArguments, check_rope_scaling
+from megatron_prm.hub import is_hub_id, local_path
 from megatron_prm.run_directory import MODEL_CONFIG_NAME, resolve_checkpoint
 
 
@@ -224,8 +225,8 @@ def shape_values(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
-    """Read an HF ``config.json`` (or the one in a directory) of a supported model type."""
-    path = Path(path)
+    """Read an HF ``config.json`` (or the one in a directory, or in a Hub ID's) of a supported model type."""
+    path = local_path(str(path), "model config", ("config.json",)) if is_hub_id(str(path)) else Path(path)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
