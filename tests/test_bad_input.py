@@ -327,7 +327,12 @@ def test_convert_data_prints_the_first_record_of_each_schema_reason(tmp_path, ca
     assert f"skipped, for example: {source}: record 1 (line 2), field 'label': expected an integer >= -1, got true" in err
 
 
-def test_fewer_records_than_one_global_batch_is_one_line(tmp_path):
+@pytest.mark.parametrize("packing,message", [
+    ([], "1 training sample is fewer than one global batch of 8 (micro batch 1 x 8 micro batches x 1 data-parallel"),
+    (["--greedy_zero_padding", "true"], "the training data packs into 1 row of 128 tokens, fewer than one global "
+                                        "batch of 8 rows (8 micro batches x 1 data-parallel ranks)"),
+])
+def test_fewer_records_than_one_global_batch_is_one_line(tmp_path, packing, message):
     from conftest import run_cli
     from megatron_prm.data.synthetic import write_dataset
 
@@ -337,6 +342,8 @@ def test_fewer_records_than_one_global_batch_is_one_line(tmp_path):
     result = run_cli(["train", "--tokenizer_name_or_path", MISTRAL, "--num_hidden_layers", "1", "--hidden_size", "32",
                       "--intermediate_size", "64", "--num_attention_heads", "2", "--max_seq_len", "128",
                       "--max_prompt_len", "64", "--device", "cpu", "--bf16", "false", "--dev_dataset_path", "null",
+                      "--gradient_accumulation_steps", "8", *packing,
                       "--train_dataset_path", str(one), "--output_dir", str(tmp_path / "run")], check=False)
     assert result.returncode == 2, result.stderr[-2000:]
-    one_line(result.returncode, result.stderr, "fewer than one global batch")
+    one_line(result.returncode, result.stderr, message)
+    assert "(ValueError)" not in result.stderr

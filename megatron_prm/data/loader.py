@@ -24,11 +24,13 @@ from typing import Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
+from megatron_prm.config import ConfigError
 from megatron_prm.data.batching import BatchLayout
 from megatron_prm.data.packing import PackingOptions, pack
 from megatron_prm.data.packing_plan import PackingPlan, PlanCache, PlanKey, epoch_plan
 from megatron_prm.data.samples import Sample
 from megatron_prm.data.streaming import SampleStream
+from megatron_prm.progress import plural
 
 
 class SampleSource(Protocol):
@@ -139,10 +141,12 @@ class IndexedBatches(_EpochBatches):
         super().__init__(layout, data_parallel_rank, seed)
         self.source = source
         if len(source) < layout.global_batch_size:
-            raise ValueError(
-                f"{len(source)} training samples are fewer than one global batch of "
+            raise ConfigError(
+                f"{plural(len(source), 'training sample')} {'is' if len(source) == 1 else 'are'} fewer than one "
+                f"global batch of "
                 f"{layout.global_batch_size} (micro batch {layout.micro_batch_size} x "
-                f"{layout.num_microbatches} microbatches x {layout.data_parallel_size} data-parallel ranks)"
+                f"{plural(layout.num_microbatches, 'micro batch')} x {layout.data_parallel_size} data-parallel "
+                "ranks): add data, or lower per_device_train_batch_size or gradient_accumulation_steps"
             )
 
     def _build_units(self, epoch: int) -> np.ndarray:
@@ -173,8 +177,12 @@ class PackedBatches(_EpochBatches):
         self.packing = packing
         self.plans = plans
         if self.steps_in_epoch(0) == 0:
-            raise ValueError(f"{len(self._units(0))} packed rows are fewer than one global batch of "
-                             f"{self._global()} rows")
+            rows = len(self._units(0))
+            raise ConfigError(
+                f"the training data packs into {plural(rows, 'row')} of {packing.options.capacity} tokens, fewer "
+                f"than one global batch of {self._global()} rows ({plural(layout.num_microbatches, 'micro batch')} "
+                f"x {layout.data_parallel_size} data-parallel ranks): add data, or lower gradient_accumulation_steps "
+                "or max_seq_len")
 
     def _build_units(self, epoch: int) -> PackingPlan:
         packing = self.packing
