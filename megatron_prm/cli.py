@@ -190,6 +190,15 @@ def _score(args: argparse.Namespace, overrides: list[str]) -> None:
     from megatron_prm.runtime import resolve_device
 
     check_output_file(args.output, [args.data, args.checkpoint, args.hf])
+    if args.hf:
+        from megatron_prm.conversion.serving import export_scoring_settings
+        from megatron_prm.model.architecture import read_hf_config
+
+        if is_megatron_run_or_checkpoint(Path(args.hf)):
+            raise ConfigError(f"{args.hf} is a megatron-prm run or checkpoint, not a Hugging Face model: score "
+                              f"it with --checkpoint {args.hf}")
+        # An export of this project scores with its run's step tag and reward tokens unless told otherwise.
+        overrides = [*export_scoring_settings(Path(args.hf), read_hf_config(args.hf)), *overrides]
     settings = load_config(None, ["--bf16", "false", *overrides])  # the overrides alone, checked early
     run_settings = settings.training
     resolve_device(run_settings.device)
@@ -198,18 +207,18 @@ def _score(args: argparse.Namespace, overrides: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="megatron-prm-score-") as scratch:
         checkpoint = args.checkpoint
         if args.hf:
-            if is_megatron_run_or_checkpoint(Path(args.hf)):
-                raise ConfigError(f"{args.hf} is a megatron-prm run or checkpoint, not a Hugging Face model: score "
-                                  f"it with --checkpoint {args.hf}")
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise ConfigError("--hf converts the model in this process; with several processes convert it once "
                                   "(megatron-prm convert-hf import) and pass --checkpoint")
             from megatron_prm.conversion.importer import hf_model_directory, import_hf
+            from megatron_prm.conversion.token_classifier import scorer_reward_ids
 
             # Convert to the precision the scoring runs in (fp32 unless --bf16/--fp16 true), not the file's.
             dtype = "bf16" if run_settings.bf16 else "fp16" if run_settings.fp16 else "fp32"
             checkpoint = str(Path(scratch) / "checkpoint")
-            import_hf(hf_model_directory(args.hf, "--hf"), Path(checkpoint), dtype=dtype, progress=False)
+            hf_dir = hf_model_directory(args.hf, "--hf")
+            import_hf(hf_dir, Path(checkpoint), dtype=dtype, progress=False,
+                      reward_ids=scorer_reward_ids(hf_dir, settings.prm))
         config = scoring_config(checkpoint, args.data, overrides)
         try:
             summary = score_file(config, Path(args.output), aggregates, args.batch_size, packed=not args.no_packing)

@@ -148,7 +148,7 @@ def test_a_train_state_of_the_wrong_type_is_refused(tmp_path, state, message):
                                                             (None, "", "reward_tokens must name two")])
 def test_export_refuses_an_empty_step_tag_instead_of_using_the_default(imported, step_tag, reward_tokens, message):
     from megatron_prm.config import ConfigError
-    from megatron_prm.conversion.exporter import token_classifier_head
+    from megatron_prm.conversion.exporter import step_tokens
 
     with pytest.raises(ConfigError, match=message):
-        token_classifier_head(imported, step_tag, reward_tokens)
+        step_tokens(imported, step_tag, reward_tokens)

@@ -1,6 +1,7 @@
 """Qwen-family PRMs end to end: a step tag the tokenizer lacks is added and travels with the checkpoint and
 the export; the token-classifier export scores like ``megatron-prm score``; Qwen2.5-Math-PRM's MLP head
-(``reward_head: mlp``) imports, exports bitwise, scores under TP2 like its plain-torch reference and trains."""
+(``reward_head: mlp``) imports, exports bitwise, scores under TP2 like its plain-torch reference and trains;
+every kind of export scores through ``score --hf`` like its checkpoint and describes how to serve it."""
 
 from __future__ import annotations
 
@@ -40,6 +41,33 @@ def load_safetensors(directory) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def assert_serving_matches_tokenizer(directory, kind: str, step_tag: str = STEP_TAG) -> dict:
+    """The export's prm_serving.json agrees with its own tokenizer and config, and its vLLM command is built
+    from those values."""
+    from transformers import AutoTokenizer
+
+    serving = json.loads((directory / "prm_serving.json").read_text(encoding="utf-8"))
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    config = json.loads((directory / "config.json").read_text())
+    assert serving["export_kind"] == kind and serving["architecture"] == config["architectures"][0]
+    assert serving["step_tag"] == step_tag and serving["step_tag_id"] == tokenizer.convert_tokens_to_ids(step_tag)
+    assert serving["dtype"] == config.get("dtype", config.get("torch_dtype")) == "float32"
+    assert f'"step_tag_id": {serving["step_tag_id"]}' in serving["vllm_command"]
+    assert "--dtype float32" in serving["vllm_command"] and serving["vllm_version"] == "0.32.0"
+    if kind == "mlp-head":
+        assert serving["reward_token_ids"] is None and serving["output_classes"] == ["bad", "good"]
+        assert serving["p_good_column"] == 1
+        return serving
+    assert serving["output_classes"] == ["good", "bad"] and serving["p_good_column"] == 0
+    ids, pieces = serving["reward_token_ids"], serving["reward_token_pieces"]
+    assert pieces == tokenizer.convert_ids_to_tokens(ids) and tokenizer.convert_tokens_to_ids(pieces) == ids
+    assert ids == [tokenizer.encode(token, add_special_tokens=False)[0] for token in serving["reward_tokens"]]
+    if kind == "causal-lm":
+        assert "--convert classify" in serving["vllm_command"]
+        assert json.dumps({"classifier_from_token": pieces}, ensure_ascii=False)[1:-1] in serving["vllm_command"]
+    return serving
+
+
 def samples_of(records_path, tokenizer_dir, reward_tokens=("+", "-")):
     """(record, input ids [1, s], step-tag positions) as the project's data pipeline builds them."""
     tokenizer = load_tokenizer(str(tokenizer_dir))
@@ -65,6 +93,9 @@ def processbench_records(shared_data, tmp_path):
 
 @pytest.mark.one_leg
 def test_added_step_tag_travels_and_token_classifier_scores_like_the_scorer(tmp_path, processbench_records):
+    """The added <extra_0> travels with the checkpoint into both exports; each export's prm_serving.json
+    agrees with its tokenizer; the token classifier scores like the checkpoint in transformers and through
+    ``score --hf``, and is refused by ``convert-hf import``."""
     tokenizer_dir = write_qwen2_tokenizer(tmp_path / "tokenizer")
     vocab = load_tokenizer(str(tokenizer_dir)).vocab_size  # <extra_0> is not among them
     torch.manual_seed(0)
@@ -98,6 +129,21 @@ def test_added_step_tag_travels_and_token_classifier_scores_like_the_scorer(tmp_
     assert torch.equal(tc["score.weight"], lm["model.embed_tokens.weight"][[good, bad]])  # tied: the embedding rows
     assert torch.equal(tc["score.bias"], torch.zeros(2)) and "lm_head.weight" not in tc
 
+    assert_serving_matches_tokenizer(tmp_path / "lm", "causal-lm")
+    assert assert_serving_matches_tokenizer(tmp_path / "tc", "token-classifier")["reward_token_ids"] == [good, bad]
+
+    # score --hf reads the token classifier back (its step tag and reward tokens from prm_serving.json).
+    run_cli(["score", "--hf", str(tmp_path / "tc"), "--data", str(processbench_records),
+             "--output", str(tmp_path / "tc_scores.jsonl"), *LENGTHS])
+    from_tc = [json.loads(line) for line in (tmp_path / "tc_scores.jsonl").read_text().splitlines()]
+    assert [r["num_steps"] for r in from_tc] == [r["num_steps"] for r in scored]
+    for ours, theirs in zip(from_tc, scored):
+        assert len(ours["step_scores"]) == len(theirs["step_scores"]) > 0
+        assert torch.allclose(torch.tensor(ours["step_scores"]), torch.tensor(theirs["step_scores"]), atol=1e-5, rtol=0)
+
+    refused = convert("import", "--hf", str(tmp_path / "tc"), "--out", str(tmp_path / "tc-imported"), check=False)
+    assert refused.returncode == 2 and "is read only by `megatron-prm score --hf`" in refused.stderr
+
     model = AutoModelForTokenClassification.from_pretrained(tmp_path / "tc", dtype=torch.float32).eval()
     assert type(model).__name__ == "Qwen2ForTokenClassification" and model.config.id2label == {0: "good", 1: "bad"}
     compared = 0
@@ -125,12 +171,14 @@ def mlp_prm(tmp_path_factory):
 
 def test_mlp_head_round_trip_is_bitwise(mlp_prm, tmp_path):
     root, hf = mlp_prm
-    convert("export", "--megatron", str(root / "imported"), "--out", str(tmp_path / "out"))
+    exported_run = convert("export", "--megatron", str(root / "imported"), "--out", str(tmp_path / "out"))
     original, exported = load_safetensors(hf), load_safetensors(tmp_path / "out")
     assert original.keys() == exported.keys() and "score.2.weight" in exported and "lm_head.weight" not in exported
     for key in original:
         assert torch.equal(original[key], exported[key]), key
     assert json.loads((hf / "config.json").read_text()) == json.loads((tmp_path / "out" / "config.json").read_text())
+    # Imported without run settings, the default step tag is not one token of this tokenizer: no serving file.
+    assert "no prm_serving.json" in exported_run.stderr and not (tmp_path / "out" / "prm_serving.json").exists()
     refused = convert("export", "--megatron", str(root / "imported"), "--out", str(tmp_path / "tc"),
                       "--as", "token-classifier", check=False)
     assert refused.returncode == 2 and "MLP reward head" in refused.stderr and not (tmp_path / "tc").exists()
@@ -155,6 +203,17 @@ def test_mlp_head_scores_like_its_reference_under_tp2_and_trains(mlp_prm, tmp_pa
         compared += len(p_good)
     assert compared >= 10
 
+    # Its export (the step tag given: the imported checkpoint has no run settings) scores through score --hf
+    # like the checkpoint.
+    convert("export", "--megatron", str(root / "imported"), "--out", str(tmp_path / "mlp"), "--step-tag", STEP_TAG)
+    assert_serving_matches_tokenizer(tmp_path / "mlp", "mlp-head")
+    run_cli(["score", "--hf", str(tmp_path / "mlp"), "--data", str(records), "--output",
+             str(tmp_path / "mlp_scores.jsonl"), *LENGTHS])
+    from_export = [json.loads(line) for line in (tmp_path / "mlp_scores.jsonl").read_text().splitlines()]
+    for ours, theirs in zip(from_export, scored, strict=True):
+        assert len(ours["step_scores"]) == len(theirs["step_scores"]) > 0
+        assert torch.allclose(torch.tensor(ours["step_scores"]), torch.tensor(theirs["step_scores"]), atol=1e-5, rtol=0)
+
     run_cli(["train", "--model_name_or_path", str(root / "imported"), "--reward_head", "mlp",
              "--placeholder_token", STEP_TAG, "--train_dataset_path", str(records),
              "--output_dir", str(tmp_path / "run"), *TRAIN])
@@ -163,6 +222,7 @@ def test_mlp_head_scores_like_its_reference_under_tp2_and_trains(mlp_prm, tmp_pa
     convert("export", "--megatron", str(tmp_path / "run"), "--out", str(tmp_path / "trained"))
     trained, original = load_safetensors(tmp_path / "trained"), load_safetensors(hf)
     assert not torch.equal(trained["score.0.weight"], original["score.0.weight"])  # the head was trained
+    assert_serving_matches_tokenizer(tmp_path / "trained", "mlp-head")  # the step tag from the run's settings
 
 
 def test_mlp_head_starts_fresh_from_a_causal_lm(tmp_path):

@@ -17,7 +17,7 @@ from megatron_prm.output_paths import check_output_dir
 USAGE = """\
   convert-hf import --hf DIR --out DIR [--tp N --pp M --dtype bf16]
   convert-hf export --megatron DIR --out DIR [--dtype bf16 --max-shard-size 5GB]
-                    [--as causal-lm | token-classifier [--step-tag TAG --reward-tokens GOOD,BAD]]"""
+                    [--as causal-lm | token-classifier] [--step-tag TAG --reward-tokens GOOD,BAD]"""
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)?$", re.IGNORECASE)
 _UNITS = {None: 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
@@ -53,8 +53,9 @@ def add_directions(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPar
     exp.add_argument("--as", dest="target", choices=("causal-lm", "token-classifier"), default="causal-lm",
                      help="causal-lm (default): *ForCausalLM (an MLP-head PRM: its *ForProcessRewardModel layout); "
                      "token-classifier: *ForTokenClassification, 2 labels (good, bad) from the reward tokens' LM-head rows")
-    exp.add_argument("--step-tag", help="token-classifier: the step tag (default: the run's placeholder_token)")
-    exp.add_argument("--reward-tokens", help="token-classifier: GOOD,BAD (default: the run's reward_tokens)")
+    exp.add_argument("--step-tag", help="the step tag in prm_serving.json (default: the run's placeholder_token)")
+    exp.add_argument("--reward-tokens", help="GOOD,BAD: the token classifier's rows and prm_serving.json's reward "
+                     "tokens (default: the run's reward_tokens)")
     # Before or after the direction (`--no-progress import ...` or `import ... --no-progress`).
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     for sub in (imp, exp):
@@ -63,7 +64,8 @@ def add_directions(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPar
 
 
 def convert_hf(args: argparse.Namespace) -> None:
-    """Run the conversion ``args`` describe; prints its JSON summary."""
+    """Run the conversion ``args`` describe; prints its JSON summary (an export also a line on stderr on how
+    to serve it)."""
     if args.direction == "import":
         from megatron_prm.conversion.importer import hf_model_directory, import_hf
 

@@ -3,12 +3,14 @@
 Two targets: the family's ``*ForCausalLM`` (the default; a model with an MLP reward head is written back
 in Qwen2.5-Math-PRM's ``*ForProcessRewardModel`` layout instead), or ``*ForTokenClassification`` with two
 labels whose ``score`` rows are the LM-head rows of the good and bad reward tokens, so that a serving
-engine's token classifier gives the PRM's P(good) at every step tag without custom code.
+engine's token classifier gives the PRM's P(good) at every step tag without custom code. Beside the
+weights, ``prm_serving.json`` says how to serve the export (see ``serving.py``).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -33,27 +35,26 @@ from megatron_prm.conversion.mapping import (
     to_hf,
 )
 from megatron_prm.conversion.safetensors_io import CheckpointFormatError, PlannedTensor, ShardedSafetensorsWriter
+from megatron_prm.conversion.serving import (
+    CAUSAL_LM,
+    MLP_HEAD,
+    SERVING_FILE,
+    TOKEN_CLASSIFIER,
+    ServingInfo,
+    describe_serving,
+    write_serving_info,
+)
 from megatron_prm.conversion.staging import staged_output
 from megatron_prm.conversion.torch_dist_writer import single_process_dcp
 from megatron_prm.model.architecture import Architecture, read_hf_config
 from megatron_prm.progress import progress as show_progress
 from megatron_prm.safe_loading import SafeFileSystemReader, load_errors_named
-from megatron_prm.tokenizer import load_tokenizer, special_token_ids
+from megatron_prm.tokenizer import TokenizerError, load_tokenizer
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
-TARGETS = ("causal-lm", "token-classifier")
+TARGETS = (CAUSAL_LM, TOKEN_CLASSIFIER)
 LABELS = ("good", "bad")  # the token classifier's label order: P(good) is the softmax's first column
-
-
-@dataclass(frozen=True)
-class TokenClassifierHead:
-    """The reward tokens whose LM-head rows become ``score.weight`` (good first), and the step tag that
-    marks where a serving engine reads the scores."""
-
-    good_id: int
-    bad_id: int
-    step_tag: str
-    step_tag_id: int
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 @dataclass(frozen=True)
@@ -117,46 +118,63 @@ def _check_stored(metadata: dict, rules: tuple[ParamRule, ...], arch: Architectu
         raise CheckpointFormatError(f"{where} does not match its {MODEL_CONFIG_NAME}: " + "; ".join(problems))
 
 
-def _hf_config(saved: dict, arch: Architecture, dtype: torch.dtype, head: Optional[TokenClassifierHead]) -> dict:
+def _hf_config(saved: dict, arch: Architecture, dtype: torch.dtype, target: str) -> dict:
     """The saved HF config; only the dtype field changes, and only if the weights' dtype differs. A token
-    classifier names its class, its two labels and the step tag."""
+    classifier names its class and its two labels."""
     config = dict(saved)
     config.setdefault("architectures", [arch.family.hf_prefix + "ForCausalLM"])
-    if head is not None:
+    if target == TOKEN_CLASSIFIER:
         config.pop("auto_map", None)
         config["architectures"] = [arch.family.hf_prefix + "ForTokenClassification"]
         config["id2label"] = dict(enumerate(LABELS))
         config["label2id"] = {label: i for i, label in enumerate(LABELS)}
-        config["prm_step_tag"], config["prm_step_tag_id"] = head.step_tag, head.step_tag_id
-    name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    name = DTYPE_NAMES[dtype]
     key = "dtype" if "dtype" in config else "torch_dtype"
     if config.get(key) != name:
         config[key] = name
     return config
 
 
-def token_classifier_head(checkpoint: Path, step_tag: Optional[str], reward_tokens: Optional[str]) -> TokenClassifierHead:
-    """The reward and step-tag ids, from the checkpoint's tokenizer and its run's settings (or the
-    defaults), ``step_tag`` / ``reward_tokens`` overriding them."""
+def step_tokens(checkpoint: Path, step_tag: Optional[str], reward_tokens: Optional[str]) -> PRMArguments:
+    """The step tag and reward tokens: the run's settings (or the defaults), ``step_tag`` /
+    ``reward_tokens`` overriding them."""
     run_config = read_config_file(checkpoint / CONFIG_NAME) if (checkpoint / CONFIG_NAME).is_file() else {}
     defaults = PRMArguments()
     # An option given empty is refused by PRMArguments, not replaced by the run's value.
-    prm = PRMArguments(
+    return PRMArguments(
         placeholder_token=step_tag if step_tag is not None else run_config.get("placeholder_token") or defaults.placeholder_token,
         reward_tokens=reward_tokens if reward_tokens is not None else run_config.get("reward_tokens") or defaults.reward_tokens)
+
+
+def serving_info(checkpoint: Path, kind: str, architecture: str, dtype: torch.dtype, model_dir: Path,
+                 step_tag: Optional[str], reward_tokens: Optional[str]) -> ServingInfo:
+    """The serving facts of the export, its ids from the checkpoint's tokenizer."""
+    prm = step_tokens(checkpoint, step_tag, reward_tokens)
     if not (checkpoint / TOKENIZER_DIR).is_dir():
-        raise ConfigError(f"{checkpoint} carries no tokenizer/ directory: the reward token ids are unknown")
-    tokenizer = load_tokenizer(str(checkpoint / TOKENIZER_DIR))
-    ids = special_token_ids(tokenizer, prm.placeholder_token, prm.reward_token_list, add_missing=False)
-    return TokenClassifierHead(ids.good, ids.bad, prm.placeholder_token, ids.placeholder)
+        raise ConfigError(f"{checkpoint} carries no tokenizer/ directory: the step tag and reward token ids are unknown")
+    return describe_serving(load_tokenizer(str(checkpoint / TOKENIZER_DIR)), kind, architecture, DTYPE_NAMES[dtype],
+                            prm.placeholder_token, prm.reward_token_list, str(model_dir))
 
 
-def _reward_rows(reader: SafeFileSystemReader, rule: ParamRule, head: TokenClassifierHead,
+def _serving_or_reason(checkpoint: Path, kind: str, architecture: str, dtype: torch.dtype, model_dir: Path,
+                       step_tag: Optional[str], reward_tokens: Optional[str]) -> tuple[Optional[ServingInfo], str]:
+    """The export's serving facts, or None and why not (an imported base model's default step tag may not be
+    one token; a checkpoint may carry no tokenizer). A token classifier's rows need them, and so do tokens
+    named by the options: there the error stands."""
+    try:
+        return serving_info(checkpoint, kind, architecture, dtype, model_dir, step_tag, reward_tokens), ""
+    except (ConfigError, TokenizerError, OSError, RuntimeError) as err:  # SentencePiece raises the last two
+        if kind == TOKEN_CLASSIFIER or step_tag is not None or reward_tokens is not None:
+            raise
+        return None, f"no {SERVING_FILE}: {err} (--step-tag / --reward-tokens name them)"
+
+
+def _reward_rows(reader: SafeFileSystemReader, rule: ParamRule, reward_ids: list[int],
                  metadata: dict) -> torch.Tensor:
     """The LM-head (or tied embedding) rows of the good and bad tokens, ``[2, h]``, read row by row."""
     stored = metadata[rule.checkpoint_key]
     rows = []
-    for row in (head.good_id, head.bad_id):
+    for row in reward_ids:
         piece = _Slice(torch.empty((1, stored.size[1]), dtype=stored.properties.dtype), (row, 0))
         with load_errors_named(Path(reader.path), "the reward rows"):
             dcp.load({rule.checkpoint_key: piece}, storage_reader=reader, planner=_SliceLoadPlanner(), no_dist=True)
@@ -165,11 +183,12 @@ def _reward_rows(reader: SafeFileSystemReader, rule: ParamRule, head: TokenClass
 
 
 def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True, target: str = "causal-lm",
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True, target: str = CAUSAL_LM,
               step_tag: Optional[str] = None, reward_tokens: Optional[str] = None) -> dict:
     """Write the weights of a Megatron checkpoint (a run directory's ``latest`` or one ``iter_*``) as an
     HF model directory that ``AutoModelForCausalLM`` (``target="causal-lm"``) or
-    ``AutoModelForTokenClassification`` (``"token-classifier"``) loads without custom code."""
+    ``AutoModelForTokenClassification`` (``"token-classifier"``) loads without custom code, with its
+    ``prm_serving.json``; prints one line on how to serve it."""
     if target not in TARGETS:
         raise ConfigError(f"export target {target!r} is not one of {', '.join(TARGETS)}")
     checkpoint = resolve_checkpoint(megatron_dir)
@@ -183,12 +202,15 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
     check_tied_embeddings(metadata, arch.tie_word_embeddings, checkpoint, MODEL_CONFIG_NAME)
     _check_stored(metadata, rules, arch, checkpoint)
     target_dtype = DTYPES[dtype] if dtype else metadata[rules[0].checkpoint_key].properties.dtype
-    head = None
-    if target == "token-classifier":
-        if arch.reward_head == "mlp":
-            raise ConfigError(f"{checkpoint} has an MLP reward head; a token classifier holds one linear layer "
-                              "(export it as causal-lm: the *ForProcessRewardModel layout)")
-        head = token_classifier_head(checkpoint, step_tag, reward_tokens)
+    if target == TOKEN_CLASSIFIER and arch.reward_head == "mlp":
+        raise ConfigError(f"{checkpoint} has an MLP reward head; a token classifier holds one linear layer "
+                          "(export it as causal-lm: the *ForProcessRewardModel layout)")
+    hf_config = _hf_config(saved_config, arch, target_dtype, target)
+    kind = MLP_HEAD if arch.reward_head == "mlp" else target
+    serving, no_serving = _serving_or_reason(checkpoint, kind, hf_config["architectures"][0], target_dtype, out_dir,
+                                             step_tag, reward_tokens)
+    if kind == TOKEN_CLASSIFIER:
+        hf_config["prm_step_tag"], hf_config["prm_step_tag_id"] = serving.step_tag, serving.step_tag_id
         vocab_rule = EMBEDDING if arch.tie_word_embeddings else LM_HEAD
         rules = tuple(r for r in rules if r is not LM_HEAD)
     rules = tuple(r for r in rules if r.transform is not Transform.ZEROS)  # the unused LM head of an MLP PRM
@@ -200,7 +222,7 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
     planned = [PlannedTensor(name, target_dtype, shape)
                for layer, group in groups for rule in group
                for name, shape in zip(rule.hf_names(layer), hf_shapes(rule, arch))]
-    if head is not None:
+    if kind == TOKEN_CLASSIFIER:
         planned += [PlannedTensor("score.weight", target_dtype, (2, arch.hidden_size)),
                     PlannedTensor("score.bias", target_dtype, (2,))]
 
@@ -211,16 +233,23 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
             for rule in group:
                 for name, tensor in zip(rule.hf_names(layer), to_hf(rule, loaded.pop(rule.checkpoint_key), arch)):
                     writer.write(name, tensor.to(target_dtype))
-        if head is not None:
-            writer.write("score.weight", _reward_rows(reader, vocab_rule, head, metadata).to(target_dtype))
+        if kind == TOKEN_CLASSIFIER:
+            rows = _reward_rows(reader, vocab_rule, serving.reward_token_ids, metadata)
+            writer.write("score.weight", rows.to(target_dtype))
             writer.write("score.bias", torch.zeros(2, dtype=target_dtype))
         writer.close()
-        hf_config = _hf_config(saved_config, arch, target_dtype, head)
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         tokenizer_files = copy_tokenizer_files(checkpoint / TOKENIZER_DIR, staging)
+        if serving is not None:
+            write_serving_info(staging, serving)
     summary = {"output": str(out_dir), "checkpoint": str(checkpoint), "model_type": saved_config["model_type"],
                "architecture": hf_config["architectures"][0], "dtype": str(target_dtype),
                "files": writer.file_names, "tokenizer_files": tokenizer_files}
-    if head is not None:
-        summary.update(step_tag=head.step_tag, step_tag_id=head.step_tag_id, reward_token_ids=[head.good_id, head.bad_id])
+    if serving is None:
+        print(no_serving, file=sys.stderr)
+        return summary
+    print(serving.one_line(out_dir / SERVING_FILE), file=sys.stderr)
+    summary.update(serving=str(out_dir / SERVING_FILE), export_kind=kind, step_tag=serving.step_tag,
+                   step_tag_id=serving.step_tag_id, reward_token_ids=serving.reward_token_ids,
+                   reward_token_pieces=serving.reward_token_pieces, p_good_column=serving.p_good_column)
     return summary

@@ -1,5 +1,5 @@
-"""HF checkpoint (Llama, Mistral, Qwen2/2.5, Qwen3; causal LM or MLP-head PRM) -> Megatron-Core ``torch_dist``
-checkpoint, one tensor at a time."""
+"""HF checkpoint (Llama, Mistral, Qwen2/2.5, Qwen3; causal LM or MLP-head PRM, or for scoring this project's
+token-classifier export) -> Megatron-Core ``torch_dist`` checkpoint, one tensor at a time."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from megatron_prm.conversion.mapping import (
     to_megatron,
 )
 from megatron_prm.conversion.safetensors_io import CheckpointFormatError, SafetensorsReader
+from megatron_prm.conversion.serving import TOKEN_CLASSIFIER, export_kind_of
 from megatron_prm.conversion.staging import staged_output
+from megatron_prm.conversion.token_classifier import ScoreRowsAsLMHead, causal_lm_config
 from megatron_prm.conversion.torch_dist_writer import LazyTensor, stacked, whole, write_torch_dist
 from megatron_prm.hub import local_path
 from megatron_prm.layout import model_split_problems
@@ -36,7 +38,7 @@ from megatron_prm.tokenizer import TOKENIZER_FILES
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def check_tensors(reader: SafetensorsReader, rules: tuple[ParamRule, ...], arch: Architecture) -> None:
+def check_tensors(reader: SafetensorsReader | ScoreRowsAsLMHead, rules: tuple[ParamRule, ...], arch: Architecture) -> None:
     """Every tensor the config implies is present with the implied shape, and nothing else is there."""
     expected: dict[str, tuple[int, ...]] = {}
     for rule in rules:
@@ -76,21 +78,31 @@ def hf_model_directory(name_or_path: str, what: str) -> Path:
 
 
 def import_hf(hf_dir: Path, out_dir: Path, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-              dtype: Optional[str] = None, progress: bool = True, extra_files: Optional[dict] = None) -> dict:
+              dtype: Optional[str] = None, progress: bool = True,
+              reward_ids: Optional[tuple[int, int]] = None, extra_files: Optional[dict] = None) -> dict:
     """Convert ``hf_dir`` into a Megatron checkpoint at ``out_dir``; returns a summary.
 
     The checkpoint is layout-independent; ``tensor_parallel`` / ``pipeline_parallel`` are checked
     against the model, and the vocabulary is padded as a run with that tensor-parallel size pads it.
-    ``extra_files`` (name: JSON value) are written into it too.
+    A token-classifier export becomes its causal LM, its score rows the LM-head rows of ``reward_ids``
+    (good, bad): the ids the scorer will read. ``extra_files`` (name: JSON value) are written into it too.
     """
     config = read_hf_config(hf_dir)
     config_path = hf_dir / "config.json"
+    token_classifier = export_kind_of(config, str(config_path)) == TOKEN_CLASSIFIER
+    if token_classifier:
+        if reward_ids is None:
+            raise ConfigError(f"{config_path}: a token classifier ({config['architectures'][0]}) is read only by "
+                              "`megatron-prm score --hf`; import the causal-LM export to train")
+        config = causal_lm_config(config)
     arch = Architecture.from_hf_config(config, str(config_path))
     problems = model_split_problems(arch, tensor_parallel, pipeline_parallel)
     if problems:
         raise ConfigError(f"{config_path}: cannot split for --tp {tensor_parallel} --pp {pipeline_parallel}: "
                           + "; ".join(problems))
     reader = SafetensorsReader(hf_dir)
+    if token_classifier:
+        reader = ScoreRowsAsLMHead(reader, arch, *reward_ids)
     rules = rules_for(arch)
     check_tensors(reader, rules, arch)
     first = reader.entries[rules[0].hf_names()[0]]
@@ -114,7 +126,10 @@ def import_hf(hf_dir: Path, out_dir: Path, tensor_parallel: int = 1, pipeline_pa
     total = sum(len(t.chunks) for t in tensors.values())
     with staged_output(out_dir) as staging, show_progress(total=total, desc="import", unit="tensor", enabled=progress) as bar:
         write_torch_dist(staging, tensors, on_chunk=lambda key: bar.update())
-        shutil.copy2(config_path, staging / MODEL_CONFIG_NAME)  # verbatim: export writes it back unchanged
+        if token_classifier:
+            (staging / MODEL_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            shutil.copy2(config_path, staging / MODEL_CONFIG_NAME)  # verbatim: export writes it back unchanged
         (staging / TRAIN_STATE_NAME).write_text(json.dumps(dataclasses.asdict(TrainState()), indent=2))
         tokenizer_files = copy_tokenizer_files(hf_dir, staging / TOKENIZER_DIR)
         for name, value in (extra_files or {}).items():
