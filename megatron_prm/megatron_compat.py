@@ -407,3 +407,25 @@ def async_save_options() -> dict:
     if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
         return {"async_strategy": "mcore"}
     return {}
+
+
+# ---- MoE without Transformer Engine ----
+# megatron-core 0.16.1 imports ``te_general_gemm`` and the fused MoE kernels into
+# ``megatron.core.transformer.moe.moe_utils`` only when Transformer Engine imports, but the router's
+# ``RouterGatingLinearFunction`` tests ``te_general_gemm is not None`` unconditionally: without TE every
+# MoE forward fails with a NameError. Defining the missing names as None selects Megatron's own torch
+# path (the fused kernels are used only under options that require TE). Checked on 0.16.1 and 0.19.2.
+_MOE_TE_NAMES = ("te_general_gemm", "fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                 "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
+                 "fused_topk_with_score_function", "fused_unpermute")
+
+
+def moe_without_transformer_engine() -> None:
+    """Give ``moe_utils`` the TE names it tests for None where TE is absent. Idempotent."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if moe_utils.HAVE_TE:
+        return
+    for name in _MOE_TE_NAMES:
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
