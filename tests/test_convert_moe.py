@@ -1,5 +1,6 @@
 """Mixture-of-Experts bases (Qwen3-MoE, Qwen2-MoE, Mixtral): HF import gives Megatron logits equal to
-transformers' (local experts, dropless all-to-all routing) under TP1, TP2 and PP2."""
+transformers' (local experts, dropless all-to-all routing) under TP1, TP2 and PP2, and import -> export
+is bitwise with transformers' per-expert tensor names."""
 
 from __future__ import annotations
 
@@ -109,6 +110,25 @@ def test_routing_is_visible_in_the_logits(models):
             layer.mlp.gate.norm_topk_prob = False
             layer.mlp.shared_expert_gate.weight.zero_()  # sigmoid(0) = 1/2
         assert (model(fixed_tokens(VOCAB)).logits - reference).abs().max() > 1e-3
+
+
+LAST_EXPERT = {"qwen3_moe": "mlp.experts.3.gate_proj", "qwen2_moe": "mlp.experts.3.up_proj",
+               "mixtral": "block_sparse_moe.experts.3.w2"}
+
+
+def test_round_trip_is_bitwise_with_per_expert_names(models, tmp_path):
+    from megatron_prm.conversion.exporter import export_hf
+
+    root, paths = models
+    for name, hf in paths.items():
+        out = tmp_path / name
+        export_hf(root / f"{name}-megatron", out, progress=False)
+        original, exported = load_file(hf / "model.safetensors"), load_file(out / "model.safetensors")
+        assert original.keys() == exported.keys(), name
+        for key in original:
+            assert original[key].dtype == exported[key].dtype and torch.equal(original[key], exported[key]), key
+        assert json.loads((hf / "config.json").read_text()) == json.loads((out / "config.json").read_text())
+        assert f"model.layers.1.{LAST_EXPERT[name]}.weight" in exported
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
