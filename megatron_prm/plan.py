@@ -62,15 +62,44 @@ class StageParameters:
         return self.total - (self.output_layer if self.output_layer_frozen else 0)
 
 
+def _swiglu(h: int, f: int) -> int:
+    return 3 * h * f  # gate, up and down projections
+
+
 def layer_parameters(arch: Architecture, tp: int) -> int:
-    """Parameters of one transformer layer held by one tensor-parallel rank."""
-    h, d, f = arch.hidden_size, arch.head_dim, arch.intermediate_size
+    """Parameters of one transformer layer held by one tensor-parallel rank. A MoE layer holds every
+    expert on every rank (no expert parallelism), each split over the tensor-parallel ranks like the MLP,
+    and the router (and Qwen2-MoE's shared-expert gate) whole."""
+    h, d = arch.hidden_size, arch.head_dim
     n, g = arch.num_attention_heads, arch.num_key_value_heads
-    sharded = (n + 2 * g) * d * h + h * n * d + 2 * f * h + f * h
+    sharded = (n + 2 * g) * d * h + h * n * d
     if arch.family.qkv_bias:
         sharded += (n + 2 * g) * d
     replicated = 2 * h + (2 * d if arch.family.qk_norm else 0)  # RMSNorm weights (Qwen3: per-head Q/K norms too)
+    moe = arch.moe
+    if moe is None:
+        sharded += _swiglu(h, arch.intermediate_size)
+    else:
+        sharded += moe.num_experts * _swiglu(h, moe.moe_intermediate_size)
+        replicated += moe.num_experts * h  # the router
+        if moe.shared_expert_intermediate_size:
+            sharded += _swiglu(h, moe.shared_expert_intermediate_size)
+            replicated += h  # its gate
     return sharded // tp + replicated
+
+
+def model_parameters(arch: Architecture) -> dict[str, int]:
+    """Parameters of the base model (the unpadded vocabulary, as HF counts them; no MLP reward head), and those a token
+    passes through: of a MoE layer only its ``num_experts_per_tok`` routed experts (with the router and
+    the shared expert); equal in a dense model."""
+    total_layer = layer_parameters(arch, 1)
+    inactive = 0
+    if arch.moe is not None:
+        moe = arch.moe
+        inactive = (moe.num_experts - moe.num_experts_per_tok) * _swiglu(arch.hidden_size, moe.moe_intermediate_size)
+    vocab = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+    total = arch.num_hidden_layers * total_layer + vocab + arch.hidden_size
+    return {"total": total, "active_per_token": total - arch.num_hidden_layers * inactive}
 
 
 def stage_parameters(arch: Architecture, layout: ParallelLayout, stage: int) -> StageParameters:
@@ -166,6 +195,7 @@ def plan(config: RunConfig, arch: Architecture, nodes: int, gpus_per_node: int, 
                    "distributed_optimizer": layout.distributed_optimizer},
         "microbatches_per_step": accumulation,
         "global_batch_size": t.per_device_train_batch_size * accumulation * layout.data_parallel_size,
+        "parameters": model_parameters(arch),
         "parameters_per_gpu": params,
         "parameters_per_stage": [s.total for s in stages],
         "memory_bytes": memory,
@@ -195,6 +225,8 @@ def describe(result: dict) -> str:
         f"distributed optimizer {layout['distributed_optimizer']}",
         f"{result['microbatches_per_step']} micro batches per step per data-parallel rank; global batch "
         f"{result['global_batch_size']} rows",
+        f"parameters: {result['parameters']['total'] / 1e9:.3f} B in all, "
+        f"{result['parameters']['active_per_token'] / 1e9:.3f} B active per token",
         f"parameters per GPU (heaviest stage): {result['parameters_per_gpu'] / 1e9:.3f} B; per stage: "
         + ", ".join(f"{p / 1e9:.3f} B" for p in result["parameters_per_stage"]),
         "memory per GPU (estimate): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in memory.items()),

@@ -134,11 +134,12 @@ def test_round_trip_is_bitwise_with_per_expert_names(models, tmp_path):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_mapping_names_cover_the_built_model(models, name):
     """Every parameter of the built local-spec MoE model is named by the table, and every tensor of its
-    checkpoint by the checkpoint names (experts stacked along their own axis)."""
+    checkpoint by the checkpoint names (experts stacked along their own axis); ``plan`` counts them all."""
     from megatron_prm.conversion.mapping import rules_for
     from megatron_prm.layout import ParallelLayout
     from megatron_prm.model.architecture import Architecture, read_hf_config
     from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
+    from megatron_prm.plan import stage_parameters
     from megatron_prm.runtime import init_runtime, shutdown
 
     _, paths = models
@@ -148,10 +149,27 @@ def test_mapping_names_cover_the_built_model(models, name):
         (model,) = build_model_chunks(arch, (1, 2), 32, ModelBuildOptions(use_cpu_initialization=True))
         local_names = {k for k in model.state_dict() if not k.endswith("_extra_state")}
         checkpoint_keys = {v.key for v in model.sharded_state_dict().values() if not v.key.endswith("_extra_state")}
+        built = sum(p.numel() for p in model.parameters())
     finally:
         shutdown()
+    assert stage_parameters(arch, ParallelLayout(), 0).total == built
     rules = rules_for(arch)
     assert local_names == {r.megatron_name(layer, spec="local", expert=expert) for r in rules
                            for layer in (range(arch.num_hidden_layers) if r.per_layer else [None])
                            for expert in (range(arch.moe.num_experts) if r.per_expert else [None])}
     assert checkpoint_keys == {r.checkpoint_key for r in rules}
+
+
+def test_plan_counts_every_parameter_and_the_active_ones(models):
+    """``plan``'s total equals transformers' parameter count; per token only 2 of the 4 experts are active."""
+    from megatron_prm.model.architecture import Architecture, read_hf_config
+    from megatron_prm.plan import model_parameters
+
+    _, paths = models
+    for name, hf in paths.items():
+        arch = Architecture.from_hf_config(read_hf_config(hf), name)
+        counted = model_parameters(arch)
+        model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+        assert counted["total"] == sum(p.numel() for p in model.parameters()), name
+        idle_experts = 2 * 2 * 3 * 64 * 32  # 2 layers x 2 idle experts x (gate, up, down) x h x expert size
+        assert counted["active_per_token"] == counted["total"] - idle_experts, name
