@@ -285,6 +285,18 @@ class ParallelArguments:
         "package's own attention all-gathers them.",
         default="p2p",
     )
+    expert_parallel_degree: int = _doc(
+        "Mixture-of-Experts models: each rank holds num_experts / this many experts of every layer, and "
+        "tokens travel to their experts by all-to-all (Megatron-Core's expert_model_parallel_size). The "
+        "expert-parallel ranks are drawn from the data-parallel ones: the world size must be divisible by "
+        "expert_parallel_degree x expert_tensor_parallel_degree x pipeline_parallel_degree.",
+        default=1,
+    )
+    expert_tensor_parallel_degree: int = _doc(
+        "Mixture-of-Experts models: tensor-parallel size within each expert; -1: tensor_parallel_degree "
+        "(Megatron-Core's default).",
+        default=-1,
+    )
     virtual_pp_degree: int = _doc(
         "Model chunks per pipeline rank (interleaved schedule); needs pipeline_parallel_degree > 1.", default=1
     )
@@ -335,6 +347,11 @@ class ParallelArguments:
                      "recompute_num_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.expert_parallel_degree < 1:
+            raise ConfigError(f"expert_parallel_degree must be at least 1, got {self.expert_parallel_degree}")
+        if self.expert_tensor_parallel_degree != -1 and self.expert_tensor_parallel_degree < 1:
+            raise ConfigError("expert_tensor_parallel_degree must be -1 (tensor_parallel_degree) or at least 1, "
+                              f"got {self.expert_tensor_parallel_degree}")
         if self.sharding in ("stage2", "stage3"):
             raise ConfigError(
                 f"sharding {self.sharding!r} is not supported: Megatron-Core's distributed optimizer (stage1) "

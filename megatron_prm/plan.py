@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.flops import ModelShape, flops_per_token
@@ -66,10 +67,10 @@ def _swiglu(h: int, f: int) -> int:
     return 3 * h * f  # gate, up and down projections
 
 
-def layer_parameters(arch: Architecture, tp: int) -> int:
-    """Parameters of one transformer layer held by one tensor-parallel rank. A MoE layer holds every
-    expert on every rank (no expert parallelism), each split over the tensor-parallel ranks like the MLP,
-    and the router (and Qwen2-MoE's shared-expert gate) whole."""
+def layer_parameters(arch: Architecture, tp: int, ep: int = 1, etp: Optional[int] = None) -> int:
+    """Parameters of one transformer layer held by one rank. A MoE layer's rank holds ``1 / ep`` of the
+    experts, each split over ``etp`` (default ``tp``) expert-tensor-parallel ranks, the shared expert split
+    like the dense MLP, and the router (and Qwen2-MoE's shared-expert gate) whole."""
     h, d = arch.hidden_size, arch.head_dim
     n, g = arch.num_attention_heads, arch.num_key_value_heads
     sharded = (n + 2 * g) * d * h + h * n * d
@@ -77,15 +78,16 @@ def layer_parameters(arch: Architecture, tp: int) -> int:
         sharded += (n + 2 * g) * d
     replicated = 2 * h + (2 * d if arch.family.qk_norm else 0)  # RMSNorm weights (Qwen3: per-head Q/K norms too)
     moe = arch.moe
+    experts = 0
     if moe is None:
         sharded += _swiglu(h, arch.intermediate_size)
     else:
-        sharded += moe.num_experts * _swiglu(h, moe.moe_intermediate_size)
+        experts = moe.num_experts * _swiglu(h, moe.moe_intermediate_size) // (ep * (etp or tp))
         replicated += moe.num_experts * h  # the router
         if moe.shared_expert_intermediate_size:
             sharded += _swiglu(h, moe.shared_expert_intermediate_size)
             replicated += h  # its gate
-    return sharded // tp + replicated
+    return sharded // tp + replicated + experts
 
 
 def model_parameters(arch: Architecture) -> dict[str, int]:
@@ -110,7 +112,8 @@ def stage_parameters(arch: Architecture, layout: ParallelLayout, stage: int) -> 
     has_output = last and (not arch.tie_word_embeddings or pp > 1)  # tied + PP: the last stage keeps a copy
     return StageParameters(
         embedding=vocab_rows if first else 0,
-        layers=arch.num_hidden_layers // pp * layer_parameters(arch, tp),
+        layers=arch.num_hidden_layers // pp * layer_parameters(arch, tp, layout.expert_parallel_size,
+                                                                layout.expert_tensor_size),
         output_layer=vocab_rows if has_output else 0,
         final_norm=arch.hidden_size if last else 0,
         reward_head=mlp_head_parameters(arch.hidden_size) if last and arch.reward_head == "mlp" else 0,
@@ -189,6 +192,7 @@ def plan(config: RunConfig, arch: Architecture, nodes: int, gpus_per_node: int, 
     result = {
         "world_size": world,
         "layout": {"tensor": layout.tensor_parallel_size, "context": layout.context_parallel_size,
+                   "expert": layout.expert_parallel_size, "expert_tensor": layout.expert_tensor_size,
                    "pipeline": layout.pipeline_parallel_size,
                    "virtual_pipeline": layout.virtual_pipeline_parallel_size, "data": layout.data_parallel_size,
                    "sequence_parallel": layout.sequence_parallel,
@@ -222,7 +226,8 @@ def describe(result: dict) -> str:
     lines = [
         f"world size {result['world_size']}: TP {layout['tensor']} x CP {layout['context']} x PP {layout['pipeline']} (VPP "
         f"{layout['virtual_pipeline']}) x DP {layout['data']}; sequence parallel {layout['sequence_parallel']}, "
-        f"distributed optimizer {layout['distributed_optimizer']}",
+        f"distributed optimizer {layout['distributed_optimizer']}; experts EP {layout['expert']} x ETP "
+        f"{layout['expert_tensor']}",
         f"{result['microbatches_per_step']} micro batches per step per data-parallel rank; global batch "
         f"{result['global_batch_size']} rows",
         f"parameters: {result['parameters']['total'] / 1e9:.3f} B in all, "

@@ -77,16 +77,19 @@ def hf_logits(directory) -> torch.Tensor:
         return model(fixed_tokens(VOCAB)).logits
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
-def test_megatron_logits_equal_transformers(models, tmp_path, tp, pp):
+@pytest.mark.parametrize("tp,pp,ep", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 1, 2)])
+def test_megatron_logits_equal_transformers(models, tmp_path, tp, pp, ep):
+    """TP2, PP2, EP2 (2 of the 4 experts per rank, tokens exchanged by all-to-all) and EP2 x TP2 (4 ranks,
+    each expert split in two) against transformers."""
     root, paths = models
     out = tmp_path / "logits.pt"
     checkpoints = [str(root / f"{name}-megatron") for name in FAMILIES]
-    script = [str(REPO / "tests" / "lm_logits.py"), str(out), str(tp), str(pp), *checkpoints]
-    if tp * pp == 1:
+    script = [str(REPO / "tests" / "lm_logits.py"), str(out), str(tp), str(pp), "--ep", str(ep), *checkpoints]
+    processes = tp * pp * ep
+    if processes == 1:
         command = [sys.executable, *script]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * pp),
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
                    "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *script]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

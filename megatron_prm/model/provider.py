@@ -203,6 +203,8 @@ def transformer_config(arch: Architecture, options: ModelBuildOptions) -> Transf
         ),
         sequence_parallel=layout.sequence_parallel,
         context_parallel_size=layout.context_parallel_size,
+        expert_model_parallel_size=layout.expert_parallel_size,
+        expert_tensor_parallel_size=layout.expert_tensor_size,
         # Transformer Engine's attention exchanges keys and values this way; the local spec's attention
         # (model/context_parallel_attention.py) all-gathers them.
         cp_comm_type=layout.cp_comm_type if te and layout.context_parallel_size > 1 else None,
@@ -324,8 +326,8 @@ def build_model_chunks(
 ) -> list[PRMGPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), not yet wrapped for DDP."""
     config = transformer_config(arch, options)
-    if arch.moe is not None and not options.use_transformer_engine:
-        megatron_compat.moe_without_transformer_engine()
+    if arch.moe is not None:
+        megatron_compat.prepare_moe()
     if config.tp_comm_overlap:
         _initialize_te_userbuffers(options.tp_comm_overlap_tokens, arch.hidden_size,
                                    options.layout.tensor_parallel_size, fp8=bool(options.precision.fp8))
