@@ -449,6 +449,17 @@ class TrainingArguments:
         "Check every file of a checkpoint against its manifest's CRC-32 before loading it (sizes and the "
         "format version are always checked).", default=True,
     )
+    moe_aux_loss_coeff: Optional[float] = _doc(
+        "Mixture-of-Experts bases: coefficient of the load-balancing loss (Megatron-Core's aux_loss, one per "
+        "layer, summed) added to the PRM loss; null: the base model's router_aux_loss_coef; 0: off. Megatron-Core "
+        "weights each micro batch's term by its token count and the sum is divided by the labelled steps, like "
+        "the PRM loss: relative to the PRM loss the term weighs coefficient x tokens per labelled step.",
+        default=None,
+    )
+    moe_z_loss_coeff: float = _doc(
+        "Mixture-of-Experts bases: coefficient of the router z-loss (ST-MoE; Megatron-Core's moe_z_loss_coeff, "
+        "scaled like the load-balancing loss); 0: off.", default=0.0,
+    )
     max_skipped_nonfinite_steps: int = _doc(
         "Optimizer steps with a non-finite loss or gradient that may be skipped (no update) before the run "
         "stops with an error; 0 stops at the first. Counted over the whole run, resumes included. Nothing "
@@ -543,6 +554,10 @@ class TrainingArguments:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{name} must not be negative, got {value}")
         if self.max_skipped_nonfinite_steps < 0:
             raise ConfigError(f"max_skipped_nonfinite_steps must not be negative, got {self.max_skipped_nonfinite_steps}")
         if self.warmup_steps < 0:

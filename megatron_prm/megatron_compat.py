@@ -445,3 +445,21 @@ def prepare_moe() -> None:
 
     move_to_cpu.converts_cpu_tensors = True
     token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
+
+
+def moe_auxiliary_losses(num_microbatches: int) -> dict[str, float]:
+    """The MoE routers' auxiliary losses of the step just run, summed over the layers and averaged over
+    the micro batches and data-parallel ranks, by Megatron's name (``load_balancing_loss``, ``z_loss``;
+    without their coefficients), as Megatron-LM's ``track_moe_metrics`` reduces them; the tracker is then
+    cleared. A collective over the pipeline and data-parallel ranks: every rank calls it after every
+    step. Reads ``moe_utils``' layer-wise logging tracker (a module global). Checked on 0.16.1."""
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    names = sorted(tracker)
+    if not names:
+        return {}
+    moe_utils.reduce_aux_losses_tracker_across_ranks(names)
+    losses = {name: tracker[name]["values"].sum().item() / num_microbatches for name in names}
+    moe_utils.clear_aux_losses_tracker()
+    return losses

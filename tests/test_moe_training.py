@@ -72,6 +72,10 @@ def test_expert_parallel_training_equals_one_process(workdir):
     for a, b in zip(expected, got):
         assert (a["labelled_steps"], a["tokens"]) == (b["labelled_steps"], b["tokens"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), f"step {a['step']}"
+        # The load-balancing loss (on by default: the base's router_aux_loss_coef) is logged on its own; per
+        # layer it lies between 1 (perfect balance) and the number of experts.
+        assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-6)
+        assert 2 * 1.0 <= a["moe_load_balancing_loss"] <= 2 * 4.0
     assert json.loads((expert_parallel / "iter_0000003" / "train_state.json").read_text())["step"] == 3
     initial, ours, theirs = (saved_weights(path) for path in (workdir / "base", reference, expert_parallel))
     assert ours.keys() == theirs.keys()
@@ -85,3 +89,15 @@ def test_expert_parallel_training_equals_one_process(workdir):
             assert ".local_experts." in name and torch.equal(theirs[name], ours[name]), name
         torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=1e-3 * update, msg=name)
     assert len(idle) <= 2, idle
+
+
+def test_aux_loss_coefficient_reaches_the_gradients(workdir):
+    """Coefficient 0 switches the load-balancing loss off (nothing logged, other gradients); a router z-loss
+    is logged on its own when asked for."""
+    reference = read_log(workdir / "ep1", "train") if (workdir / "ep1").is_dir() else read_log(
+        train(workdir, "ep1", 1, "--gradient_accumulation_steps", "4"), "train")
+    off = read_log(train(workdir, "aux_off", 1, "--gradient_accumulation_steps", "4", "--moe_aux_loss_coeff", "0",
+                         "--moe_z_loss_coeff", "0.001"), "train")
+    assert "moe_load_balancing_loss" not in off[0] and off[0]["moe_z_loss"] > 0
+    assert off[0]["loss"] == pytest.approx(reference[0]["loss"], rel=1e-9)  # the PRM loss itself is the same
+    assert off[0]["grad_norm"] != pytest.approx(reference[0]["grad_norm"], rel=1e-6)

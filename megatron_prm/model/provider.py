@@ -73,6 +73,10 @@ class ModelBuildOptions:
     # Tokens of one micro batch (max_seq_len x micro batch size) that Transformer Engine's userbuffers
     # are sized for when tensor-parallel communication overlaps the GEMMs; 0: no such overlap.
     tp_comm_overlap_tokens: int = 0
+    # MoE bases: the load-balancing loss coefficient (None: the architecture's router_aux_loss_coef) and
+    # the router z-loss coefficient (0: off).
+    moe_aux_loss_coeff: Optional[float] = None
+    moe_z_loss_coeff: float = 0.0
 
     @classmethod
     def from_config(cls, config: RunConfig, layout: ParallelLayout, use_transformer_engine: bool,
@@ -93,6 +97,8 @@ class ModelBuildOptions:
             use_cpu_initialization=use_cpu_initialization,
             tp_comm_overlap_tokens=(config.data.max_seq_len * t.per_device_train_batch_size
                                     if p.tp_comm_overlap else 0),
+            moe_aux_loss_coeff=t.moe_aux_loss_coeff,
+            moe_z_loss_coeff=t.moe_z_loss_coeff,
         )
 
 
@@ -145,12 +151,14 @@ def _yarn_settings(scaling: YarnRopeScaling) -> dict:
             "yarn_correction_range_round_to_int": scaling.truncate}
 
 
-def _moe_settings(arch: Architecture, te: bool) -> dict:
+def _moe_settings(arch: Architecture, options: ModelBuildOptions) -> dict:
     """Megatron's MoE layer for a MoE family: dropless top-k routing (no capacity factor), the all-to-all
-    token dispatcher, grouped GEMM where Transformer Engine provides it (SequentialMLP otherwise)."""
+    token dispatcher, grouped GEMM where Transformer Engine provides it (SequentialMLP otherwise), the
+    load-balancing loss (and the router z-loss) with the configured coefficients."""
     moe = arch.moe
     if moe is None:
         return {}
+    aux = moe.router_aux_loss_coef if options.moe_aux_loss_coeff is None else options.moe_aux_loss_coeff
     shared = moe.shared_expert_intermediate_size
     return {
         "num_moe_experts": moe.num_experts,
@@ -162,9 +170,10 @@ def _moe_settings(arch: Architecture, te: bool) -> dict:
         "moe_router_score_function": "softmax",
         "moe_router_pre_softmax": not moe.norm_topk_prob,
         "moe_router_load_balancing_type": "aux_loss",
-        "moe_aux_loss_coeff": 0.0,
+        "moe_aux_loss_coeff": aux,
+        "moe_z_loss_coeff": options.moe_z_loss_coeff or None,
         "moe_token_dispatcher_type": "alltoall",
-        "moe_grouped_gemm": te,
+        "moe_grouped_gemm": options.use_transformer_engine,
         # Qwen2-MoE: shared expert output x sigmoid(x . shared_expert_gate)
         "moe_shared_expert_intermediate_size": shared,
         "moe_shared_expert_gate": shared is not None,
@@ -227,7 +236,7 @@ def transformer_config(arch: Architecture, options: ModelBuildOptions) -> Transf
         **_recompute_settings(options.recompute),
         **_fp8_settings(precision),
         **(_yarn_settings(arch.rope_scaling) if yarn else {}),
-        **_moe_settings(arch, te),
+        **_moe_settings(arch, options),
     )
 
 
