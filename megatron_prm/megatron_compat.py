@@ -419,7 +419,7 @@ def async_save_options() -> dict:
 #    ``maybe_move_tensor_to_cpu(..., as_numpy=True)``, but only for CUDA tensors; split sizes computed on
 #    the CPU stay tensors, which ``all_to_all_single`` refuses. CPU tensors are converted the same way
 #    (a CUDA tensor takes Megatron's own path unchanged).
-# Checked on 0.16.1.
+# Checked on 0.16.1 and 0.19.2.
 _MOE_TE_NAMES = ("te_general_gemm", "fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
                  "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
                  "fused_topk_with_score_function", "fused_unpermute")
@@ -452,7 +452,7 @@ def moe_auxiliary_losses(num_microbatches: int) -> dict[str, float]:
     the micro batches and data-parallel ranks, by Megatron's name (``load_balancing_loss``, ``z_loss``;
     without their coefficients), as Megatron-LM's ``track_moe_metrics`` reduces them; the tracker is then
     cleared. A collective over the pipeline and data-parallel ranks: every rank calls it after every
-    step. Reads ``moe_utils``' layer-wise logging tracker (a module global). Checked on 0.16.1."""
+    step. Reads ``moe_utils``' layer-wise logging tracker (a module global). Checked on 0.16.1 and 0.19.2."""
     from megatron.core.transformer.moe import moe_utils
 
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
