@@ -288,6 +288,18 @@ class ParallelArguments:
         "package's own attention all-gathers them.",
         default="p2p",
     )
+    expert_parallel_degree: int = _doc(
+        "Mixture-of-Experts models: each rank holds num_experts / this many experts of every layer, and "
+        "tokens travel to their experts by all-to-all (Megatron-Core's expert_model_parallel_size). The "
+        "expert-parallel ranks are drawn from the data-parallel ones: the world size must be divisible by "
+        "expert_parallel_degree x expert_tensor_parallel_degree x pipeline_parallel_degree.",
+        default=1,
+    )
+    expert_tensor_parallel_degree: int = _doc(
+        "Mixture-of-Experts models: tensor-parallel size within each expert; -1: tensor_parallel_degree "
+        "(Megatron-Core's default).",
+        default=-1,
+    )
     virtual_pp_degree: int = _doc(
         "Model chunks per pipeline rank (interleaved schedule); needs pipeline_parallel_degree > 1.", default=1
     )
@@ -338,6 +350,11 @@ class ParallelArguments:
                      "recompute_num_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.expert_parallel_degree < 1:
+            raise ConfigError(f"expert_parallel_degree must be at least 1, got {self.expert_parallel_degree}")
+        if self.expert_tensor_parallel_degree != -1 and self.expert_tensor_parallel_degree < 1:
+            raise ConfigError("expert_tensor_parallel_degree must be -1 (tensor_parallel_degree) or at least 1, "
+                              f"got {self.expert_tensor_parallel_degree}")
         if self.sharding in ("stage2", "stage3"):
             raise ConfigError(
                 f"sharding {self.sharding!r} is not supported: Megatron-Core's distributed optimizer (stage1) "
@@ -434,6 +451,17 @@ class TrainingArguments:
     verify_checkpoint_checksums: bool = _doc(
         "Check every file of a checkpoint against its manifest's CRC-32 before loading it (sizes and the "
         "format version are always checked).", default=True,
+    )
+    moe_aux_loss_coeff: Optional[float] = _doc(
+        "Mixture-of-Experts bases: coefficient of the load-balancing loss (Megatron-Core's aux_loss, one per "
+        "layer, summed) added to the PRM loss; null: the base model's router_aux_loss_coef; 0: off. Megatron-Core "
+        "weights each micro batch's term by its token count and the sum is divided by the labelled steps, like "
+        "the PRM loss: relative to the PRM loss the term weighs coefficient x tokens per labelled step.",
+        default=None,
+    )
+    moe_z_loss_coeff: float = _doc(
+        "Mixture-of-Experts bases: coefficient of the router z-loss (ST-MoE; Megatron-Core's moe_z_loss_coeff, "
+        "scaled like the load-balancing loss); 0: off.", default=0.0,
     )
     max_skipped_nonfinite_steps: int = _doc(
         "Optimizer steps with a non-finite loss or gradient that may be skipped (no update) before the run "
@@ -534,6 +562,10 @@ class TrainingArguments:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{name} must not be negative, got {value}")
         if self.max_skipped_nonfinite_steps < 0:
             raise ConfigError(f"max_skipped_nonfinite_steps must not be negative, got {self.max_skipped_nonfinite_steps}")
         if self.warmup_steps < 0:

@@ -1,10 +1,12 @@
 """Training FLOPs by Megatron-LM's formula (``num_floating_point_operations`` in
-megatron/training/training.py, dense GQA + SwiGLU path, causal attention counted half since March 2025).
+megatron/training/training.py, GQA + SwiGLU, dense or MoE, causal attention counted half since March 2025).
 
 Per token, forward + backward (3 GEMMs each of 2 m n k FLOPs, hence the factor 6), summed over layers:
 - attention: ``h (q + 2 k)`` (QKV projection) + ``q s / 2 x 2`` (QK^T and its product with V, half of the
   ``s x s`` scores under the causal mask) + ``q h`` (output projection), with ``q = n d`` and ``k = g d``;
-- MLP: ``3 h f`` (SwiGLU: gate, up and down projections);
+- MLP: ``3 h f`` (SwiGLU: gate, up and down projections); in a MoE layer the active experts only,
+  ``3 h (f_e k + f_s)`` for ``k`` routed experts of ``f_e`` and a shared expert of ``f_s`` (0 if none); like
+  Megatron-LM, the router's ``h E`` and the shared-expert gate are not counted;
 and once: ``h V`` for the logits over the padded vocabulary.
 
 Only the attention term depends on the sequence length. In a packed row each sample attends within
@@ -21,9 +23,13 @@ _GEMM_FACTOR = 6
 _SWIGLU_PROJECTIONS = 3
 
 
+_MOE_FIELDS = ("moe_ffn_hidden_size", "moe_router_topk", "moe_shared_expert_intermediate_size")
+
+
 @dataclass(frozen=True)
 class ModelShape:
-    """The shape of a dense GQA + SwiGLU transformer, in Megatron's names."""
+    """The shape of a GQA + SwiGLU transformer, in Megatron's names; with ``moe_router_topk`` > 0 every
+    layer's MLP is routed experts (``ffn_hidden_size`` is then unused)."""
 
     num_layers: int
     hidden_size: int
@@ -32,16 +38,34 @@ class ModelShape:
     num_query_groups: int
     kv_channels: int
     vocab_size: int  # the padded vocabulary (the LM head's rows)
+    moe_ffn_hidden_size: int = 0
+    moe_router_topk: int = 0  # 0: a dense model
+    moe_shared_expert_intermediate_size: int = 0
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ModelShape.{name} must be a positive integer, got {value!r}")
+            lowest = 0 if name in _MOE_FIELDS else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise ValueError(f"ModelShape.{name} must be an integer >= {lowest}, got {value!r}")
+        if self.moe_router_topk and not self.moe_ffn_hidden_size:
+            raise ValueError("ModelShape.moe_ffn_hidden_size must be positive in a MoE model")
 
     @classmethod
     def from_architecture(cls, arch, padded_vocab_size: int) -> "ModelShape":
         """The shape of an architecture in HF names (:class:`~megatron_prm.model.architecture.Architecture`)."""
-        return cls(**arch.megatron_shape(), vocab_size=padded_vocab_size)
+        moe = {}
+        if arch.moe is not None:
+            moe = dict(moe_ffn_hidden_size=arch.moe.moe_intermediate_size, moe_router_topk=arch.moe.num_experts_per_tok,
+                       moe_shared_expert_intermediate_size=arch.moe.shared_expert_intermediate_size or 0)
+        return cls(**arch.megatron_shape(), vocab_size=padded_vocab_size, **moe)
+
+    @property
+    def active_ffn_size(self) -> int:
+        """The intermediate size a token passes through per layer: the dense MLP's, or its routed experts'
+        together with the shared expert's."""
+        if not self.moe_router_topk:
+            return self.ffn_hidden_size
+        return self.moe_ffn_hidden_size * self.moe_router_topk + self.moe_shared_expert_intermediate_size
 
 
 def _per_token_terms(shape: ModelShape, with_logits: bool) -> tuple[float, float]:
@@ -50,7 +74,7 @@ def _per_token_terms(shape: ModelShape, with_logits: bool) -> tuple[float, float
     query = shape.kv_channels * shape.num_attention_heads
     key_value = shape.kv_channels * shape.num_query_groups
     projections = h * (query + 2 * key_value) + query * h
-    mlp = _SWIGLU_PROJECTIONS * h * shape.ffn_hidden_size
+    mlp = _SWIGLU_PROJECTIONS * h * shape.active_ffn_size
     fixed = _GEMM_FACTOR * shape.num_layers * (projections + mlp)
     if with_logits:
         fixed += _GEMM_FACTOR * h * shape.vocab_size

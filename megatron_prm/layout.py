@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.model.architecture import Architecture
@@ -18,6 +19,12 @@ class ParallelLayout:
     distributed_optimizer: bool = False
     context_parallel_size: int = 1
     cp_comm_type: str = "p2p"
+    expert_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None  # None: tensor_parallel_size, as Megatron-Core defaults
+
+    @property
+    def expert_tensor_size(self) -> int:
+        return self.expert_tensor_parallel_size or self.tensor_parallel_size
 
     @property
     def world_size(self) -> int:
@@ -37,8 +44,10 @@ class ParallelLayout:
         return self.sample_multiple * (self.tensor_parallel_size if self.sequence_parallel else 1)
 
 
-def model_split_problems(arch: Architecture, tp: int, pp: int, vpp: int = 1) -> list[str]:
-    """Why the model cannot be cut into ``tp`` tensor and ``pp`` x ``vpp`` pipeline parts (empty: it can)."""
+def model_split_problems(arch: Architecture, tp: int, pp: int, vpp: int = 1, ep: int = 1,
+                         etp: Optional[int] = None) -> list[str]:
+    """Why the model cannot be cut into ``tp`` tensor and ``pp`` x ``vpp`` pipeline parts, its experts over
+    ``ep`` ranks, each split ``etp`` ways (None: ``tp``) (empty: it can)."""
     problems = []
     if arch.num_hidden_layers % (pp * vpp):
         problems.append(
@@ -51,8 +60,26 @@ def model_split_problems(arch: Architecture, tp: int, pp: int, vpp: int = 1) -> 
         problems.append(
             f"num_key_value_heads (query groups) {arch.num_key_value_heads} is not divisible by tensor_parallel_degree {tp}"
         )
-    if arch.intermediate_size % tp:
+    if arch.intermediate_size % tp and arch.moe is None:
         problems.append(f"intermediate_size {arch.intermediate_size} is not divisible by tensor_parallel_degree {tp}")
+    return problems + _expert_split_problems(arch, tp, ep, etp or tp)
+
+
+def _expert_split_problems(arch: Architecture, tp: int, ep: int, etp: int) -> list[str]:
+    moe = arch.moe
+    if moe is None:
+        return [] if ep == 1 and etp == tp else [
+            f"expert_parallel_degree / expert_tensor_parallel_degree apply to Mixture-of-Experts models only; "
+            f"{arch.model_type} has no experts"]
+    problems = []
+    if moe.num_experts % ep:
+        problems.append(f"num_experts {moe.num_experts} is not divisible by expert_parallel_degree {ep}")
+    if moe.moe_intermediate_size % etp:
+        problems.append(f"moe_intermediate_size {moe.moe_intermediate_size} is not divisible by "
+                        f"expert_tensor_parallel_degree {etp}")
+    shared = moe.shared_expert_intermediate_size
+    if shared and shared % tp:
+        problems.append(f"shared_expert_intermediate_size {shared} is not divisible by tensor_parallel_degree {tp}")
     return problems
 
 
@@ -68,7 +95,11 @@ def resolve_layout(config: RunConfig, world_size: int, arch: Architecture) -> tu
             f"pipeline_parallel_degree {pp} = {tp * cp * pp}"
         )
     dp = max(world_size // (tp * cp * pp), 1)
-    problems += model_split_problems(arch, tp, pp, vpp)
+    ep, etp = p.expert_parallel_degree, (tp if p.expert_tensor_parallel_degree == -1 else p.expert_tensor_parallel_degree)
+    if world_size % (ep * etp * pp):
+        problems.append(f"the world size {world_size} is not divisible by expert_parallel_degree {ep} x "
+                        f"expert_tensor_parallel_degree {etp} x pipeline_parallel_degree {pp} = {ep * etp * pp}")
+    problems += model_split_problems(arch, tp, pp, vpp, ep, etp)
     accumulation = config.training.gradient_accumulation_steps
     if pp > 1 and vpp > 1 and accumulation % pp:
         problems.append(
@@ -93,4 +124,5 @@ def resolve_layout(config: RunConfig, world_size: int, arch: Architecture) -> tu
     if sequence_parallel and tp == 1:
         sequence_parallel = False
         notes.append("sequence_parallel is off: it needs tensor_parallel_degree > 1")
-    return ParallelLayout(tp, pp, vpp, dp, sequence_parallel, p.use_distributed_optimizer, cp, p.cp_comm_type), notes
+    return ParallelLayout(tp, pp, vpp, dp, sequence_parallel, p.use_distributed_optimizer, cp, p.cp_comm_type, ep,
+                          etp), notes

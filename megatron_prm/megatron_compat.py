@@ -407,3 +407,59 @@ def async_save_options() -> dict:
     if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
         return {"async_strategy": "mcore"}
     return {}
+
+
+# ---- Megatron-Core's MoE layer without Transformer Engine, and on the CPU ----
+# 1. megatron-core 0.16.1 imports ``te_general_gemm`` and the fused MoE kernels into
+#    ``megatron.core.transformer.moe.moe_utils`` only when Transformer Engine imports, but the router's
+#    ``RouterGatingLinearFunction`` tests ``te_general_gemm is not None`` unconditionally: without TE every
+#    MoE forward fails with a NameError. Defining the missing names as None selects Megatron's own torch
+#    path (the fused kernels are used only under options that require TE).
+# 2. The all-to-all token dispatcher turns its split sizes into numpy arrays in
+#    ``maybe_move_tensor_to_cpu(..., as_numpy=True)``, but only for CUDA tensors; split sizes computed on
+#    the CPU stay tensors, which ``all_to_all_single`` refuses. CPU tensors are converted the same way
+#    (a CUDA tensor takes Megatron's own path unchanged).
+# Checked on 0.16.1 and 0.19.2.
+_MOE_TE_NAMES = ("te_general_gemm", "fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                 "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
+                 "fused_topk_with_score_function", "fused_unpermute")
+
+
+def prepare_moe() -> None:
+    """Make Megatron-Core's MoE layer run without TE and with CPU tensors (see above). Idempotent."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not moe_utils.HAVE_TE:
+        for name in _MOE_TE_NAMES:
+            if not hasattr(moe_utils, name):
+                setattr(moe_utils, name, None)
+    original = token_dispatcher.maybe_move_tensor_to_cpu
+    if getattr(original, "converts_cpu_tensors", False):
+        return
+
+    @functools.wraps(original)
+    def move_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    move_to_cpu.converts_cpu_tensors = True
+    token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
+
+
+def moe_auxiliary_losses(num_microbatches: int) -> dict[str, float]:
+    """The MoE routers' auxiliary losses of the step just run, summed over the layers and averaged over
+    the micro batches and data-parallel ranks, by Megatron's name (``load_balancing_loss``, ``z_loss``;
+    without their coefficients), as Megatron-LM's ``track_moe_metrics`` reduces them; the tracker is then
+    cleared. A collective over the pipeline and data-parallel ranks: every rank calls it after every
+    step. Reads ``moe_utils``' layer-wise logging tracker (a module global). Checked on 0.16.1 and 0.19.2."""
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    names = sorted(tracker)
+    if not names:
+        return {}
+    moe_utils.reduce_aux_losses_tracker_across_ranks(names)
+    losses = {name: tracker[name]["values"].sum().item() / num_microbatches for name in names}
+    moe_utils.clear_aux_losses_tracker()
+    return losses

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.flops import ModelShape, flops_per_token
@@ -62,15 +63,45 @@ class StageParameters:
         return self.total - (self.output_layer if self.output_layer_frozen else 0)
 
 
-def layer_parameters(arch: Architecture, tp: int) -> int:
-    """Parameters of one transformer layer held by one tensor-parallel rank."""
-    h, d, f = arch.hidden_size, arch.head_dim, arch.intermediate_size
+def _swiglu(h: int, f: int) -> int:
+    return 3 * h * f  # gate, up and down projections
+
+
+def layer_parameters(arch: Architecture, tp: int, ep: int = 1, etp: Optional[int] = None) -> int:
+    """Parameters of one transformer layer held by one rank. A MoE layer's rank holds ``1 / ep`` of the
+    experts, each split over ``etp`` (default ``tp``) expert-tensor-parallel ranks, the shared expert split
+    like the dense MLP, and the router (and Qwen2-MoE's shared-expert gate) whole."""
+    h, d = arch.hidden_size, arch.head_dim
     n, g = arch.num_attention_heads, arch.num_key_value_heads
-    sharded = (n + 2 * g) * d * h + h * n * d + 2 * f * h + f * h
+    sharded = (n + 2 * g) * d * h + h * n * d
     if arch.family.qkv_bias:
         sharded += (n + 2 * g) * d
     replicated = 2 * h + (2 * d if arch.family.qk_norm else 0)  # RMSNorm weights (Qwen3: per-head Q/K norms too)
-    return sharded // tp + replicated
+    moe = arch.moe
+    experts = 0
+    if moe is None:
+        sharded += _swiglu(h, arch.intermediate_size)
+    else:
+        experts = moe.num_experts * _swiglu(h, moe.moe_intermediate_size) // (ep * (etp or tp))
+        replicated += moe.num_experts * h  # the router
+        if moe.shared_expert_intermediate_size:
+            sharded += _swiglu(h, moe.shared_expert_intermediate_size)
+            replicated += h  # its gate
+    return sharded // tp + replicated + experts
+
+
+def model_parameters(arch: Architecture) -> dict[str, int]:
+    """Parameters of the base model (the unpadded vocabulary, as HF counts them; no MLP reward head), and those a token
+    passes through: of a MoE layer only its ``num_experts_per_tok`` routed experts (with the router and
+    the shared expert); equal in a dense model."""
+    total_layer = layer_parameters(arch, 1)
+    inactive = 0
+    if arch.moe is not None:
+        moe = arch.moe
+        inactive = (moe.num_experts - moe.num_experts_per_tok) * _swiglu(arch.hidden_size, moe.moe_intermediate_size)
+    vocab = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+    total = arch.num_hidden_layers * total_layer + vocab + arch.hidden_size
+    return {"total": total, "active_per_token": total - arch.num_hidden_layers * inactive}
 
 
 def stage_parameters(arch: Architecture, layout: ParallelLayout, stage: int) -> StageParameters:
@@ -81,7 +112,8 @@ def stage_parameters(arch: Architecture, layout: ParallelLayout, stage: int) -> 
     has_output = last and (not arch.tie_word_embeddings or pp > 1)  # tied + PP: the last stage keeps a copy
     return StageParameters(
         embedding=vocab_rows if first else 0,
-        layers=arch.num_hidden_layers // pp * layer_parameters(arch, tp),
+        layers=arch.num_hidden_layers // pp * layer_parameters(arch, tp, layout.expert_parallel_size,
+                                                                layout.expert_tensor_size),
         output_layer=vocab_rows if has_output else 0,
         final_norm=arch.hidden_size if last else 0,
         reward_head=mlp_head_parameters(arch.hidden_size) if last and arch.reward_head == "mlp" else 0,
@@ -160,12 +192,14 @@ def plan(config: RunConfig, arch: Architecture, nodes: int, gpus_per_node: int, 
     result = {
         "world_size": world,
         "layout": {"tensor": layout.tensor_parallel_size, "context": layout.context_parallel_size,
+                   "expert": layout.expert_parallel_size, "expert_tensor": layout.expert_tensor_size,
                    "pipeline": layout.pipeline_parallel_size,
                    "virtual_pipeline": layout.virtual_pipeline_parallel_size, "data": layout.data_parallel_size,
                    "sequence_parallel": layout.sequence_parallel,
                    "distributed_optimizer": layout.distributed_optimizer},
         "microbatches_per_step": accumulation,
         "global_batch_size": t.per_device_train_batch_size * accumulation * layout.data_parallel_size,
+        "parameters": model_parameters(arch),
         "parameters_per_gpu": params,
         "parameters_per_stage": [s.total for s in stages],
         "memory_bytes": memory,
@@ -192,9 +226,12 @@ def describe(result: dict) -> str:
     lines = [
         f"world size {result['world_size']}: TP {layout['tensor']} x CP {layout['context']} x PP {layout['pipeline']} (VPP "
         f"{layout['virtual_pipeline']}) x DP {layout['data']}; sequence parallel {layout['sequence_parallel']}, "
-        f"distributed optimizer {layout['distributed_optimizer']}",
+        f"distributed optimizer {layout['distributed_optimizer']}; experts EP {layout['expert']} x ETP "
+        f"{layout['expert_tensor']}",
         f"{result['microbatches_per_step']} micro batches per step per data-parallel rank; global batch "
         f"{result['global_batch_size']} rows",
+        f"parameters: {result['parameters']['total'] / 1e9:.3f} B in all, "
+        f"{result['parameters']['active_per_token'] / 1e9:.3f} B active per token",
         f"parameters per GPU (heaviest stage): {result['parameters_per_gpu'] / 1e9:.3f} B; per stage: "
         + ", ".join(f"{p / 1e9:.3f} B" for p in result["parameters_per_stage"]),
         "memory per GPU (estimate): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in memory.items()),

@@ -97,6 +97,8 @@ def init_runtime(device: str, seed: int, layout: ParallelLayout = ParallelLayout
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_parallel_size
         if layout.virtual_pipeline_parallel_size > 1 else None,
         context_parallel_size=layout.context_parallel_size,
+        expert_model_parallel_size=layout.expert_parallel_size,
+        expert_tensor_parallel_size=layout.expert_tensor_size,
     )
     if parallel_state.get_data_parallel_world_size() != layout.data_parallel_size:
         raise RuntimeError(

@@ -142,6 +142,14 @@ def _finite_everywhere(state: TrainingState, reports: list[dict], device: torch.
     return flag.item() == 0.0
 
 
+def _moe_losses(state: TrainingState, num_microbatches: int) -> dict:
+    """MoE bases: the routers' auxiliary losses of the step, logged on their own (``moe_load_balancing_loss``,
+    ``moe_z_loss``: per micro batch, summed over the layers, without their coefficients)."""
+    if not state.model[0].config.num_moe_experts:
+        return {}
+    return {f"moe_{name}": value for name, value in megatron_compat.moe_auxiliary_losses(num_microbatches).items()}
+
+
 def train_step(state: TrainingState, batches: list[MicroBatch], runtime: Runtime, threshold: float,
                flops: float = 0.0) -> dict:
     """One optimizer step over ``batches``; with a non-finite loss or gradient anywhere, no update and
@@ -150,8 +158,9 @@ def train_step(state: TrainingState, batches: list[MicroBatch], runtime: Runtime
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
     reports = run_schedule(state.model, make_train_forward_step(runtime.device, threshold), batches, forward_only=False)
+    moe = _moe_losses(state, len(batches))
     if not _finite_everywhere(state, reports, runtime.device):
-        return {"nonfinite": True, **_reduce_step_report(reports, batches, flops, runtime.device)}
+        return {"nonfinite": True, **_reduce_step_report(reports, batches, flops, runtime.device), **moe}
     learning_rate = state.optimizer.param_groups[0]["lr"]  # the rate this step applies
     updated, grad_norm, _ = state.optimizer.step()
     if updated:
@@ -162,7 +171,7 @@ def train_step(state: TrainingState, batches: list[MicroBatch], runtime: Runtime
     figures = {"lr": learning_rate, "grad_norm": float(grad_norm or 0.0), "skipped": not updated, "nonfinite": False}
     if state.model[0].config.fp16:
         figures["loss_scale"] = float(state.optimizer.get_loss_scale())
-    figures.update(_reduce_step_report(reports, batches, flops, runtime.device))
+    figures.update(_reduce_step_report(reports, batches, flops, runtime.device), **moe)
     return figures
 
 

@@ -1,11 +1,13 @@
 """Full-vocabulary logits of Megatron checkpoints under a parallel layout; the conversion tests run it.
 
-``python tests/lm_logits.py OUT TP PP CKPT [CKPT ...]`` (under torchrun for TP * PP > 1): loads each
+``python tests/lm_logits.py OUT TP PP [--ep EP] CKPT [CKPT ...]`` (under torchrun for more than one
+process; EP: the expert-parallel size of MoE models, drawn from the data-parallel ranks): loads each
 checkpoint into the local-spec model of that layout, runs a fixed token batch through Megatron's
 forward-only schedule and saves ``{ckpt: logits [batch, seq, vocab]}`` (the vocabulary unpadded and
 gathered over tensor-parallel ranks) to OUT with torch.save.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -56,7 +58,12 @@ def logits_of(checkpoint: Path, layout: ParallelLayout) -> torch.Tensor | None:
 
 if __name__ == "__main__":
     out, tp, pp, checkpoints = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
-    layout = ParallelLayout(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    ep = 1
+    if checkpoints[0] == "--ep":
+        ep, checkpoints = int(checkpoints[1]), checkpoints[2:]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = ParallelLayout(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=world // (tp * pp),
+                            expert_parallel_size=ep)
     init_runtime("cpu", 0, layout)
     results = {c: logits_of(Path(c), layout) for c in checkpoints}
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:

@@ -104,3 +104,32 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
     torch.testing.assert_close(ours.float(), expected.float(), rtol=1e-6, atol=0)
     plain = 1.0 / (500000.0 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
     assert not torch.allclose(ours.float(), plain)  # the scaling did change something
+
+
+QWEN2_MOE = {**LLAMA31, "model_type": "qwen2_moe", "rope_scaling": None, "num_experts": 4, "num_experts_per_tok": 2,
+             "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"mlp_only_layers": [1]}, "dense layers between sparse ones"),
+    ({"decoder_sparse_step": 2}, "dense layers between sparse ones"),
+    ({"num_experts_per_tok": 5}, "num_experts_per_tok 5 exceeds num_experts 4"),
+    ({"shared_expert_intermediate_size": None}, "lacks shared_expert_intermediate_size"),
+    ({"qkv_bias": False}, "qkv_bias False is not supported"),
+])
+def test_bad_moe_configs_are_refused(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_architecture(ModelArguments(model_config=write_config(tmp_path, {**QWEN2_MOE, **change})), 256, 128)
+
+
+def test_expert_layout_is_checked(tmp_path):
+    from megatron_prm.layout import model_split_problems
+
+    moe = resolve_architecture(ModelArguments(model_config=write_config(tmp_path, QWEN2_MOE)), 256, 128)
+    assert moe.moe.shared_expert_intermediate_size == 48 and not moe.moe.norm_topk_prob
+    assert model_split_problems(moe, 2, 1, ep=2) == []
+    assert model_split_problems(moe, 1, 1, ep=3, etp=3) == [
+        "num_experts 4 is not divisible by expert_parallel_degree 3",
+        "moe_intermediate_size 32 is not divisible by expert_tensor_parallel_degree 3"]
+    dense = resolve_architecture(ModelArguments(model_config=write_config(tmp_path, LLAMA31)), 256, 128)
+    assert "apply to Mixture-of-Experts models only" in model_split_problems(dense, 1, 1, ep=2)[0]

@@ -81,3 +81,25 @@ def test_plan_prints_flops_per_token(capsys):
     assert result["flops_per_token"] == pytest.approx(4.509716e10, rel=1e-6)
     assert result["flops_per_token_with_lm_logits"] == pytest.approx(4.824918e10, rel=1e-6)
     assert "training FLOPs per token at max_seq_len (Megatron-LM's formula): 4.5097e+10" in captured.err
+
+
+def test_moe_counts_the_active_experts_by_hand():
+    """A tiny Qwen2-MoE (h 64, 8 heads of 8, 2 KV heads, 4 experts of 32 of which 2 per token, a shared
+    expert of 48, 2 layers, padded vocabulary 384) at s = 10, counted GEMM by GEMM."""
+    arch = Architecture.from_hf_config({
+        "model_type": "qwen2_moe", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 300, "num_experts": 4,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48}, "test")
+    shape = ModelShape.from_architecture(arch, 384)
+    # forward multiply-adds per token and layer: QKV 64 x (64 + 2 x 16) = 6144; QK^T and scores x V over
+    # half of the 10 x 10 causal scores: 2 x 64 x 10 / 2 = 640; output projection 64 x 64 = 4096;
+    # two routed experts 2 x 3 x 64 x 32 = 12288; shared expert 3 x 64 x 48 = 9216 (the unused intermediate
+    # size 96 and the two idle experts count nothing). Logits: 64 x 384 = 24576.
+    per_layer = 6144 + 640 + 4096 + 12288 + 9216
+    forward_backward = 3 * 2  # forward, weight gradient, input gradient; 2 FLOPs per multiply-add
+    assert flops_per_token(shape, 10, with_logits=False) == forward_backward * 2 * per_layer
+    assert flops_per_token(shape, 10, with_logits=True) == forward_backward * (2 * per_layer + 24576)
+    dense = ModelShape.from_architecture(Architecture.from_hf_config({
+        "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 2 * 32 + 48, "num_hidden_layers": 2,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 300}, "test"), 384)
+    assert flops_per_token(dense, 10, with_logits=True) == flops_per_token(shape, 10, with_logits=True)

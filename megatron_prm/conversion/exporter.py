@@ -101,6 +101,18 @@ def _load(reader: SafeFileSystemReader, rules: list[ParamRule], layer: Optional[
             for rule, (key, piece) in zip(rules, request.items())}
 
 
+def _experts(rule: ParamRule, arch: Architecture) -> list[Optional[int]]:
+    return list(range(arch.moe.num_experts)) if rule.per_expert else [None]
+
+
+def _hf_tensors(rule: ParamRule, layer: Optional[int], tensor: torch.Tensor, arch: Architecture):
+    """(HF name, tensor) of one layer's Megatron tensor of ``rule``; an expert tensor gives every expert's
+    own names (``mlp.experts.{i}.gate_proj.weight``), as transformers' ``save_pretrained`` writes them."""
+    for expert in _experts(rule, arch):
+        piece = tensor if expert is None else tensor[expert]
+        yield from zip(rule.hf_names(layer, expert), to_hf(rule, piece, arch))
+
+
 def _check_stored(metadata: dict, rules: tuple[ParamRule, ...], arch: Architecture, where: Path) -> None:
     problems = []
     for rule in rules:
@@ -220,8 +232,8 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
     groups += [(layer, layer_rules) for layer in range(arch.num_hidden_layers)]
     groups.append((None, [r for r in rules[1:] if not r.per_layer]))
     planned = [PlannedTensor(name, target_dtype, shape)
-               for layer, group in groups for rule in group
-               for name, shape in zip(rule.hf_names(layer), hf_shapes(rule, arch))]
+               for layer, group in groups for rule in group for expert in _experts(rule, arch)
+               for name, shape in zip(rule.hf_names(layer, expert), hf_shapes(rule, arch))]
     if kind == TOKEN_CLASSIFIER:
         planned += [PlannedTensor("score.weight", target_dtype, (2, arch.hidden_size)),
                     PlannedTensor("score.bias", target_dtype, (2,))]
@@ -231,7 +243,7 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
         for layer, group in show_progress(groups, desc="export", unit="layer", enabled=progress):
             loaded = _load(reader, group, layer, metadata)
             for rule in group:
-                for name, tensor in zip(rule.hf_names(layer), to_hf(rule, loaded.pop(rule.checkpoint_key), arch)):
+                for name, tensor in _hf_tensors(rule, layer, loaded.pop(rule.checkpoint_key), arch):
                     writer.write(name, tensor.to(target_dtype))
         if kind == TOKEN_CLASSIFIER:
             rows = _reward_rows(reader, vocab_rule, serving.reward_token_ids, metadata)

@@ -1,5 +1,6 @@
-"""HF checkpoint (Llama, Mistral, Qwen2/2.5, Qwen3; causal LM or MLP-head PRM, or for scoring this project's
-token-classifier export) -> Megatron-Core ``torch_dist`` checkpoint, one tensor at a time."""
+"""HF checkpoint (Llama, Mistral, Qwen2/2.5, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE; causal LM or MLP-head PRM,
+or for scoring this project's token-classifier export) -> Megatron-Core ``torch_dist`` checkpoint, one tensor
+at a time."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from megatron_prm.conversion.safetensors_io import CheckpointFormatError, Safete
 from megatron_prm.conversion.serving import TOKEN_CLASSIFIER, export_kind_of
 from megatron_prm.conversion.staging import staged_output
 from megatron_prm.conversion.token_classifier import ScoreRowsAsLMHead, causal_lm_config
-from megatron_prm.conversion.torch_dist_writer import LazyTensor, stacked, whole, write_torch_dist
+from megatron_prm.conversion.torch_dist_writer import LazyTensor, stacked, stacked_experts, whole, write_torch_dist
 from megatron_prm.hub import local_path
 from megatron_prm.layout import model_split_problems
 from megatron_prm.model.architecture import Architecture, read_hf_config
@@ -43,7 +44,8 @@ def check_tensors(reader: SafetensorsReader | ScoreRowsAsLMHead, rules: tuple[Pa
     expected: dict[str, tuple[int, ...]] = {}
     for rule in rules:
         for layer in range(arch.num_hidden_layers) if rule.per_layer else [None]:
-            expected.update(zip(rule.hf_names(layer), hf_shapes(rule, arch)))
+            for expert in range(arch.moe.num_experts) if rule.per_expert else [None]:
+                expected.update(zip(rule.hf_names(layer, expert), hf_shapes(rule, arch)))
     present = reader.names()
     problems = [f"{name} is missing" for name in sorted(expected.keys() - present)]
     for name in sorted(expected.keys() & present):
@@ -110,10 +112,10 @@ def import_hf(hf_dir: Path, out_dir: Path, tensor_parallel: int = 1, pipeline_pa
     padded_vocab = padded_vocab_size(arch.vocab_size, tensor_parallel)
 
     def converter(rule: ParamRule):
-        def produce(layer: Optional[int] = None) -> torch.Tensor:
+        def produce(layer: Optional[int] = None, expert: Optional[int] = None) -> torch.Tensor:
             if rule.transform is Transform.ZEROS:
                 return torch.zeros(megatron_shape(rule, arch, padded_vocab), dtype=target_dtype)
-            tensors = [reader.read(name) for name in rule.hf_names(layer)]
+            tensors = [reader.read(name) for name in rule.hf_names(layer, expert)]
             return to_megatron(rule, tensors, arch, padded_vocab)
         return produce
 
@@ -121,8 +123,13 @@ def import_hf(hf_dir: Path, out_dir: Path, tensor_parallel: int = 1, pipeline_pa
     for rule in rules:
         shape = megatron_shape(rule, arch, padded_vocab)
         produce = converter(rule)
-        tensors[rule.checkpoint_key] = (stacked(shape, target_dtype, arch.num_hidden_layers, produce)
-                                        if rule.per_layer else whole(shape, target_dtype, produce))
+        if rule.per_expert:
+            tensors[rule.checkpoint_key] = stacked_experts(shape[1:], target_dtype, arch.num_hidden_layers,
+                                                           arch.moe.num_experts, produce)
+        elif rule.per_layer:
+            tensors[rule.checkpoint_key] = stacked(shape, target_dtype, arch.num_hidden_layers, produce)
+        else:
+            tensors[rule.checkpoint_key] = whole(shape, target_dtype, produce)
     total = sum(len(t.chunks) for t in tensors.values())
     with staged_output(out_dir) as staging, show_progress(total=total, desc="import", unit="tensor", enabled=progress) as bar:
         write_torch_dist(staging, tensors, on_chunk=lambda key: bar.update())

@@ -1,13 +1,16 @@
 """Hugging Face <-> Megatron-Core parameter mapping, declared as data, and its tensor transforms.
 
 One table per model family: each rule names the HF tensor(s), the Megatron tensor, how one becomes the
-other and the axis Megatron splits under tensor parallelism. ``{layer}`` stands for the layer index.
+other and the axis Megatron splits under tensor parallelism. ``{layer}`` stands for the layer index,
+``{expert}`` for the expert index in a Mixture-of-Experts layer.
 
 Megatron names are those of its checkpoints, which are also the Transformer Engine spec's module names
 (the norm fused into the following linear layer: ``linear_qkv.layer_norm_weight``); the local spec
 names the two norms differently in its modules (``input_layernorm``, ``pre_mlp_layernorm``) and maps them
 to the same checkpoint names. In the checkpoint, a layer's tensors are stacked along a leading layer axis
-under one key without the layer index (``decoder.layers.self_attention.linear_qkv.weight``).
+under one key without the layer index (``decoder.layers.self_attention.linear_qkv.weight``); an expert's
+tensors are stacked further along an expert axis, as Megatron's ``SequentialMLP`` and ``TEGroupedMLP``
+store them (``decoder.layers.mlp.experts.experts.linear_fc1.weight``: ``[layers, experts, 2 f, h]``).
 """
 
 from __future__ import annotations
@@ -19,9 +22,14 @@ from typing import Optional
 import torch
 
 from megatron_prm.model.architecture import Architecture
+from megatron_prm.model.moe import MoEFamily
 
 LAYER = "{layer}"
+EXPERT = "{expert}"
 LAYER_PREFIX = "decoder.layers.{layer}."
+# SequentialMLP's module name of one expert, and the checkpoint's name of all of them (an expert axis).
+LOCAL_EXPERT = "experts.local_experts.{expert}."
+CHECKPOINT_EXPERTS = "experts.experts."
 
 
 class Transform(enum.Enum):
@@ -45,16 +53,21 @@ class ParamRule:
         return LAYER in self.megatron
 
     @property
+    def per_expert(self) -> bool:
+        return EXPERT in self.megatron
+
+    @property
     def checkpoint_key(self) -> str:
-        """The key in a torch_dist checkpoint (layers stacked along axis 0 under one key)."""
-        return self.megatron.replace(LAYER_PREFIX, "decoder.layers.")
+        """The key in a torch_dist checkpoint (layers stacked along axis 0 under one key, experts along axis 1)."""
+        return self.megatron.replace(LAYER_PREFIX, "decoder.layers.").replace(LOCAL_EXPERT, CHECKPOINT_EXPERTS)
 
-    def hf_names(self, layer: Optional[int] = None) -> list[str]:
-        return [name.replace(LAYER, str(layer)) for name in self.hf]
+    def hf_names(self, layer: Optional[int] = None, expert: Optional[int] = None) -> list[str]:
+        return [name.replace(LAYER, str(layer)).replace(EXPERT, str(expert)) for name in self.hf]
 
-    def megatron_name(self, layer: Optional[int] = None, spec: str = "te") -> str:
+    def megatron_name(self, layer: Optional[int] = None, spec: str = "te", expert: Optional[int] = None) -> str:
+        """The module's parameter name (an expert's: SequentialMLP's, the local experts of CPU runs)."""
         name = self.local if spec == "local" and self.local else self.megatron
-        return name.replace(LAYER, str(layer))
+        return name.replace(LAYER, str(layer)).replace(EXPERT, str(expert))
 
 
 _L = "model.layers.{layer}."
@@ -95,6 +108,34 @@ QWEN3_RULES = _after(
     LLAMA_RULES, _ATTENTION + "linear_proj.weight",
     ParamRule((_L + "self_attn.q_norm.weight",), _ATTENTION + "q_layernorm.weight", Transform.COPY, None),
     ParamRule((_L + "self_attn.k_norm.weight",), _ATTENTION + "k_layernorm.weight", Transform.COPY, None))
+_MLP = LAYER_PREFIX + "mlp."
+
+
+def moe_rules(rules: tuple[ParamRule, ...], moe: MoEFamily) -> tuple[ParamRule, ...]:
+    """``rules`` of the dense relative with the MLP replaced by the router, every expert's SwiGLU MLP and,
+    in Qwen2-MoE, the shared expert and its gate (Megatron's ``moe_shared_expert_gate``)."""
+    block = _L + moe.hf_block + "."
+    expert = block + "experts.{expert}."
+    gate, up, down = moe.hf_projections
+    sparse = (
+        ParamRule((block + "gate.weight",), _MLP + "router.weight", Transform.COPY, None),
+        ParamRule((expert + gate + ".weight", expert + up + ".weight"), _MLP + LOCAL_EXPERT + "linear_fc1.weight",
+                  Transform.GATE_UP, 0),
+        ParamRule((expert + down + ".weight",), _MLP + LOCAL_EXPERT + "linear_fc2.weight", Transform.COPY, 1),
+    )
+    if moe.shared_expert:
+        shared = block + "shared_expert."
+        sparse += (
+            ParamRule((shared + "gate_proj.weight", shared + "up_proj.weight"), _MLP + "shared_experts.linear_fc1.weight",
+                      Transform.GATE_UP, 0),
+            ParamRule((shared + "down_proj.weight",), _MLP + "shared_experts.linear_fc2.weight", Transform.COPY, 1),
+            ParamRule((block + "shared_expert_gate.weight",), _MLP + "shared_experts.gate_weight", Transform.COPY, None),
+        )
+    dense = (_MLP + "linear_fc1.weight", _MLP + "linear_fc2.weight")
+    kept = tuple(r for r in rules if r.megatron not in dense)
+    return _after(kept, _MLP + "linear_fc1.layer_norm_weight", *sparse)
+
+
 FAMILY_RULES = {"llama": LLAMA_RULES, "mistral": MISTRAL_RULES, "qwen2": QWEN2_RULES, "qwen3": QWEN3_RULES}
 # Qwen2.5-Math-PRM's classifier (``score = Sequential(Linear(h, h), ReLU, Linear(h, 2))``), replicated
 # on every tensor-parallel rank (see megatron_prm/model/mlp_head.py).
@@ -108,7 +149,9 @@ IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 def rules_for(arch: Architecture) -> tuple[ParamRule, ...]:
     """The family's rules, without the output layer when the embeddings are tied. A model with an MLP
     reward head has its ``score`` layers instead of an LM head (its unused output layer is zeros)."""
-    rules = FAMILY_RULES[arch.model_type]
+    rules = FAMILY_RULES[arch.family.dense]
+    if arch.family.moe is not None:
+        rules = moe_rules(rules, arch.family.moe)
     if arch.reward_head == "mlp":
         rules = tuple(r for r in rules if r is not LM_HEAD) + MLP_HEAD_RULES
         if not arch.tie_word_embeddings:
@@ -116,9 +159,18 @@ def rules_for(arch: Architecture) -> tuple[ParamRule, ...]:
     return tuple(r for r in rules if not (arch.tie_word_embeddings and r is LM_HEAD))
 
 
+def _ffn_size(rule: ParamRule, arch: Architecture) -> int:
+    """The intermediate size of the MLP the rule belongs to: an expert's, the shared expert's or the dense one."""
+    if rule.per_expert:
+        return arch.moe.moe_intermediate_size
+    if ".shared_experts." in rule.megatron:
+        return arch.moe.shared_expert_intermediate_size
+    return arch.intermediate_size
+
+
 def hf_shapes(rule: ParamRule, arch: Architecture) -> list[tuple[int, ...]]:
-    """The shapes of the rule's HF tensors (one layer)."""
-    h, d, f = arch.hidden_size, arch.head_dim, arch.intermediate_size
+    """The shapes of the rule's HF tensors (one layer, one expert)."""
+    h, d, f = arch.hidden_size, arch.head_dim, _ffn_size(rule, arch)
     n, g = arch.num_attention_heads, arch.num_key_value_heads
     if rule.transform is Transform.QKV:
         per_head = () if rule.megatron.endswith(".bias") else (h,)
@@ -133,6 +185,10 @@ def hf_shapes(rule: ParamRule, arch: Architecture) -> list[tuple[int, ...]]:
         return [(h, f)]
     if rule.megatron.endswith(("q_layernorm.weight", "k_layernorm.weight")):  # Qwen3 per-head norms
         return [(d,)]
+    if rule.megatron.endswith("router.weight"):
+        return [(arch.moe.num_experts, h)]
+    if rule.megatron.endswith("shared_experts.gate_weight"):
+        return [(1, h)]
     if rule.megatron.startswith("mlp_reward_head."):
         rows = 2 if ".output." in rule.megatron else h
         return [(rows, h)] if rule.megatron.endswith("weight") else [(rows,)]
@@ -142,17 +198,19 @@ def hf_shapes(rule: ParamRule, arch: Architecture) -> list[tuple[int, ...]]:
 
 
 def megatron_shape(rule: ParamRule, arch: Architecture, padded_vocab: int) -> tuple[int, ...]:
-    """The shape of the rule's Megatron tensor (one layer, all tensor-parallel shards together)."""
+    """The shape of the rule's Megatron tensor (one layer, all tensor-parallel shards together; an expert
+    tensor has all the experts along a leading axis)."""
     shapes = hf_shapes(rule, arch)
+    experts = (arch.moe.num_experts,) if rule.per_expert else ()
     if rule.transform in (Transform.VOCAB, Transform.ZEROS):
         return (padded_vocab, arch.hidden_size)
     if rule.transform in (Transform.QKV, Transform.GATE_UP):
-        return (sum(s[0] for s in shapes), *shapes[0][1:])
-    return shapes[0]
+        return (*experts, sum(s[0] for s in shapes), *shapes[0][1:])
+    return (*experts, *shapes[0])
 
 
 def to_megatron(rule: ParamRule, tensors: list[torch.Tensor], arch: Architecture, padded_vocab: int) -> torch.Tensor:
-    """Merge the rule's HF tensors (one layer) into its Megatron tensor."""
+    """Merge the rule's HF tensors (one layer, one expert) into its Megatron tensor."""
     if rule.transform is Transform.COPY:
         return tensors[0]
     if rule.transform is Transform.GATE_UP:
@@ -174,7 +232,7 @@ def to_megatron(rule: ParamRule, tensors: list[torch.Tensor], arch: Architecture
 
 
 def to_hf(rule: ParamRule, tensor: torch.Tensor, arch: Architecture) -> list[torch.Tensor]:
-    """Split the rule's Megatron tensor (one layer) into its HF tensors."""
+    """Split the rule's Megatron tensor (one layer, one expert) into its HF tensors."""
     if rule.transform is Transform.COPY:
         return [tensor]
     if rule.transform is Transform.GATE_UP:

@@ -116,5 +116,17 @@ def stacked(shape: tuple[int, ...], dtype: torch.dtype, count: int,
     return LazyTensor((count,) + shape, dtype, chunks)
 
 
+def stacked_experts(shape: tuple[int, ...], dtype: torch.dtype, layers: int, experts: int,
+                    produce_expert: Callable[[int, int], torch.Tensor]) -> LazyTensor:
+    """Per-expert tensors of ``shape`` stacked along a layer and an expert axis, as Megatron stores a MoE
+    layer's experts (one chunk per layer and expert)."""
+    chunks = tuple(
+        LazyChunk((layer, expert) + (0,) * len(shape), (1, 1) + shape,
+                  lambda layer=layer, expert=expert: produce_expert(layer, expert)[None, None])
+        for layer in range(layers) for expert in range(experts)
+    )
+    return LazyTensor((layers, experts) + shape, dtype, chunks)
+
+
 def whole(shape: tuple[int, ...], dtype: torch.dtype, produce: Callable[[], torch.Tensor]) -> LazyTensor:
     return LazyTensor(shape, dtype, (LazyChunk((0,) * len(shape), shape, produce),))

@@ -1,10 +1,12 @@
-"""The model architecture (Llama, Mistral, Qwen2/2.5, Qwen3), resolved from an HF ``config.json`` and/or
-explicit fields.
+"""The model architecture (Llama, Mistral, Qwen2/2.5, Qwen3; Mixture-of-Experts: Mixtral, Qwen2-MoE,
+Qwen3-MoE), resolved from an HF ``config.json`` and/or explicit fields.
 
 The families share one network (pre-norm decoder, RMSNorm, SwiGLU, RoPE, grouped-query attention) and
 differ in a few traits, declared once in :data:`FAMILIES`: Qwen2 adds a bias to the Q, K and V
 projections; Qwen3 normalises every query and key head with its own RMSNorm (Megatron's
-``q_layernorm`` / ``k_layernorm``) and states ``head_dim`` explicitly.
+``q_layernorm`` / ``k_layernorm``) and states ``head_dim`` explicitly. The MoE families replace every
+layer's MLP by routed experts (:mod:`megatron_prm.model.moe`); their attention is that of their dense
+relatives (Mixtral: Mistral's, Qwen2-MoE: Qwen2's, Qwen3-MoE: Qwen3's).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, ClassVar, Optional, Union
 
 from megatron_prm.config import ConfigError, ModelArguments, check_rope_scaling
 from megatron_prm.hub import is_hub_id, local_path
+from megatron_prm.model.moe import MixtureOfExperts, MoEFamily, moe_from_hf, moe_to_hf
 from megatron_prm.run_directory import MODEL_CONFIG_NAME, resolve_checkpoint
 
 
@@ -28,13 +31,28 @@ class Family:
     hf_prefix: str  # transformers class names: {prefix}ForCausalLM, {prefix}ForTokenClassification
     qkv_bias: bool = False
     qk_norm: bool = False
+    moe: Optional[MoEFamily] = None  # a Mixture-of-Experts family: every layer's MLP is routed experts
+    dense_relative: Optional[str] = None  # a MoE family's dense family, whose attention it shares
+
+    @property
+    def dense(self) -> str:
+        """The dense family whose parameters (other than the MLP) this family has."""
+        return self.dense_relative or self.model_type
 
 
+_QWEN_MOE = dict(experts_keys=("num_experts", "num_local_experts"), expert_size_key="moe_intermediate_size",
+                 hf_block="mlp", hf_projections=("gate_proj", "up_proj", "down_proj"))
 FAMILIES = {
     "llama": Family("llama", "Llama"),
     "mistral": Family("mistral", "Mistral"),
     "qwen2": Family("qwen2", "Qwen2", qkv_bias=True),
     "qwen3": Family("qwen3", "Qwen3", qk_norm=True),
+    "mixtral": Family("mixtral", "Mixtral", moe=MoEFamily(
+        experts_keys=("num_local_experts",), expert_size_key="intermediate_size", hf_block="block_sparse_moe",
+        hf_projections=("w1", "w3", "w2"), normalizes_top_k=True), dense_relative="mistral"),
+    "qwen2_moe": Family("qwen2_moe", "Qwen2Moe", qkv_bias=True, moe=MoEFamily(**_QWEN_MOE, shared_expert=True),
+                        dense_relative="qwen2"),
+    "qwen3_moe": Family("qwen3_moe", "Qwen3Moe", qk_norm=True, moe=MoEFamily(**_QWEN_MOE), dense_relative="qwen3"),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # The reward heads a model can carry: the LM-head rows of the reward tokens, or Qwen2.5-Math-PRM's MLP.
@@ -126,6 +144,7 @@ class Architecture:
     rope_scaling: Optional[RopeScaling] = None
     model_type: str = "llama"
     reward_head: str = "lm_head"
+    moe: Optional[MixtureOfExperts] = None  # the experts of a MoE family
 
     def __post_init__(self) -> None:
         for name in _COUNTS:
@@ -135,6 +154,13 @@ class Architecture:
         if self.model_type not in FAMILIES:
             raise ConfigError(f"model_type {self.model_type!r} is not supported; supported: "
                               f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        if (self.moe is None) != (self.family.moe is None):
+            raise ConfigError(f"model_type {self.model_type!r} "
+                              + ("is a Mixture-of-Experts family: its experts come from its HF config.json"
+                                 if self.moe is None else "has no experts"))
+        if self.moe is not None and (self.moe.shared_expert_intermediate_size is not None) != self.family.moe.shared_expert:
+            raise ConfigError(f"model_type {self.model_type!r} "
+                              f"{'needs' if self.family.moe.shared_expert else 'has no'} shared expert")
         if self.reward_head not in REWARD_HEADS:
             raise ConfigError(f"reward_head must be one of {', '.join(REWARD_HEADS)}, got {self.reward_head!r}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -153,7 +179,7 @@ class Architecture:
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], where: str) -> "Architecture":
         """The architecture an HF ``config.json`` (already read by :func:`read_hf_config`) describes."""
-        values = shape_values(config)
+        values = shape_values(config, where)
         missing = [n for n in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                                "vocab_size") if n not in values]
         if missing:
@@ -169,7 +195,9 @@ class Architecture:
 
     def to_hf_config(self) -> dict[str, Any]:
         """The fields of the family's HF config describing this architecture."""
-        config = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("rope_scaling", "reward_head")}
+        config = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("rope_scaling", "reward_head", "moe")}
+        if self.moe is not None:
+            config.update(moe_to_hf(self.moe, self.family.moe))
         scaling = self.rope_scaling
         config["rope_scaling"] = (
             {"rope_type": scaling.rope_type,
@@ -205,13 +233,16 @@ def reward_head_of(config: dict[str, Any]) -> str:
     return "mlp" if any(str(n).endswith(PRM_CLASS_SUFFIX) for n in names) else "lm_head"
 
 
-def shape_values(config: dict[str, Any]) -> dict[str, Any]:
-    """The architecture fields an HF config sets, with its model type and reward head. RoPE settings
-    are read from both spellings: ``rope_theta`` + ``rope_scaling`` (transformers 4) and
+def shape_values(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """The architecture fields an HF config sets, with its model type, reward head and experts. RoPE
+    settings are read from both spellings: ``rope_theta`` + ``rope_scaling`` (transformers 4) and
     ``rope_parameters`` (transformers 5)."""
     values = {k: config[k] for k in _SHAPE_FIELDS if config.get(k) is not None}
     values["model_type"] = config.get("model_type", "llama")
     values["reward_head"] = reward_head_of(config)
+    family = FAMILIES.get(values["model_type"])
+    if family is not None and family.moe is not None:
+        values["moe"] = moe_from_hf(config, family.moe, where)
     parameters = config.get("rope_parameters")
     if isinstance(parameters, dict):
         if "rope_theta" in parameters:
@@ -243,6 +274,8 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise ConfigError(f"{path}: attention_bias / mlp_bias are not supported ({model_type} is built without "
                           "them; Qwen2's Q/K/V bias is part of its family)")
+    if "qkv_bias" in config and bool(config["qkv_bias"]) != FAMILIES[model_type].qkv_bias:
+        raise ConfigError(f"{path}: qkv_bias {config['qkv_bias']} is not supported for {model_type}")
     if config.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{path}: hidden_act {config.get('hidden_act')!r} is not supported (only silu)")
     return config
@@ -276,7 +309,7 @@ def resolve_architecture(
             source = resolve_checkpoint(source) / MODEL_CONFIG_NAME
         where = str(source)
         hf = read_hf_config(source)
-        values = shape_values(hf)
+        values = shape_values(hf, where)
         window = sliding_window(hf)
         if window is not None and window < max_seq_len:
             raise ConfigError(

@@ -73,6 +73,10 @@ class ModelBuildOptions:
     # Tokens of one micro batch (max_seq_len x micro batch size) that Transformer Engine's userbuffers
     # are sized for when tensor-parallel communication overlaps the GEMMs; 0: no such overlap.
     tp_comm_overlap_tokens: int = 0
+    # MoE bases: the load-balancing loss coefficient (None: the architecture's router_aux_loss_coef) and
+    # the router z-loss coefficient (0: off).
+    moe_aux_loss_coeff: Optional[float] = None
+    moe_z_loss_coeff: float = 0.0
 
     @classmethod
     def from_config(cls, config: RunConfig, layout: ParallelLayout, use_transformer_engine: bool,
@@ -93,6 +97,8 @@ class ModelBuildOptions:
             use_cpu_initialization=use_cpu_initialization,
             tp_comm_overlap_tokens=(config.data.max_seq_len * t.per_device_train_batch_size
                                     if p.tp_comm_overlap else 0),
+            moe_aux_loss_coeff=t.moe_aux_loss_coeff,
+            moe_z_loss_coeff=t.moe_z_loss_coeff,
         )
 
 
@@ -145,9 +151,38 @@ def _yarn_settings(scaling: YarnRopeScaling) -> dict:
             "yarn_correction_range_round_to_int": scaling.truncate}
 
 
+def _moe_settings(arch: Architecture, options: ModelBuildOptions) -> dict:
+    """Megatron's MoE layer for a MoE family: dropless top-k routing (no capacity factor), the all-to-all
+    token dispatcher, grouped GEMM where Transformer Engine provides it (SequentialMLP otherwise), the
+    load-balancing loss (and the router z-loss) with the configured coefficients."""
+    moe = arch.moe
+    if moe is None:
+        return {}
+    aux = moe.router_aux_loss_coef if options.moe_aux_loss_coeff is None else options.moe_aux_loss_coeff
+    shared = moe.shared_expert_intermediate_size
+    return {
+        "num_moe_experts": moe.num_experts,
+        "moe_router_topk": moe.num_experts_per_tok,
+        "moe_ffn_hidden_size": moe.moe_intermediate_size,
+        # HF takes a softmax over all experts, then the top k, renormalised if norm_topk_prob (always in
+        # Mixtral). Renormalised equals Megatron's default (top k of the logits, softmax over those k);
+        # not renormalised is Megatron's pre-softmax routing (softmax over all, then top k).
+        "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": not moe.norm_topk_prob,
+        "moe_router_load_balancing_type": "aux_loss",
+        "moe_aux_loss_coeff": aux,
+        "moe_z_loss_coeff": options.moe_z_loss_coeff or None,
+        "moe_token_dispatcher_type": "alltoall",
+        "moe_grouped_gemm": options.use_transformer_engine,
+        # Qwen2-MoE: shared expert output x sigmoid(x . shared_expert_gate)
+        "moe_shared_expert_intermediate_size": shared,
+        "moe_shared_expert_gate": shared is not None,
+    }
+
+
 def transformer_config(arch: Architecture, options: ModelBuildOptions) -> TransformerConfig:
-    """Megatron's TransformerConfig for the architecture (RMSNorm, SwiGLU, RoPE, GQA, and the family's
-    Q/K/V bias or per-head Q/K norm)."""
+    """Megatron's TransformerConfig for the architecture (RMSNorm, SwiGLU, RoPE, GQA, the family's
+    Q/K/V bias or per-head Q/K norm, and its experts)."""
     te = options.use_transformer_engine
     layout = options.layout
     precision = options.precision
@@ -177,6 +212,8 @@ def transformer_config(arch: Architecture, options: ModelBuildOptions) -> Transf
         ),
         sequence_parallel=layout.sequence_parallel,
         context_parallel_size=layout.context_parallel_size,
+        expert_model_parallel_size=layout.expert_parallel_size,
+        expert_tensor_parallel_size=layout.expert_tensor_size,
         # Transformer Engine's attention exchanges keys and values this way; the local spec's attention
         # (model/context_parallel_attention.py) all-gathers them.
         cp_comm_type=layout.cp_comm_type if te and layout.context_parallel_size > 1 else None,
@@ -199,6 +236,7 @@ def transformer_config(arch: Architecture, options: ModelBuildOptions) -> Transf
         **_recompute_settings(options.recompute),
         **_fp8_settings(precision),
         **(_yarn_settings(arch.rope_scaling) if yarn else {}),
+        **_moe_settings(arch, options),
     )
 
 
@@ -213,11 +251,12 @@ def layer_spec(config: TransformerConfig, options: ModelBuildOptions, vp_stage: 
     :class:`RecomputedSelfAttention`.
     """
     qk_norm = config.qk_layernorm
+    experts = dict(num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm)
     if options.use_transformer_engine:
-        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm, **experts)
         final_norm = None
     else:
-        layer = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm))
+        layer = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm, **experts))
         layer.submodules.input_layernorm = RMSNorm
         layer.submodules.pre_mlp_layernorm = RMSNorm
         attention = layer.submodules.self_attention.submodules
@@ -296,6 +335,8 @@ def build_model_chunks(
 ) -> list[PRMGPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), not yet wrapped for DDP."""
     config = transformer_config(arch, options)
+    if arch.moe is not None:
+        megatron_compat.prepare_moe()
     if config.tp_comm_overlap:
         _initialize_te_userbuffers(options.tp_comm_overlap_tokens, arch.hidden_size,
                                    options.layout.tensor_parallel_size, fp8=bool(options.precision.fp8))

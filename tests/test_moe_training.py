@@ -1,0 +1,103 @@
+"""PRM training on a Mixture-of-Experts base: expert parallelism (2 of 4 experts per rank, tokens exchanged
+by all-to-all) trains exactly like one process holding every expert."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import MISTRAL, read_log, run_cli
+from megatron_prm.data.synthetic import write_dataset
+
+pytest.importorskip("transformers")
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
+
+MAX_SEQ_LEN = 128
+TRAIN = ["--tokenizer_name_or_path", MISTRAL, "--device", "cpu", "--bf16", "false", "--max_seq_len", str(MAX_SEQ_LEN),
+         "--max_prompt_len", "64", "--learning_rate", "1e-3", "--warmup_steps", "0", "--max_steps", "3",
+         "--per_device_train_batch_size", "2", "--do_eval", "false", "--logging_steps", "1", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny Qwen3-MoE with the Mistral vocabulary (4 experts, top 2), imported, and a dataset."""
+    from megatron_prm.conversion.importer import import_hf
+
+    folder = tmp_path_factory.mktemp("moe_training")
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=32000, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, max_position_embeddings=256)).save_pretrained(folder / "hf")
+    import_hf(folder / "hf", folder / "base", progress=False)
+    write_dataset(folder / "train.jsonl", 64, seed=1)
+    return folder
+
+
+def train(workdir, name: str, nproc: int, *overrides: str):
+    output = workdir / name
+    run_cli(["train", "--model_name_or_path", str(workdir / "base"), "--train_dataset_path",
+             str(workdir / "train.jsonl"), "--output_dir", str(output), *TRAIN, *overrides], nproc=nproc)
+    return output
+
+
+def saved_weights(checkpoint) -> dict[str, torch.Tensor]:
+    """A saved model loaded into one process holding every expert, by parameter name."""
+    from megatron_prm.checkpoint import load_model_weights
+    from megatron_prm.config import ModelArguments
+    from megatron_prm.layout import ParallelLayout
+    from megatron_prm.model.architecture import resolve_architecture
+    from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
+    from megatron_prm.runtime import init_runtime, shutdown
+
+    arch = resolve_architecture(ModelArguments(model_name_or_path=str(checkpoint)), 32000, MAX_SEQ_LEN)
+    init_runtime("cpu", 0, ParallelLayout())
+    try:
+        model = build_model_chunks(arch, (648, 387), MAX_SEQ_LEN, ModelBuildOptions(use_cpu_initialization=True))[0]
+        load_model_weights([model], checkpoint)
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+    finally:
+        shutdown()
+
+
+def test_expert_parallel_training_equals_one_process(workdir):
+    reference = train(workdir, "ep1", 1, "--gradient_accumulation_steps", "4")
+    # Two ranks: data parallel 2 for the dense parameters, expert parallel 2 for the experts; the same
+    # global batch of 8 records.
+    expert_parallel = train(workdir, "ep2", 2, "--gradient_accumulation_steps", "2", "--expert_parallel_degree", "2")
+    expected, got = read_log(reference, "train"), read_log(expert_parallel, "train")
+    assert [s["step"] for s in got] == [1, 2, 3]
+    for a, b in zip(expected, got):
+        assert (a["labelled_steps"], a["tokens"]) == (b["labelled_steps"], b["tokens"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), f"step {a['step']}"
+        # The load-balancing loss (on by default: the base's router_aux_loss_coef) is logged on its own; per
+        # layer it lies between 1 (perfect balance) and the number of experts.
+        assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-6)
+        assert 2 * 1.0 <= a["moe_load_balancing_loss"] <= 2 * 4.0
+    assert json.loads((expert_parallel / "iter_0000003" / "train_state.json").read_text())["step"] == 3
+    initial, ours, theirs = (saved_weights(path) for path in (workdir / "base", reference, expert_parallel))
+    assert ours.keys() == theirs.keys()
+    assert any(".local_experts.3." in name for name in ours)  # the EP2 checkpoint reloads with every expert
+    idle = []
+    for name in ours:
+        # Adam divides by the gradient's running RMS: compare against the size of the update.
+        update = (ours[name] - initial[name]).abs().max().item()
+        if update == 0:  # an expert no token was routed to in 3 steps: untouched in both runs
+            idle.append(name)
+            assert ".local_experts." in name and torch.equal(theirs[name], ours[name]), name
+        torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=1e-3 * update, msg=name)
+    assert len(idle) <= 2, idle
+
+
+def test_aux_loss_coefficient_reaches_the_gradients(workdir):
+    """Coefficient 0 switches the load-balancing loss off (nothing logged, other gradients); a router z-loss
+    is logged on its own when asked for."""
+    reference = read_log(workdir / "ep1", "train") if (workdir / "ep1").is_dir() else read_log(
+        train(workdir, "ep1", 1, "--gradient_accumulation_steps", "4"), "train")
+    off = read_log(train(workdir, "aux_off", 1, "--gradient_accumulation_steps", "4", "--moe_aux_loss_coeff", "0",
+                         "--moe_z_loss_coeff", "0.001"), "train")
+    assert "moe_load_balancing_loss" not in off[0] and off[0]["moe_z_loss"] > 0
+    assert off[0]["loss"] == pytest.approx(reference[0]["loss"], rel=1e-9)  # the PRM loss itself is the same
+    assert off[0]["grad_norm"] != pytest.approx(reference[0]["grad_norm"], rel=1e-6)
