@@ -78,16 +78,21 @@ def layer_parameters(arch: Architecture, tp: int, ep: int = 1, etp: Optional[int
         sharded += (n + 2 * g) * d
     replicated = 2 * h + (2 * d if arch.family.qk_norm else 0)  # RMSNorm weights (Qwen3: per-head Q/K norms too)
     moe = arch.moe
-    experts = 0
     if moe is None:
         sharded += _swiglu(h, arch.intermediate_size)
     else:
-        experts = moe.num_experts * _swiglu(h, moe.moe_intermediate_size) // (ep * (etp or tp))
         replicated += moe.num_experts * h  # the router
         if moe.shared_expert_intermediate_size:
             sharded += _swiglu(h, moe.shared_expert_intermediate_size)
             replicated += h  # its gate
-    return sharded // tp + replicated + experts
+    return sharded // tp + replicated + expert_parameters(arch, tp, ep, etp)
+
+
+def expert_parameters(arch: Architecture, tp: int, ep: int = 1, etp: Optional[int] = None) -> int:
+    """The routed experts' parameters of one MoE layer held by one rank (0 in a dense model)."""
+    if arch.moe is None:
+        return 0
+    return arch.moe.num_experts * _swiglu(arch.hidden_size, arch.moe.moe_intermediate_size) // (ep * (etp or tp))
 
 
 def model_parameters(arch: Architecture) -> dict[str, int]:
@@ -176,7 +181,15 @@ def plan(config: RunConfig, arch: Architecture, nodes: int, gpus_per_node: int, 
     half = t.bf16 or t.fp16
     optimizer_bytes = trainable * (12 if half else 8)
     if layout.distributed_optimizer:
-        optimizer_bytes = math.ceil(optimizer_bytes / layout.data_parallel_size)
+        # The experts' state is sharded over the expert-data-parallel ranks (world / (EP x ETP x PP)), the
+        # rest over the data-parallel ones, as Megatron's distributed optimizer keeps two groups.
+        experts = arch.num_hidden_layers // layout.pipeline_parallel_size * expert_parameters(
+            arch, layout.tensor_parallel_size, layout.expert_parallel_size, layout.expert_tensor_size)
+        expert_data_parallel = world // (layout.expert_parallel_size * layout.expert_tensor_size
+                                         * layout.pipeline_parallel_size)
+        per_parameter = 12 if half else 8
+        optimizer_bytes = (math.ceil((trainable - experts) * per_parameter / layout.data_parallel_size)
+                           + math.ceil(experts * per_parameter / expert_data_parallel))
     seq_len = config.data.max_seq_len
     tokens = seq_len * t.per_device_train_batch_size
     shape = ModelShape.from_architecture(arch, padded_vocab_size(arch.vocab_size, layout.tensor_parallel_size))

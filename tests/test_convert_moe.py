@@ -176,3 +176,26 @@ def test_plan_counts_every_parameter_and_the_active_ones(models):
         assert counted["total"] == sum(p.numel() for p in model.parameters()), name
         idle_experts = 2 * 2 * 3 * 64 * 32  # 2 layers x 2 idle experts x (gate, up, down) x h x expert size
         assert counted["active_per_token"] == counted["total"] - idle_experts, name
+
+
+def test_plan_shards_the_experts_optimizer_state_over_expert_data_parallel_ranks():
+    """Qwen3-30B-A3B's shape at EP8: the experts' Adam state over world / (EP x ETP x PP) ranks, the rest
+    over the data-parallel ones (Megatron's distributed optimizer keeps the two groups apart)."""
+    from megatron_prm.config import load_config
+    from megatron_prm.layout import resolve_layout
+    from megatron_prm.model.architecture import Architecture, read_hf_config
+    from megatron_prm.plan import expert_parameters, plan, stage_parameters
+
+    hf = REPO / "examples/configs/qwen3_30b_a3b_config.json"
+    arch = Architecture.from_hf_config(read_hf_config(hf), str(hf))
+    config = load_config(None, ["--model-config", str(hf), "--expert-parallel-degree", "8", "--sharding", "stage1",
+                                "--max-seq-len", "4096", "--recompute", "true"])
+    for world, expert_data_parallel in ((8, 1), (16, 2)):
+        result = plan(config, arch, world // 8, 8, 80.0)
+        assert result["parameters"]["total"] == 30_532_122_624 and result["parameters"]["active_per_token"] < 3.4e9
+        layout, _ = resolve_layout(config, world, arch)
+        trainable = stage_parameters(arch, layout, 0).trainable
+        experts = 48 * expert_parameters(arch, 1, 8, 1)
+        assert experts == 48 * 128 * 3 * 2048 * 768 // 8
+        expected = -(-(trainable - experts) * 12 // world) + -(-experts * 12 // expert_data_parallel)
+        assert result["memory_bytes"]["optimizer"] == expected

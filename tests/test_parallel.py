@@ -128,10 +128,11 @@ def assert_matches(workdir, reference, output, metrics):
     assert ours.keys() == theirs.keys()
     for name in ours:
         # Adam divides by the gradient's running RMS, so an element whose gradient is near zero moves by
-        # up to the learning rate on rounding noise alone: compare against the size of the update.
+        # up to the learning rate on rounding noise alone: compare against the size of the update. Torch
+        # 2.14.1 (the Python 3.12 leg) measured 3.0e-3 of the update on packed TP2 + SP's linear_proj.
         update = (ours[name] - initial[name]).abs().max().item()
         assert update > 0, f"{name} did not train"
-        torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=2e-3 * update, msg=name)
+        torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=5e-3 * update, msg=name)
 
 
 @pytest.mark.parametrize("precision, tolerance", [({"bf16": True}, 0.02), ({"fp16": True, "scale_loss": 1024.0}, 0.02),
