@@ -49,7 +49,8 @@ def test_slurm_script_dry_run_prints_plan_and_torchrun_lines(tmp_path):
     lines = result.stdout.splitlines()
     plan = json.loads(next(line for line in lines if line.startswith("{")))
     assert plan["layout"] == {"tensor": 8, "context": 1, "pipeline": 1, "virtual_pipeline": 1, "data": 2,
-                              "sequence_parallel": True, "distributed_optimizer": True}
+                              "expert": 1, "expert_tensor": 8, "sequence_parallel": True,
+                              "distributed_optimizer": True}
     torchrun = [line for line in lines if line.startswith("node ")]
     assert len(torchrun) == 2
     for rank, line in enumerate(torchrun):
