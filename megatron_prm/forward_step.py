@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -12,6 +13,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_prm.data.batching import MicroBatch
 from megatron_prm.data.context_split import split_for_context_parallel
 from megatron_prm.loss import prm_loss, step_losses
+from megatron_prm.model.load_balancing import LoadBalancing, load_balancing_of
 
 
 def _next_local_batch(data_iterator: Iterator[MicroBatch], device: torch.device) -> MicroBatch:
@@ -26,11 +28,22 @@ def _run_model(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
                  packed_seq_params=batch.packed_seq_params())
 
 
+def _train_loss(targets: torch.Tensor, threshold: float, balance: Optional[LoadBalancing], logits: torch.Tensor):
+    """:func:`prm_loss`; for a MoE base with a load-balancing loss the report also carries the micro batch's
+    aux loss (its gradient is injected at the routers, see :mod:`megatron_prm.model.load_balancing`)."""
+    loss_sum, count, report = prm_loss(targets, logits, threshold=threshold)
+    if balance is not None:
+        report["moe_load_balancing_loss"] = balance.finish_micro_batch().detach().reshape(1)
+    return loss_sum, count, report
+
+
 def make_train_forward_step(device: torch.device, threshold: float) -> Callable:
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
         batch = _next_local_batch(data_iterator, device)
-        output = _run_model(model, batch)
-        return output, partial(prm_loss, batch.label_values, threshold=threshold)
+        balance = load_balancing_of(model)
+        with balance.recording(batch.real_tokens) if balance is not None else contextlib.nullcontext():
+            output = _run_model(model, batch)
+        return output, partial(_train_loss, batch.label_values, threshold, balance)
 
     return forward_step
 

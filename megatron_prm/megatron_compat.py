@@ -463,3 +463,30 @@ def moe_auxiliary_losses(num_microbatches: int) -> dict[str, float]:
     losses = {name: tracker[name]["values"].sum().item() / num_microbatches for name in names}
     moe_utils.clear_aux_losses_tracker()
     return losses
+
+
+def observe_router_logits(module: torch.nn.Module, hook: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Pass the router logits of every MoE layer in ``module`` through ``hook`` (which returns them, possibly
+    with autograd nodes attached) before the router routes them; returns how many routers were found.
+    ``TopKRouter.forward`` computes ``logits = self.gating(input)`` and routes them: an instance attribute
+    ``gating`` wrapping the bound method takes its place. The logits are ``[s, b, num_experts]`` (``[s/TP, b,
+    E]`` under sequence parallelism). Checked on 0.16.1 and 0.19.2."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    routers = [m for m in module.modules() if isinstance(m, TopKRouter)]
+    for router in routers:
+        def gating(input: torch.Tensor, _original=router.gating) -> torch.Tensor:
+            return hook(_original(input))
+
+        router.gating = gating
+    return len(routers)
+
+
+def moe_aux_loss_backward_scale(device: torch.device) -> torch.Tensor:
+    """The factor the pipeline schedule set for the MoE auxiliary losses' gradients of the current micro batch
+    (``MoEAuxLossAutoScaler.main_loss_backward_scale``: the fp16 loss scale under ``calculate_per_token_loss``,
+    1 without a grad scaler; None before the first schedule call). Checked on 0.16.1 and 0.19.2."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+    return torch.ones((), device=device) if scale is None else scale.reshape(())

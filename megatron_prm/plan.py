@@ -20,7 +20,8 @@ Checkpoints (:func:`checkpoint_figures`): a save writes the weights (2 or 4 byte
 optimizer state (fp32 main weights + Adam moments, 12 bytes per trainable parameter; 8 in fp32 without the
 distributed optimizer) of every
 model-parallel shard once; with the fully parallel save each of the shard's data-parallel ranks writes
-1/DP of it, without gathering anything. Host memory a save needs beyond the model: with ``async_save`` the
+1/DP of it, without gathering anything. A MoE base's routed experts are shards of their own: each of the
+EP x ETP expert ranks of a stage holds its experts, written by world / (EP x ETP x PP) ranks. Host memory a save needs beyond the model: with ``async_save`` the
 rank's share staged in host memory; with ``unified_checkpoint`` the whole optimizer state of the shard,
 gathered on data-parallel rank 0. The non-finite check needs no buffer (one min/max reduction).
 
@@ -142,23 +143,30 @@ def activation_bytes(arch: Architecture, layout: ParallelLayout, tokens: int, re
     return int(kept * pp)
 
 
-def checkpoint_figures(config: RunConfig, layout: ParallelLayout, stages: list[StageParameters]) -> dict:
+def checkpoint_figures(config: RunConfig, layout: ParallelLayout, stages: list[StageParameters],
+                       stage_experts: int = 0) -> dict:
     """Bytes of one checkpoint and what each rank writes and holds in host memory per save (see the
-    module docstring)."""
+    module docstring). ``stage_experts``: the routed experts' parameters among each stage's (MoE bases):
+    each of the EP x ETP ranks of a stage holds its own experts, saved by the stage's world / (EP x ETP x PP)
+    expert-data-parallel ranks, while the rest is split over TP and saved by the DP ranks."""
     t = config.training
     half = t.bf16 or t.fp16
     # Stored optimizer state: Adam's two moments, plus fp32 main weights under bf16/fp16 and always with
     # the distributed optimizer (its dp_reshardable state stores the main parameter even in fp32).
     state = 12 if half or layout.distributed_optimizer else 8
-    shard_bytes = [s.total * (2 if half else 4) + s.trainable * state for s in stages]
+    weight = 2 if half else 4
     tp, dp = layout.tensor_parallel_size, layout.data_parallel_size
-    written = math.ceil(max(shard_bytes) / dp)
+    expert_ranks = layout.expert_parallel_size * layout.expert_tensor_size
+    expert_data_parallel = tp * layout.context_parallel_size * dp // expert_ranks
+    dense_bytes = [(s.total - stage_experts) * weight + (s.trainable - stage_experts) * state for s in stages]
+    expert_bytes = stage_experts * (weight + state)
+    written = max(math.ceil(dense / dp) + math.ceil(expert_bytes / expert_data_parallel) for dense in dense_bytes)
     gathered = 0
     if t.unified_checkpoint and layout.distributed_optimizer:
         heaviest = max(stages, key=lambda s: s.trainable)
         gathered = heaviest.trainable * state
     return {
-        "checkpoint_bytes": sum(shard_bytes) * tp,
+        "checkpoint_bytes": sum(dense_bytes) * tp + len(stages) * expert_bytes * expert_ranks,
         "written_per_rank_bytes": written,
         "host_staging_per_rank_bytes": written if t.async_save else 0,
         "gathered_on_data_parallel_rank0_bytes": gathered,
@@ -180,11 +188,11 @@ def plan(config: RunConfig, arch: Architecture, nodes: int, gpus_per_node: int, 
     params, trainable = heaviest.total, heaviest.trainable
     half = t.bf16 or t.fp16
     optimizer_bytes = trainable * (12 if half else 8)
+    experts = arch.num_hidden_layers // layout.pipeline_parallel_size * expert_parameters(
+        arch, layout.tensor_parallel_size, layout.expert_parallel_size, layout.expert_tensor_size)
     if layout.distributed_optimizer:
         # The experts' state is sharded over the expert-data-parallel ranks (world / (EP x ETP x PP)), the
         # rest over the data-parallel ones, as Megatron's distributed optimizer keeps two groups.
-        experts = arch.num_hidden_layers // layout.pipeline_parallel_size * expert_parameters(
-            arch, layout.tensor_parallel_size, layout.expert_parallel_size, layout.expert_tensor_size)
         expert_data_parallel = world // (layout.expert_parallel_size * layout.expert_tensor_size
                                          * layout.pipeline_parallel_size)
         per_parameter = 12 if half else 8
@@ -219,7 +227,7 @@ def plan(config: RunConfig, arch: Architecture, nodes: int, gpus_per_node: int, 
         "recompute": config.parallel.recompute,
         "estimated_total_bytes": total,
         "gpu_memory_bytes": int(gpu_memory_gib * GIB),
-        "checkpoint": checkpoint_figures(config, layout, stages),
+        "checkpoint": checkpoint_figures(config, layout, stages, experts),
         "flops_per_token": flops_per_token(shape, seq_len, with_logits=False),
         "flops_per_token_with_lm_logits": flops_per_token(shape, seq_len, with_logits=True),
         "notes": notes,

@@ -36,6 +36,7 @@ from megatron_prm.flops import ModelShape, training_flops
 from megatron_prm.forward_step import make_train_forward_step, run_schedule
 from megatron_prm.metrics import majority_baseline
 from megatron_prm.model.architecture import Architecture, resolve_architecture
+from megatron_prm.model.load_balancing import install_load_balancing, load_balancing_of, step_load_balancing_loss
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks, padded_vocab_size
 from megatron_prm.nonfinite import NonFiniteBudget, NonFiniteError
 from megatron_prm.progress import plural
@@ -142,12 +143,15 @@ def _finite_everywhere(state: TrainingState, reports: list[dict], device: torch.
     return flag.item() == 0.0
 
 
-def _moe_losses(state: TrainingState, num_microbatches: int) -> dict:
-    """MoE bases: the routers' auxiliary losses of the step, logged on their own (``moe_load_balancing_loss``,
-    ``moe_z_loss``: per micro batch, summed over the layers, without their coefficients)."""
+def _moe_losses(state: TrainingState, reports: list[dict], num_microbatches: int, device: torch.device) -> dict:
+    """MoE bases: the routers' auxiliary losses of the step, logged on their own, without their coefficients:
+    ``moe_load_balancing_loss`` (transformers' definition, mean over micro batches) and ``moe_z_loss``
+    (Megatron's, per micro batch, summed over the layers)."""
     if not state.model[0].config.num_moe_experts:
         return {}
-    return {f"moe_{name}": value for name, value in megatron_compat.moe_auxiliary_losses(num_microbatches).items()}
+    losses = step_load_balancing_loss(reports, num_microbatches, device)
+    losses.update({f"moe_{name}": value for name, value in megatron_compat.moe_auxiliary_losses(num_microbatches).items()})
+    return losses
 
 
 def train_step(state: TrainingState, batches: list[MicroBatch], runtime: Runtime, threshold: float,
@@ -157,8 +161,13 @@ def train_step(state: TrainingState, batches: list[MicroBatch], runtime: Runtime
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
+    balance = load_balancing_of(state.model[0])
+    if balance is not None:
+        balance.begin_step(sum(b.label_values.numel() for b in batches), len(batches), runtime.device)
     reports = run_schedule(state.model, make_train_forward_step(runtime.device, threshold), batches, forward_only=False)
-    moe = _moe_losses(state, len(batches))
+    if balance is not None:
+        balance.end_step()
+    moe = _moe_losses(state, reports, len(batches), runtime.device)
     if not _finite_everywhere(state, reports, runtime.device):
         return {"nonfinite": True, **_reduce_step_report(reports, batches, flops, runtime.device), **moe}
     learning_rate = state.optimizer.param_groups[0]["lr"]  # the rate this step applies
@@ -256,6 +265,7 @@ def setup(config: RunConfig) -> Run:
 
     options = ModelBuildOptions.from_config(config, layout, runtime.use_transformer_engine, runtime.is_cpu)
     chunks = build_model_chunks(arch, tokenizer.special.reward_ids, config.data.max_seq_len, options)
+    install_load_balancing(chunks, arch.moe, args.moe_aux_loss_coeff, layout)
     if config.model.model_name_or_path and resume_source is None:
         load_model_weights(chunks, config.model.model_name_or_path, arch, args.verify_checkpoint_checksums)
     total_steps = total_training_steps(config, data)

@@ -199,3 +199,8 @@ def test_plan_shards_the_experts_optimizer_state_over_expert_data_parallel_ranks
         assert experts == 48 * 128 * 3 * 2048 * 768 // 8
         expected = -(-(trainable - experts) * 12 // world) + -(-experts * 12 // expert_data_parallel)
         assert result["memory_bytes"]["optimizer"] == expected
+        # A checkpoint holds every expert once (bf16 weights + 12 bytes of Adam state per parameter, TP1); each rank
+        # writes 1/DP of the dense part and 1/EDP of its experts.
+        checkpoint = result["checkpoint"]
+        assert checkpoint["checkpoint_bytes"] == 30_532_122_624 * 14
+        assert checkpoint["written_per_rank_bytes"] == -(-(trainable - experts) * 14 // world) + experts * 14 // expert_data_parallel

@@ -72,10 +72,10 @@ def test_expert_parallel_training_equals_one_process(workdir):
     for a, b in zip(expected, got):
         assert (a["labelled_steps"], a["tokens"]) == (b["labelled_steps"], b["tokens"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), f"step {a['step']}"
-        # The load-balancing loss (on by default: the base's router_aux_loss_coef) is logged on its own; per
-        # layer it lies between 1 (perfect balance) and the number of experts.
+        # The load-balancing loss (on by default: the base's router_aux_loss_coef) is logged on its own, as
+        # transformers defines it: 2 (the top k) at perfect balance, at most the number of experts.
         assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-6)
-        assert 2 * 1.0 <= a["moe_load_balancing_loss"] <= 2 * 4.0
+        assert 1.9 < a["moe_load_balancing_loss"] <= 4.0
     assert json.loads((expert_parallel / "iter_0000003" / "train_state.json").read_text())["step"] == 3
     initial, ours, theirs = (saved_weights(path) for path in (workdir / "base", reference, expert_parallel))
     assert ours.keys() == theirs.keys()

@@ -17,7 +17,7 @@ from megatron_prm.data.packing import PackingOptions, RowLayout
 from megatron_prm.data.samples import Sample
 
 
-_TENSORS = ("tokens", "position_ids", "reward_index", "label_values", "record_ids", "step_ids")
+_TENSORS = ("tokens", "position_ids", "real_tokens", "reward_index", "label_values", "record_ids", "step_ids")
 
 
 @dataclass
@@ -32,6 +32,7 @@ class MicroBatch:
 
     tokens: torch.Tensor  # int64 [b, s]
     position_ids: torch.Tensor  # int64 [b, s]
+    real_tokens: torch.Tensor  # bool [b, s]: False at padding (transformers' attention_mask)
     reward_index: torch.Tensor  # int64 [n, 2]
     label_values: torch.Tensor  # float32 [n]
     record_ids: torch.Tensor  # int64 [n]
@@ -91,13 +92,16 @@ def collate_packed(samples: Sequence[Sample], pad_id: int, options: PackingOptio
         raise ValueError("cannot pack an empty row")
     layout = RowLayout.of([len(s) for s in samples], options)
     tokens = torch.full((1, layout.length), pad_id, dtype=torch.int64)
+    real = torch.zeros((1, layout.length), dtype=torch.bool)
     positions = torch.arange(layout.length, dtype=torch.int64)
     for sample, start, end in zip(samples, layout.cu_seqlens_padded[:-1], layout.cu_seqlens_padded[1:]):
         tokens[0, start:start + len(sample)] = torch.from_numpy(sample.input_ids.astype(np.int64))
+        real[0, start:start + len(sample)] = True
         positions[start:end] = torch.arange(end - start)
     return MicroBatch(
         tokens=tokens,
         position_ids=positions.unsqueeze(0),
+        real_tokens=real,
         **_labels(samples, [0] * len(samples), layout.cu_seqlens_padded[:-1].tolist()),
         num_real_tokens=sum(len(s) for s in samples),
         cu_seqlens=torch.from_numpy(layout.cu_seqlens),
@@ -112,11 +116,14 @@ def collate(samples: Sequence[Sample], pad_id: int, pad_to_multiple_of: int = 1)
     longest = max(len(s) for s in samples)
     length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     tokens = torch.full((len(samples), length), pad_id, dtype=torch.int64)
+    real = torch.zeros((len(samples), length), dtype=torch.bool)
     for row, sample in enumerate(samples):
         tokens[row, : len(sample)] = torch.from_numpy(sample.input_ids.astype(np.int64))
+        real[row, : len(sample)] = True
     return MicroBatch(
         tokens=tokens,
         position_ids=torch.arange(length, dtype=torch.int64).expand(len(samples), length).contiguous(),
+        real_tokens=real,
         **_labels(samples, range(len(samples)), [0] * len(samples)),
         num_real_tokens=sum(len(s) for s in samples),
     )
@@ -130,12 +137,14 @@ def pad_to_length(batch: MicroBatch, length: int, pad_id: int) -> MicroBatch:
         return batch
     tokens = torch.full((rows, length), pad_id, dtype=batch.tokens.dtype)
     tokens[:, :current] = batch.tokens
+    real = torch.zeros((rows, length), dtype=torch.bool)
+    real[:, :current] = batch.real_tokens
     positions = torch.cat([batch.position_ids, batch.position_ids[:, -1:] + torch.arange(1, length - current + 1)], 1)
     padded = None
     if batch.cu_seqlens_padded is not None:
         padded = batch.cu_seqlens_padded.clone()
         padded[-1] = length
-    return replace(batch, tokens=tokens, position_ids=positions, cu_seqlens_padded=padded)
+    return replace(batch, tokens=tokens, position_ids=positions, real_tokens=real, cu_seqlens_padded=padded)
 
 
 def without_labels(batch: MicroBatch) -> MicroBatch:

@@ -35,6 +35,7 @@ def split_for_context_parallel(batch: MicroBatch, cp_rank: int, cp_size: int) ->
         batch,
         tokens=batch.tokens.index_select(1, index),
         position_ids=batch.position_ids.index_select(1, index),
+        real_tokens=batch.real_tokens.index_select(1, index),
         reward_index=reward_index,
         label_values=batch.label_values[kept],
         record_ids=batch.record_ids[kept],

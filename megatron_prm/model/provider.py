@@ -73,9 +73,8 @@ class ModelBuildOptions:
     # Tokens of one micro batch (max_seq_len x micro batch size) that Transformer Engine's userbuffers
     # are sized for when tensor-parallel communication overlaps the GEMMs; 0: no such overlap.
     tp_comm_overlap_tokens: int = 0
-    # MoE bases: the load-balancing loss coefficient (None: the architecture's router_aux_loss_coef) and
-    # the router z-loss coefficient (0: off).
-    moe_aux_loss_coeff: Optional[float] = None
+    # MoE bases: the router z-loss coefficient (0: off). The load-balancing loss is transformers' and not
+    # Megatron's (model/load_balancing.py), installed on the training model only.
     moe_z_loss_coeff: float = 0.0
 
     @classmethod
@@ -97,7 +96,6 @@ class ModelBuildOptions:
             use_cpu_initialization=use_cpu_initialization,
             tp_comm_overlap_tokens=(config.data.max_seq_len * t.per_device_train_batch_size
                                     if p.tp_comm_overlap else 0),
-            moe_aux_loss_coeff=t.moe_aux_loss_coeff,
             moe_z_loss_coeff=t.moe_z_loss_coeff,
         )
 
@@ -153,12 +151,12 @@ def _yarn_settings(scaling: YarnRopeScaling) -> dict:
 
 def _moe_settings(arch: Architecture, options: ModelBuildOptions) -> dict:
     """Megatron's MoE layer for a MoE family: dropless top-k routing (no capacity factor), the all-to-all
-    token dispatcher, grouped GEMM where Transformer Engine provides it (SequentialMLP otherwise), the
-    load-balancing loss (and the router z-loss) with the configured coefficients."""
+    token dispatcher, grouped GEMM where Transformer Engine provides it (SequentialMLP otherwise), the router
+    z-loss with the configured coefficient. Megatron's load-balancing loss is off: the training model computes
+    transformers' own (:mod:`megatron_prm.model.load_balancing`)."""
     moe = arch.moe
     if moe is None:
         return {}
-    aux = moe.router_aux_loss_coef if options.moe_aux_loss_coeff is None else options.moe_aux_loss_coeff
     shared = moe.shared_expert_intermediate_size
     return {
         "num_moe_experts": moe.num_experts,
@@ -169,8 +167,8 @@ def _moe_settings(arch: Architecture, options: ModelBuildOptions) -> dict:
         # not renormalised is Megatron's pre-softmax routing (softmax over all, then top k).
         "moe_router_score_function": "softmax",
         "moe_router_pre_softmax": not moe.norm_topk_prob,
-        "moe_router_load_balancing_type": "aux_loss",
-        "moe_aux_loss_coeff": aux,
+        "moe_router_load_balancing_type": "none",
+        "moe_aux_loss_coeff": 0.0,
         "moe_z_loss_coeff": options.moe_z_loss_coeff or None,
         "moe_token_dispatcher_type": "alltoall",
         "moe_grouped_gemm": options.use_transformer_engine,
