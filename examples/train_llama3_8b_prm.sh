@@ -51,6 +51,7 @@ DEVICE=${DEVICE:-cuda}                                     # cpu: the CPU mode (
 GPU_MEMORY_GIB=${GPU_MEMORY_GIB:-80}
 TP=${TP:-8}
 CP=${CP:-1}                                                # context parallelism: long traces (see qwen2_5_7b_prm_32k.yaml)
+EP=${EP:-1}                                                # expert parallelism: MoE bases (MODEL_SHAPE=examples/configs/qwen3_30b_a3b_config.json TP=1 EP=8)
 PP=${PP:-1}
 VPP=${VPP:-1}
 SEQ_LEN=${SEQ_LEN:-4096}
@@ -79,6 +80,7 @@ fi
 RUN_ARGS=(
   --model_name_or_path "$CHECKPOINT" --train_dataset_path "$STORE" --dev_dataset_path "$DEV_DATA"
   --output_dir "$RUN" --tensor_parallel_degree "$TP" --context_parallel_degree "$CP" --pipeline_parallel_degree "$PP"
+  --expert_parallel_degree "$EP"
   --virtual_pp_degree "$VPP" --max_seq_len "$SEQ_LEN" --max_prompt_len "$PROMPT_LEN" --device "$DEVICE"
   --resume_from_checkpoint auto
 )

@@ -453,15 +453,16 @@ class TrainingArguments:
         "format version are always checked).", default=True,
     )
     moe_aux_loss_coeff: Optional[float] = _doc(
-        "Mixture-of-Experts bases: coefficient of the load-balancing loss (Megatron-Core's aux_loss, one per "
-        "layer, summed) added to the PRM loss; null: the base model's router_aux_loss_coef; 0: off. Megatron-Core "
-        "weights each micro batch's term by its token count and the sum is divided by the labelled steps, like "
-        "the PRM loss: relative to the PRM loss the term weighs coefficient x tokens per labelled step.",
+        "Mixture-of-Experts bases: coefficient c of the load-balancing loss, transformers' load_balancing_loss_func "
+        "(every layer's routing pooled, padding excluded); c x its mean over the step's micro batches is added to "
+        "the PRM loss, as the HF models add router_aux_loss_coef x it to theirs. null: the base model's "
+        "router_aux_loss_coef; 0: off. Needs pipeline_parallel_degree 1.",
         default=None,
     )
     moe_z_loss_coeff: float = _doc(
-        "Mixture-of-Experts bases: coefficient of the router z-loss (ST-MoE; Megatron-Core's moe_z_loss_coeff, "
-        "scaled like the load-balancing loss); 0: off.", default=0.0,
+        "Mixture-of-Experts bases: coefficient of the router z-loss (ST-MoE; Megatron-Core's moe_z_loss_coeff, one "
+        "per layer, summed; Megatron-Core weights each micro batch's term by its tokens, so relative to the PRM "
+        "loss it weighs coefficient x tokens per labelled step); 0: off.", default=0.0,
     )
     max_skipped_nonfinite_steps: int = _doc(
         "Optimizer steps with a non-finite loss or gradient that may be skipped (no update) before the run "

@@ -79,6 +79,23 @@ def test_long_trace_recipe_plans_context_parallel_layouts_on_8_and_16_gpus(nodes
                                           for line in torchrun)
 
 
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_slurm_script_plans_expert_parallel_layouts_for_qwen3_30b_a3b(nodes):
+    """EP=8 reaches plan and torchrun: Qwen3-30B-A3B's experts over 8 ranks, the dense part data parallel."""
+    env = {**os.environ, "SLURM_NNODES": str(nodes), "DRY_RUN": "1", "PYTHON": sys.executable,
+           "MODEL_SHAPE": "examples/configs/qwen3_30b_a3b_config.json", "TP": "1", "EP": "8"}
+    env.pop("SLURM_JOB_NODELIST", None)
+    result = subprocess.run(["bash", "examples/train_llama3_8b_prm.sh"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    plan = json.loads(next(line for line in lines if line.startswith("{")))
+    assert (plan["layout"]["tensor"], plan["layout"]["expert"], plan["layout"]["data"]) == (1, 8, 8 * nodes)
+    assert plan["parameters"]["total"] == 30_532_122_624 and plan["estimated_total_bytes"] < 80 * 2**30
+    torchrun = [line for line in lines if line.startswith("node ")]
+    assert len(torchrun) == nodes and all("--expert_parallel_degree 8" in line for line in torchrun)
+
+
 def _tiny_hf_llama(directory: Path, corpus: Path) -> None:
     """A 2-layer Llama-3-shaped HF model with a word-level HF tokenizer learnt from ``corpus``."""
     import torch

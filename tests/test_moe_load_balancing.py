@@ -58,24 +58,29 @@ def as_padded_rows(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, mask
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, tmp_path_factory):
+def saved_and_imported(folder, name: str):
+    """A tiny random model of family ``name`` saved by transformers (``folder/hf``) and imported (``megatron``)."""
     from megatron_prm.conversion.importer import import_hf
 
-    folder = tmp_path_factory.mktemp(request.param)
     torch.manual_seed(0)
-    FAMILIES[request.param]().save_pretrained(folder / "hf")
+    FAMILIES[name]().save_pretrained(folder / "hf")
     import_hf(folder / "hf", folder / "megatron", progress=False)
     return folder
 
 
-def megatron_step(folder, groups, coefficient: float):
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    return saved_and_imported(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def megatron_step(folder, groups, coefficient: float, recompute: bool = False):
     """One training forward/backward pass over micro batches ``groups`` (padded rows, or packed rows where a
-    group is a tuple): the reports and the router and embedding gradients."""
+    group is a tuple), optionally recomputing whole layers: the reports and the router and embedding
+    gradients."""
     from megatron_prm.checkpoint import MODEL_CONFIG_NAME, load_model_weights
     from megatron_prm.model.architecture import Architecture, read_hf_config
     from megatron_prm.model.load_balancing import install_load_balancing
-    from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
+    from megatron_prm.model.provider import ModelBuildOptions, Recompute, build_model_chunks
     from megatron_prm.runtime import init_runtime, shutdown
     from megatron_prm.training_state import build_training_state
 
@@ -83,7 +88,8 @@ def megatron_step(folder, groups, coefficient: float):
     arch = Architecture.from_hf_config(read_hf_config(path), str(path))
     init_runtime("cpu", 0, ParallelLayout())
     try:
-        chunks = build_model_chunks(arch, (GOOD, BAD), 128, ModelBuildOptions(use_cpu_initialization=True))
+        options = ModelBuildOptions(use_cpu_initialization=True, recompute=Recompute() if recompute else None)
+        chunks = build_model_chunks(arch, (GOOD, BAD), 128, options)
         load_model_weights(chunks, folder / "megatron", arch)
         balance = install_load_balancing(chunks, arch.moe, coefficient, ParallelLayout())
         state = build_training_state(chunks, TrainingArguments(bf16=False, max_steps=2, max_grad_norm=0.0), 2)
@@ -134,6 +140,19 @@ def test_load_balancing_loss_and_gradient_equal_transformers(family):
         # Both runs round the PRM loss's gradient (up to 1.5 here, measured 3e-7 x that in the difference).
         tolerance = 1e-4 * expected.abs().max().item() + 1e-6 * without[ours].abs().max().item()
         torch.testing.assert_close(difference, expected, rtol=0, atol=tolerance, msg=ours)
+
+
+def test_recomputed_layers_get_the_same_gradient(tmp_path):
+    """Full recompute: the forward pass pools the routing without autograd, and the layers recomputed in the
+    backward pass receive the injected gradient."""
+    family = saved_and_imported(tmp_path, "qwen3_moe")
+    rng = np.random.default_rng(2)
+    groups = [[sample(rng, 12, 0), sample(rng, 17, 1)]]
+    reports, expected = megatron_step(family, groups, COEFFICIENT)
+    recomputed_reports, got = megatron_step(family, groups, COEFFICIENT, recompute=True)
+    assert recomputed_reports[0]["moe_load_balancing_loss"] == reports[0]["moe_load_balancing_loss"]
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-9, msg=name)
 
 
 def test_pipeline_parallel_refuses_the_pooled_loss():

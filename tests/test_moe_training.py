@@ -36,6 +36,9 @@ def workdir(tmp_path_factory):
     return folder
 
 
+EP2 = ("--gradient_accumulation_steps", "2", "--expert_parallel_degree", "2")
+
+
 def train(workdir, name: str, nproc: int, *overrides: str):
     output = workdir / name
     run_cli(["train", "--model_name_or_path", str(workdir / "base"), "--train_dataset_path",
@@ -66,12 +69,14 @@ def test_expert_parallel_training_equals_one_process(workdir):
     reference = train(workdir, "ep1", 1, "--gradient_accumulation_steps", "4")
     # Two ranks: data parallel 2 for the dense parameters, expert parallel 2 for the experts; the same
     # global batch of 8 records.
-    expert_parallel = train(workdir, "ep2", 2, "--gradient_accumulation_steps", "2", "--expert_parallel_degree", "2")
+    # (A checkpoint at step 2 as well: test_expert_parallel_resume_is_bitwise resumes from it.)
+    expert_parallel = train(workdir, "ep2", 2, *EP2, "--save_steps", "2")
     expected, got = read_log(reference, "train"), read_log(expert_parallel, "train")
     assert [s["step"] for s in got] == [1, 2, 3]
     for a, b in zip(expected, got):
         assert (a["labelled_steps"], a["tokens"]) == (b["labelled_steps"], b["tokens"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), f"step {a['step']}"
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6), f"step {a['step']}"
         # The load-balancing loss (on by default: the base's router_aux_loss_coef) is logged on its own, as
         # transformers defines it: 2 (the top k) at perfect balance, at most the number of experts.
         assert b["moe_load_balancing_loss"] == pytest.approx(a["moe_load_balancing_loss"], rel=1e-6)
@@ -91,6 +96,22 @@ def test_expert_parallel_training_equals_one_process(workdir):
     assert len(idle) <= 2, idle
 
 
+def test_expert_parallel_resume_is_bitwise(workdir):
+    """The EP2 run resumed from its step-2 checkpoint (experts, their Adam state over expert-data-parallel
+    ranks, router, RNG and data position restored) trains step 3 bitwise like the uninterrupted run."""
+    straight = workdir / "ep2"
+    if not (straight / "iter_0000002").is_dir():
+        train(workdir, "ep2", 2, *EP2, "--save_steps", "2")
+    resumed = train(workdir, "ep2_resumed", 2, *EP2, "--resume_from_checkpoint", str(straight / "iter_0000002"))
+    expected, got = read_log(straight, "train")[-1], read_log(resumed, "train")
+    assert [s["step"] for s in got] == [3]
+    for key in ("loss", "grad_norm", "moe_load_balancing_loss", "labelled_steps", "tokens"):
+        assert got[0][key] == expected[key], key
+    ours, theirs = saved_weights(straight / "iter_0000003"), saved_weights(resumed / "iter_0000003")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
 def test_aux_loss_coefficient_reaches_the_gradients(workdir):
     """Coefficient 0 switches the load-balancing loss off (nothing logged, other gradients); a router z-loss
     is logged on its own when asked for."""
@@ -101,3 +122,41 @@ def test_aux_loss_coefficient_reaches_the_gradients(workdir):
     assert "moe_load_balancing_loss" not in off[0] and off[0]["moe_z_loss"] > 0
     assert off[0]["loss"] == pytest.approx(reference[0]["loss"], rel=1e-9)  # the PRM loss itself is the same
     assert off[0]["grad_norm"] != pytest.approx(reference[0]["grad_norm"], rel=1e-6)
+
+
+@pytest.mark.one_leg
+def test_token_classifier_export_scores_like_the_scorer(workdir, tmp_path):
+    """``convert-hf export --as token-classifier`` of the trained MoE PRM writes Qwen3MoeForTokenClassification,
+    which transformers loads and whose P(good) at every step tag equals ``megatron-prm score``'s."""
+    from transformers import AutoModelForTokenClassification
+
+    from megatron_prm.conversion.exporter import export_hf
+    from megatron_prm.data.records import validate_record
+    from megatron_prm.data.samples import SampleBuilder, SampleOptions
+    from megatron_prm.tokenizer import load_tokenizer, special_token_ids
+
+    run = workdir / "ep1" if (workdir / "ep1").is_dir() else train(workdir, "ep1", 1, "--gradient_accumulation_steps", "4")
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join((workdir / "train.jsonl").read_text().splitlines(keepends=True)[:6]))
+    run_cli(["score", "--checkpoint", str(run), "--data", str(records), "--output", str(tmp_path / "scores.jsonl")])
+    scored = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    summary = export_hf(run, tmp_path / "tc", progress=False, target="token-classifier")
+    assert summary["architecture"] == "Qwen3MoeForTokenClassification"
+
+    model = AutoModelForTokenClassification.from_pretrained(tmp_path / "tc", dtype=torch.float32).eval()
+    assert type(model).__name__ == "Qwen3MoeForTokenClassification" and model.config.id2label == {0: "good", 1: "bad"}
+    tokenizer = load_tokenizer(MISTRAL)
+    builder = SampleBuilder(tokenizer, special_token_ids(tokenizer, "ки", ["+", "-"], add_missing=False),
+                            SampleOptions(MAX_SEQ_LEN, 64))
+    compared, worst = 0, 0.0
+    for index, line in enumerate(records.read_text().splitlines()):
+        sample = builder.build(validate_record(json.loads(line), path=records, index=index, line=None,
+                                               reward_tokens=("+", "-")))
+        with torch.no_grad():
+            logits = model(torch.tensor(sample.input_ids[None], dtype=torch.long)).logits[0]
+        p_good = torch.softmax(logits[torch.tensor(sample.label_positions, dtype=torch.long)], dim=-1)[:, 0]
+        expected = torch.tensor(scored[index]["step_scores"])
+        assert p_good.shape == expected.shape and len(expected) > 0, index
+        worst = max(worst, (p_good - expected).abs().max().item())
+        compared += len(expected)
+    assert compared >= 12 and worst <= 1e-4, (compared, worst)
