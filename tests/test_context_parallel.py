@@ -49,6 +49,8 @@ def test_labels_travel_with_their_tokens():
     for rank in range(2):
         local = split_for_context_parallel(batch, rank, 2)
         assert local.tokens.shape == (1, 8) and local.cu_seqlens_padded.tolist() == [0, 8, 16]  # whole-row offsets
+        # the real-token mask travels with the tokens: ids 100-104 and 200-207 are real, padding (0) is not
+        assert torch.equal(local.real_tokens, local.tokens != 0)
         for (row, position), record, step in zip(local.reward_index.tolist(), local.record_ids.tolist(),
                                                  local.step_ids.tolist()):
             token = int(local.tokens[row, position])

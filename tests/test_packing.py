@@ -56,8 +56,13 @@ def test_packed_row_positions_restart_and_labels_stay_on_their_steps():
         assert torch.equal(getattr(batch, name), getattr(unpacked, name))
     params = batch.packed_seq_params()
     assert params.qkv_format == "thd" and params.max_seqlen_q == 10
+    # real_tokens (the MoE load-balancing loss's attention mask) leaves out every sample's padding
+    real = [index for start, n in ((0, 7), (8, 9), (18, 5)) for index in range(start, start + n)]
+    assert batch.real_tokens[0].nonzero().flatten().tolist() == real
+    assert unpacked.real_tokens.sum(1).tolist() == [7, 9, 5] and not unpacked.real_tokens[0, 7:].any()
     longer = pad_to_length(batch, 32, pad_id=0)
     assert longer.cu_seqlens_padded.tolist() == [0, 8, 18, 32] and longer.cu_seqlens.tolist() == [0, 7, 16, 21]
+    assert torch.equal(longer.real_tokens[:, :24], batch.real_tokens) and not longer.real_tokens[:, 24:].any()
 
 
 def test_packed_epochs_use_every_sample_once_over_data_parallel_ranks():
