@@ -134,6 +134,20 @@ def test_round_trip_is_bitwise_with_per_expert_names(models, tmp_path):
         assert f"model.layers.1.{LAST_EXPERT[name]}.weight" in exported
 
 
+def test_every_moe_family_has_a_token_classifier_in_transformers():
+    """``--as token-classifier`` writes {hf_prefix}ForTokenClassification (tests/test_moe_training.py scores the
+    Qwen3-MoE one end to end): transformers 5 has that class for every MoE family."""
+    import transformers
+
+    from megatron_prm.model.architecture import FAMILIES as ARCHITECTURES
+
+    moe = [family for family in ARCHITECTURES.values() if family.moe is not None]
+    assert sorted(f.model_type for f in moe) == sorted(FAMILIES)
+    for family in moe:
+        assert family.hf_prefix + "ForCausalLM" == type(FAMILIES[family.model_type]()).__name__
+        assert hasattr(transformers, family.hf_prefix + "ForTokenClassification"), family.model_type
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_mapping_names_cover_the_built_model(models, name):
     """Every parameter of the built local-spec MoE model is named by the table, and every tensor of its
