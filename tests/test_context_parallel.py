@@ -60,33 +60,64 @@ def test_labels_travel_with_their_tokens():
     assert sorted(seen) == [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
 
 
-def _cp_run(out, cp, family, fmt):
-    script = [str(REPO / "tests" / "context_parallel_grads.py"), str(out), str(cp), family, fmt]
-    command = [sys.executable, *script] if cp == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cp), "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()), *script]
+def _cp_run(out, family, fmt, cp, tp=1, pp=1, reference=None):
+    script = [str(REPO / "tests" / "context_parallel_grads.py"), str(out), family, fmt, str(cp)]
+    if reference is not None:
+        script += [str(tp), str(pp), str(reference)]
+    processes = cp * tp * pp
+    command = [sys.executable, *script] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-addr",
+        "127.0.0.1", "--master-port", str(free_port()), *script]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     return load_file(out)
 
 
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """The one-process run of each (family, format), made once: its weights seed the split runs."""
+    runs = {}
+
+    def run(family, fmt):
+        if (family, fmt) not in runs:
+            path = tmp_path_factory.mktemp("cp1") / f"{family}-{fmt}.safetensors"
+            runs[family, fmt] = (path, _cp_run(path, family, fmt, 1))
+        return runs[family, fmt]
+
+    return run
+
+
+def _assert_equal_to_one_rank(split, reference):
+    assert torch.equal(split["keys"], reference["keys"])
+    torch.testing.assert_close(split["logits"], reference["logits"], rtol=0, atol=1e-6)
+    assert split.keys() == reference.keys()
+    for name in reference:
+        if name.startswith("grad."):
+            assert reference[name].abs().max() > 0, name
+            torch.testing.assert_close(split[name], reference[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("family, fmt", [("llama3", "padded"), ("qwen2", "packed")])
-def test_context_parallel_logits_and_gradients_equal_one_rank(tmp_path, family, fmt):
+def test_context_parallel_logits_and_gradients_equal_one_rank(tmp_path, one_rank, family, fmt):
     """CP 2 and 4 against CP 1 in fp32: every labelled step's reward logits and every parameter's gradient
     within 1e-6, with Llama-3 RoPE scaling (padded rows) and YaRN (packed rows, samples shorter than
     2 x CP), placeholders on chunk boundaries."""
-    reference = _cp_run(tmp_path / "cp1.safetensors", 1, family, fmt)
+    path, reference = one_rank(family, fmt)
     assert reference["logits"].shape[0] >= 13
     for cp in (2, 4):
-        split = _cp_run(tmp_path / f"cp{cp}.safetensors", cp, family, fmt)
-        assert torch.equal(split["keys"], reference["keys"])
-        torch.testing.assert_close(split["logits"], reference["logits"], rtol=0, atol=1e-6)
-        assert split.keys() == reference.keys()
-        for name in reference:
-            if name.startswith("grad."):
-                assert reference[name].abs().max() > 0, name
-                torch.testing.assert_close(split[name], reference[name], rtol=1e-6, atol=1e-6, msg=name)
+        _assert_equal_to_one_rank(_cp_run(tmp_path / f"cp{cp}.safetensors", family, fmt, cp), reference)
+
+
+@pytest.mark.parametrize("family, fmt, tp, pp", [("qwen2", "packed", 2, 1), ("llama3", "padded", 1, 2)],
+                         ids=["cp2_tp2_sp", "cp2_pp2"])
+def test_context_parallel_with_tensor_or_pipeline_parallelism_equals_one_rank(tmp_path, one_rank, family, fmt,
+                                                                               tp, pp):
+    """CP2 x TP2 (sequence parallel, packed rows) and CP2 x PP2 (padded rows) against one process with the
+    same weights, through Megatron-Core's schedule: logits and every gradient within 1e-6 (the shards of
+    tensor-parallel gradients put back together, the pipeline stages' layers by their global index)."""
+    path, reference = one_rank(family, fmt)
+    _assert_equal_to_one_rank(_cp_run(tmp_path / "split.safetensors", family, fmt, 2, tp, pp, path), reference)
 
 
 ARCH = Architecture(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
