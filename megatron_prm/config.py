@@ -456,7 +456,8 @@ class TrainingArguments:
         "Mixture-of-Experts bases: coefficient c of the load-balancing loss, transformers' load_balancing_loss_func "
         "(every layer's routing pooled, padding excluded); c x its mean over the step's micro batches is added to "
         "the PRM loss, as the HF models add router_aux_loss_coef x it to theirs. null: the base model's "
-        "router_aux_loss_coef; 0: off. Needs pipeline_parallel_degree 1.",
+        "router_aux_loss_coef; 0: off. Under pipeline parallelism, where no stage holds every layer, Megatron-Core's "
+        "per-layer aux_loss (summed over the layers) with this coefficient instead, with a note.",
         default=None,
     )
     moe_z_loss_coeff: float = _doc(

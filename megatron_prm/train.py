@@ -36,7 +36,8 @@ from megatron_prm.flops import ModelShape, training_flops
 from megatron_prm.forward_step import make_train_forward_step, run_schedule
 from megatron_prm.metrics import majority_baseline
 from megatron_prm.model.architecture import Architecture, resolve_architecture
-from megatron_prm.model.load_balancing import install_load_balancing, load_balancing_of, step_load_balancing_loss
+from megatron_prm.model.load_balancing import (install_load_balancing, load_balancing_of, pipeline_note,
+                                                 step_load_balancing_loss)
 from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks, padded_vocab_size
 from megatron_prm.nonfinite import NonFiniteBudget, NonFiniteError
 from megatron_prm.progress import plural
@@ -263,9 +264,11 @@ def setup(config: RunConfig) -> Run:
     logger.scalars("data", 0, data.reports,
                    line="\n".join(_describe_data(name, report) for name, report in data.reports.items()))
 
-    options = ModelBuildOptions.from_config(config, layout, runtime.use_transformer_engine, runtime.is_cpu)
+    options = ModelBuildOptions.from_config(config, layout, runtime.use_transformer_engine, runtime.is_cpu, arch.moe)
     chunks = build_model_chunks(arch, tokenizer.special.reward_ids, config.data.max_seq_len, options)
     install_load_balancing(chunks, arch.moe, args.moe_aux_loss_coeff, layout)
+    if (moe_note := pipeline_note(arch.moe, args.moe_aux_loss_coeff, layout)) is not None:
+        logger.message(f"note: {moe_note}")
     if config.model.model_name_or_path and resume_source is None:
         load_model_weights(chunks, config.model.model_name_or_path, arch, args.verify_checkpoint_checksums)
     total_steps = total_training_steps(config, data)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_prm.config import ConfigError, TrainingArguments
+from megatron_prm.config import TrainingArguments, load_config
 from megatron_prm.data.batching import collate, collate_packed
 from megatron_prm.data.packing import PackingOptions
 from megatron_prm.data.samples import Sample
@@ -155,11 +155,26 @@ def test_recomputed_layers_get_the_same_gradient(tmp_path):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-9, msg=name)
 
 
-def test_pipeline_parallel_refuses_the_pooled_loss():
-    from megatron_prm.model.load_balancing import install_load_balancing
+def test_pipeline_parallel_falls_back_to_megatrons_per_layer_loss():
+    from megatron_prm.model.architecture import Architecture
+    from megatron_prm.model.load_balancing import install_load_balancing, pipeline_note
     from megatron_prm.model.moe import MixtureOfExperts
+    from megatron_prm.model.provider import ModelBuildOptions, transformer_config
 
-    moe = MixtureOfExperts(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, norm_topk_prob=True)
-    with pytest.raises(ConfigError, match="pipeline_parallel_degree 2.*set moe_aux_loss_coeff 0"):
-        install_load_balancing([], moe, None, ParallelLayout(pipeline_parallel_size=2))
-    assert install_load_balancing([], moe, 0.0, ParallelLayout(pipeline_parallel_size=2)) is None
+    moe = MixtureOfExperts(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, norm_topk_prob=True,
+                           router_aux_loss_coef=0.01)
+    arch = Architecture(model_type="qwen3_moe", num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=64,
+                        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.02, moe=moe)
+    for layout, coefficient, megatron in ((ParallelLayout(pipeline_parallel_size=2), None, 0.01),
+                                          (ParallelLayout(pipeline_parallel_size=2), 0.5, 0.5),
+                                          (ParallelLayout(pipeline_parallel_size=2), 0.0, 0.0),
+                                          (ParallelLayout(), 0.5, 0.0)):
+        if layout.pipeline_parallel_size > 1:
+            assert install_load_balancing([], moe, coefficient, layout) is None
+        config = load_config(None, [] if coefficient is None else ["--moe_aux_loss_coeff", str(coefficient)])
+        options = ModelBuildOptions.from_config(config, layout, False, True, moe)
+        megatron_config = transformer_config(arch, options)
+        assert megatron_config.moe_aux_loss_coeff == megatron
+        assert megatron_config.moe_router_load_balancing_type == ("aux_loss" if megatron else "none")
+        assert (pipeline_note(moe, coefficient, layout) is not None) == bool(megatron)

@@ -22,7 +22,8 @@ Weight: Megatron-Core divides the gradients by the labelled steps ``N`` of the g
 (``calculate_per_token_loss``), so a micro batch's term is multiplied by ``c N / (M D)`` (``M`` micro
 batches per rank, ``D`` data-parallel ranks): the optimised loss is the PRM loss (mean over labelled
 steps) plus ``c`` times the mean over the step's micro batches of ``aux``, which is transformers' loss
-for a global batch of one micro batch. The pooled sums need every layer on one pipeline stage.
+for a global batch of one micro batch. The pooled sums need every layer on one pipeline stage: under
+pipeline parallelism Megatron-Core's own per-layer loss takes its place.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_prm import megatron_compat
-from megatron_prm.config import ConfigError
 from megatron_prm.layout import ParallelLayout
 from megatron_prm.model.moe import MixtureOfExperts
 
@@ -147,20 +147,41 @@ class LoadBalancing:
         return self.num_experts * torch.sum(choices / tokens * probabilities / tokens)
 
 
+def resolved_coefficient(moe: MixtureOfExperts, coefficient: Optional[float]) -> float:
+    """``moe_aux_loss_coeff`` as configured, or the base's ``router_aux_loss_coef`` where it is null."""
+    return moe.router_aux_loss_coef if coefficient is None else coefficient
+
+
+def megatron_load_balancing_coefficient(moe: Optional[MixtureOfExperts], coefficient: Optional[float],
+                                        layout: ParallelLayout) -> float:
+    """The coefficient of Megatron-Core's own load-balancing loss: 0, except under pipeline parallelism,
+    where no stage sees every layer's routing and transformers' pooled loss cannot be formed; there each
+    layer's Megatron ``aux_loss`` (for one layer, 1 / top_k of transformers') is summed instead."""
+    if moe is None or layout.pipeline_parallel_size == 1:
+        return 0.0
+    return resolved_coefficient(moe, coefficient)
+
+
+def pipeline_note(moe: Optional[MixtureOfExperts], coefficient: Optional[float], layout: ParallelLayout) -> Optional[str]:
+    """The line that says a run uses Megatron-Core's per-layer loss instead of transformers', or None."""
+    if not megatron_load_balancing_coefficient(moe, coefficient, layout):
+        return None
+    return (f"pipeline_parallel_degree {layout.pipeline_parallel_size}: the load-balancing loss is Megatron-Core's "
+            "per-layer aux_loss summed over the layers (transformers' pools every layer's routing, which no "
+            "pipeline stage holds)")
+
+
 def install_load_balancing(chunks: list[torch.nn.Module], moe: Optional[MixtureOfExperts],
                            coefficient: Optional[float], layout: ParallelLayout) -> Optional[LoadBalancing]:
     """Route the MoE layers' logits of the training model ``chunks`` through a :class:`LoadBalancing`, kept as
     the chunk's ``load_balancing`` attribute. ``coefficient`` None: the base's ``router_aux_loss_coef``.
-    None for a dense model or coefficient 0."""
-    if moe is None:
+    None for a dense model, coefficient 0 or pipeline parallelism (see
+    :func:`megatron_load_balancing_coefficient`)."""
+    if moe is None or layout.pipeline_parallel_size > 1:
         return None
-    coefficient = moe.router_aux_loss_coef if coefficient is None else coefficient
+    coefficient = resolved_coefficient(moe, coefficient)
     if not coefficient:
         return None
-    if layout.pipeline_parallel_size > 1:
-        raise ConfigError(f"moe_aux_loss_coeff {coefficient} with pipeline_parallel_degree {layout.pipeline_parallel_size}: "
-                          "transformers' load-balancing loss pools the routing of every layer, which pipeline "
-                          "stages hold apart; set moe_aux_loss_coeff 0 to train a MoE base under pipeline parallelism")
     split = layout.sequence_parallel and layout.tensor_parallel_size > 1
     shard = (parallel_state.get_tensor_model_parallel_rank(), layout.tensor_parallel_size) if split else (0, 1)
     group = (parallel_state.get_tensor_and_context_parallel_group() if split

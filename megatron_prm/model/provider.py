@@ -26,6 +26,8 @@ from megatron_prm.config import ConfigError, RunConfig
 from megatron_prm.layout import ParallelLayout
 from megatron_prm.model.architecture import Architecture, LinearRopeScaling, Llama3RopeScaling, YarnRopeScaling
 from megatron_prm.model.attention import PackedSDPAttention
+from megatron_prm.model.load_balancing import megatron_load_balancing_coefficient
+from megatron_prm.model.moe import MixtureOfExperts
 from megatron_prm.model.norm import RMSNorm
 from megatron_prm.model.prm_model import PRMGPTModel
 from megatron_prm.model.recompute import RecomputedSelfAttention
@@ -73,13 +75,15 @@ class ModelBuildOptions:
     # Tokens of one micro batch (max_seq_len x micro batch size) that Transformer Engine's userbuffers
     # are sized for when tensor-parallel communication overlaps the GEMMs; 0: no such overlap.
     tp_comm_overlap_tokens: int = 0
-    # MoE bases: the router z-loss coefficient (0: off). The load-balancing loss is transformers' and not
-    # Megatron's (model/load_balancing.py), installed on the training model only.
+    # MoE bases: the router z-loss coefficient (0: off), and the coefficient of Megatron-Core's own per-layer
+    # load-balancing loss: 0 except under pipeline parallelism, where transformers' pooled one
+    # (model/load_balancing.py, installed on the training model only) cannot be computed.
     moe_z_loss_coeff: float = 0.0
+    megatron_aux_loss_coeff: float = 0.0
 
     @classmethod
     def from_config(cls, config: RunConfig, layout: ParallelLayout, use_transformer_engine: bool,
-                    use_cpu_initialization: bool) -> "ModelBuildOptions":
+                    use_cpu_initialization: bool, arch_moe: Optional[MixtureOfExperts] = None) -> "ModelBuildOptions":
         t, p = config.training, config.parallel
         if t.fp8:
             optional.require("transformer_engine", "fp8")
@@ -97,6 +101,7 @@ class ModelBuildOptions:
             tp_comm_overlap_tokens=(config.data.max_seq_len * t.per_device_train_batch_size
                                     if p.tp_comm_overlap else 0),
             moe_z_loss_coeff=t.moe_z_loss_coeff,
+            megatron_aux_loss_coeff=megatron_load_balancing_coefficient(arch_moe, t.moe_aux_loss_coeff, layout),
         )
 
 
@@ -152,8 +157,8 @@ def _yarn_settings(scaling: YarnRopeScaling) -> dict:
 def _moe_settings(arch: Architecture, options: ModelBuildOptions) -> dict:
     """Megatron's MoE layer for a MoE family: dropless top-k routing (no capacity factor), the all-to-all
     token dispatcher, grouped GEMM where Transformer Engine provides it (SequentialMLP otherwise), the router
-    z-loss with the configured coefficient. Megatron's load-balancing loss is off: the training model computes
-    transformers' own (:mod:`megatron_prm.model.load_balancing`)."""
+    z-loss with the configured coefficient. Megatron's load-balancing loss is off (the training model computes
+    transformers' own, :mod:`megatron_prm.model.load_balancing`) except under pipeline parallelism."""
     moe = arch.moe
     if moe is None:
         return {}
@@ -167,8 +172,8 @@ def _moe_settings(arch: Architecture, options: ModelBuildOptions) -> dict:
         # not renormalised is Megatron's pre-softmax routing (softmax over all, then top k).
         "moe_router_score_function": "softmax",
         "moe_router_pre_softmax": not moe.norm_topk_prob,
-        "moe_router_load_balancing_type": "none",
-        "moe_aux_loss_coeff": 0.0,
+        "moe_router_load_balancing_type": "aux_loss" if options.megatron_aux_loss_coeff else "none",
+        "moe_aux_loss_coeff": options.megatron_aux_loss_coeff,
         "moe_z_loss_coeff": options.moe_z_loss_coeff or None,
         "moe_token_dispatcher_type": "alltoall",
         "moe_grouped_gemm": options.use_transformer_engine,
