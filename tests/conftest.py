@@ -26,6 +26,20 @@ def pytest_configure(config):
     megatron_compat.import_megatron_core()
 
 
+# The files with the longest end-to-end runs are collected first. pytest-xdist (`--dist loadfile`) hands whole
+# files to its workers in collection order; a long file handed out last would leave the other worker idle
+# while it runs (longest-processing-time-first scheduling).
+LONGEST_FIRST = ("test_parallel.py", "test_checkpoint.py", "test_context_parallel.py", "test_convert_hf.py",
+                 "test_qwen_prm.py", "test_resume.py", "test_cluster.py", "test_checkpoint_trust.py",
+                 "test_moe_training.py", "test_convert_moe.py", "test_quickstart.py", "test_benchmarks.py",
+                 "test_hub_start.py", "test_distributed.py", "test_moe_load_balancing.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session")
 def mistral_tokenizer():
     from megatron_prm.tokenizer import load_tokenizer

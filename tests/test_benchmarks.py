@@ -123,6 +123,7 @@ def test_processbench_oracles_on_real_gsm8k(shared_data):
     assert 0.0 < expected < 1.0
 
 
+@pytest.mark.one_leg
 def test_converters_for_prmbench_and_best_of_n_and_the_evaluate_command(tmp_path):
     prmbench = write_jsonl(tmp_path / "prmbench.jsonl", [{
         "idx": 7, "classification": "counterfactual", "modified_question": "Q?",

@@ -252,6 +252,7 @@ def test_checksums_can_be_turned_off(copy):
     assert len(verify_checkpoint(checkpoint, checksums=True)) == 1
 
 
+@pytest.mark.one_leg
 def test_flipped_weights_stop_a_resume_and_check_checkpoint_names_them(copy, tmp_path):
     _flip_byte(copy / "iter_0000003" / "__0_0.distcp")
     checked = run_cli(["check-checkpoint", str(copy)], check=False)

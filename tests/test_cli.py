@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import MISTRAL, run_cli, write_jsonl
 
 
@@ -12,6 +14,7 @@ def test_unknown_config_key(tmp_path):
     assert "unknown config key 'max_sequence_len'" in result.stderr and "max_seq_len" in result.stderr
 
 
+@pytest.mark.one_leg
 def test_bad_record_stops_training_before_anything_is_written(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", [
         {"src": "q", "responses": ["a", "b"], "labels": ["+", "-"]},

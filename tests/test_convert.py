@@ -147,6 +147,7 @@ def check_data(path):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.one_leg
 def test_processbench_gsm8k_converts_and_passes_check_data(tmp_path, shared_data):
     source = shared_data / "processbench" / "gsm8k.json.gz"
     out = tmp_path / "pb.jsonl"

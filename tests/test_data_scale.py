@@ -141,6 +141,7 @@ def write_initial_checkpoint(config, directory):
         shutdown()
 
 
+@pytest.mark.one_leg
 def test_scoring_on_two_data_parallel_ranks_writes_the_same_bytes(tmp_path):
     rows = [json.loads(line) for line in write_dataset(tmp_path / "src.jsonl", 40, seed=6).read_text().splitlines()]
     rows[3].pop("labels")  # scoring needs no labels

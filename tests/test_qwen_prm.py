@@ -297,6 +297,7 @@ def test_a_chat_prompt_needs_a_tokenizer_with_a_chat_template(tmp_path, mistral_
         SampleBuilder(plain, special_token_ids(plain, STEP_TAG, ["+", "-"]), options)
 
 
+@pytest.mark.one_leg
 def test_chat_prompts_in_check_data_and_stores(tmp_path):
     """check-data and preprocess take the chat options; a store records them and the template's digest, so a
     run asking for another system prompt or template is refused; a chat prompt is never cut (dropped)."""

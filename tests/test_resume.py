@@ -104,6 +104,7 @@ def stream_job(path):
                         str(path))
 
 
+@pytest.mark.one_leg
 @pytest.mark.parametrize("workers, packed", [(0, False), (2, False), (0, True)])
 def test_a_resumed_stream_seeks_instead_of_rereading(tmp_path, stream_file, workers, packed):
     path = tmp_path / "train.jsonl"

@@ -67,6 +67,7 @@ def test_json_array_is_refused(tmp_path):
         StreamingSamples(job(path), StreamShard(0, 1, 0, 4))
 
 
+@pytest.mark.one_leg
 def test_lazy_training_on_two_data_parallel_ranks(tmp_path, records):
     config = {
         "tokenizer_name_or_path": MISTRAL, "train_dataset_path": str(records), "dev_dataset_path": None,
