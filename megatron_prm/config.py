@@ -24,10 +24,11 @@ from megatron_prm.option_ranges import MAX_SEQ_LEN
 
 DEFAULT_MAX_SEQ_LEN = 4096
 # How records become ids (megatron_prm/data/whole_text.py): the default of a new run, and the mode of
-# checkpoints and stores written before the setting existed.
+# checkpoints and stores written before the setting existed. per_step stays the default: on the demo
+# whole_text trained to lower figures (README, "Data format").
 WHOLE_TEXT, PER_STEP = "whole_text", "per_step"
 TOKENIZATIONS = (WHOLE_TEXT, PER_STEP)
-DEFAULT_TOKENIZATION = WHOLE_TEXT
+DEFAULT_TOKENIZATION = PER_STEP
 LEGACY_TOKENIZATION = PER_STEP
 # numpy's and torch's generators take a 32-bit seed.
 SEED_RANGE = (0, 2**32 - 1)
@@ -137,8 +138,9 @@ class DataArguments:
         "'whole_text': each record is rendered once as text (prompt, then every step followed by the step "
         "tag) and tokenized whole, as a serving engine sent that text does; a record whose tags do not "
         "become one tag id each is refused (counted under skip_invalid). 'per_step': the prompt and each "
-        "step tokenized apart, the tag id appended after each step. null: whole_text for a new run, and for "
-        "a resumed run or a scored checkpoint the mode it was trained with (per_step if it predates this key).",
+        "step tokenized apart, the tag id appended after each step (a serving engine must then be sent ids). "
+        "null: per_step for a new run, and for a resumed run or a scored checkpoint the mode it was trained "
+        "with (per_step if it predates this key).",
         default=None,
     )
     zero_padding: bool = _doc(

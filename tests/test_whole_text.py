@@ -105,8 +105,9 @@ def test_a_tag_that_merges_or_a_tag_in_the_text_is_refused_or_counted(tmp_path, 
     with pytest.raises(RecordError, match="field 'src/tgt': contains the placeholder token"):
         _build(mistral_tokenizer, mistral_special, extra)
     path = write_jsonl(tmp_path / "d.jsonl", [RECORDS[0], merged, extra, RECORDS[1]])
-    samples, report = load_samples(path, mistral_tokenizer, mistral_special, SampleOptions(512, 256), REWARD,
-                                   skip_invalid=True, show_progress=False)
+    options = SampleOptions(512, 256, tokenization="whole_text")
+    samples, report = load_samples(path, mistral_tokenizer, mistral_special, options, REWARD, skip_invalid=True,
+                                   show_progress=False)
     assert [s.record_index for s in samples] == [0, 3]
     assert report.invalid == 2 and report.reasons == {"step tags not one id each in the whole text": 2}
 
@@ -150,14 +151,16 @@ def _checkpoint(directory, run_config):
 
 def test_a_resumed_run_keeps_its_checkpoints_mode(tmp_path):
     fresh = load_config(None, [])
-    assert fresh.data.tokenization is None and with_tokenization(fresh, None).data.tokenization == "whole_text"
+    assert fresh.data.tokenization is None and with_tokenization(fresh, None).data.tokenization == "per_step"
+    asked = load_config(None, ["--tokenization", "whole_text"])
+    assert with_tokenization(asked, None).data.tokenization == "whole_text"
     old = _checkpoint(tmp_path / "old", {"max_seq_len": 4096})
     assert with_tokenization(fresh, old).data.tokenization == "per_step"
     new = _checkpoint(tmp_path / "new", {"tokenization": "whole_text"})
     assert with_tokenization(fresh, new).data.tokenization == "whole_text"
     with pytest.raises(ConfigError, match="tokenization 'whole_text': the checkpoint resumed from .* was trained "
                                           "with 'per_step'; a resume keeps it"):
-        with_tokenization(load_config(None, ["--tokenization", "whole_text"]), old)
+        with_tokenization(asked, old)
     with pytest.raises(ConfigError, match="tokenization must be one of whole_text, per_step"):
         load_config(None, ["--tokenization", "whole"])
 
