@@ -219,6 +219,8 @@ def main() -> int:
         offline(*map(Path, args.offline_worker))
         return 0
 
+    # vLLM's CPU backend reserves its KV cache up front; 1 GiB holds these tiny models' sequences many times.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     work = Path(args.work_dir).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
