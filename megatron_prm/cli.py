@@ -10,7 +10,8 @@ from typing import Any, Optional, Sequence
 
 from megatron_prm import megatron_compat, strict_json
 from megatron_prm.conversion import command as convert_hf_command
-from megatron_prm.config import DEFAULT_TOKENIZATION, SECTIONS, TOKENIZATIONS, ConfigError, argument_type_name, load_config
+from megatron_prm.config import (DEFAULT_TOKENIZATION, SECTIONS, TOKENIZATIONS, ConfigError, argument_type_name,
+                                 load_config)
 from megatron_prm.data.convert import FORMATS, NEUTRAL_CHOICES, FormatError
 from megatron_prm.data.records import RecordError
 from megatron_prm.data.store import STORE_FILES, StoreError

@@ -35,7 +35,8 @@ from megatron_prm.checkpoint import (
     load_model_weights,
     resolve_checkpoint,
 )
-from megatron_prm.config import DEFAULT_MAX_SEQ_LEN, LEGACY_TOKENIZATION, ConfigError, ParallelArguments, RunConfig, load_config, read_config_file
+from megatron_prm.config import (DEFAULT_MAX_SEQ_LEN, LEGACY_TOKENIZATION, ConfigError, ParallelArguments, RunConfig,
+                                 load_config, read_config_file)
 from megatron_prm.data.batching import Collator
 from megatron_prm.data.packing import PackingOptions
 from megatron_prm.data.pipeline import Packing, tokenize_job

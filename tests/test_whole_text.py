@@ -54,7 +54,8 @@ def qwen_tokenizer(tmp_path_factory):
 
 
 def test_mistral_ids_are_the_tokenizer_applied_to_the_rendered_text(mistral_tokenizer, mistral_special):
-    assert tag_spelling(mistral_tokenizer, "ки", 12902) == " ки"  # its one-id piece is "▁ки"; glued "21ки" is 1107
+    # Its one-id piece is "▁ки"; glued to a step, "21ки", the same letters are id 1107.
+    assert tag_spelling(mistral_tokenizer, "ки", 12902) == " ки"
     for raw in RECORDS:
         sample, _ = _build(mistral_tokenizer, mistral_special, raw)
         text = render(_record(raw), " ки", None).text

@@ -165,7 +165,8 @@ def serving_info(checkpoint: Path, kind: str, architecture: str, dtype: torch.dt
     if not (checkpoint / TOKENIZER_DIR).is_dir():
         raise ConfigError(f"{checkpoint} carries no tokenizer/ directory: the step tag and reward token ids are unknown")
     return describe_serving(load_tokenizer(str(checkpoint / TOKENIZER_DIR)), kind, architecture, DTYPE_NAMES[dtype],
-                            prm.placeholder_token, prm.reward_token_list, str(model_dir), trained_tokenization(checkpoint))
+                            prm.placeholder_token, prm.reward_token_list, str(model_dir),
+                            trained_tokenization(checkpoint))
 
 
 def trained_tokenization(checkpoint: Path) -> Optional[str]:
