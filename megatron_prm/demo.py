@@ -74,7 +74,7 @@ def score_and_evaluate(checkpoint: Path, data: Path, scores: Path) -> dict:
             "scores_file": str(scores)}
 
 
-def run_demo(output_dir: str | Path, quick: bool = False) -> dict:
+def run_demo(output_dir: str | Path, quick: bool = False, tokenization: Optional[str] = None) -> dict:
     from megatron_prm.runtime import shutdown
     from megatron_prm.train import run_training
 
@@ -89,6 +89,7 @@ def run_demo(output_dir: str | Path, quick: bool = False) -> dict:
         "output_dir": str(output_dir / "run"),
         "overwrite_output_dir": True,  # a repeated demo moves the earlier run aside (run/earlier_run_*)
         **(QUICK_OVERRIDES if quick else {}),
+        **({"tokenization": tokenization} if tokenization else {}),
     }
     config = build_config(arguments, "demo")
     try:

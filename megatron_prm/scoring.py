@@ -35,7 +35,8 @@ from megatron_prm.checkpoint import (
     load_model_weights,
     resolve_checkpoint,
 )
-from megatron_prm.config import DEFAULT_MAX_SEQ_LEN, ConfigError, ParallelArguments, RunConfig, load_config, read_config_file
+from megatron_prm.config import (DEFAULT_MAX_SEQ_LEN, LEGACY_TOKENIZATION, ConfigError, ParallelArguments, RunConfig,
+                                 load_config, read_config_file)
 from megatron_prm.data.batching import Collator
 from megatron_prm.data.packing import PackingOptions
 from megatron_prm.data.pipeline import Packing, tokenize_job
@@ -54,7 +55,8 @@ AGGREGATES = ("min", "last", "prod", "mean", "max")
 # Settings a scoring run takes over from the training run that wrote the checkpoint. Not the precision:
 # scoring runs in fp32 unless told (--bf16 true / --fp16 true), whatever the training used.
 _INHERITED = ("tokenizer_name_or_path", "placeholder_token", "reward_tokens", "process_reward", "max_seq_len",
-              "max_prompt_len", "apply_chat_template", "system_prompt", "score_threshold", "reward_head")
+              "max_prompt_len", "apply_chat_template", "system_prompt", "score_threshold", "reward_head",
+              "tokenization")
 
 
 def aggregate(scores: list[float], how: str) -> Optional[float]:
@@ -88,7 +90,8 @@ def scoring_config(checkpoint: str, data: str, overrides: list[str]) -> RunConfi
     if isinstance(longest, int) and not isinstance(longest, bool) and 2 <= longest < DEFAULT_MAX_SEQ_LEN:
         values["max_seq_len"] = longest
     if saved.is_file():
-        values.update(read_config_file(saved))
+        # A checkpoint whose run settings predate `tokenization` was trained per step.
+        values.update({"tokenization": LEGACY_TOKENIZATION, **read_config_file(saved)})
     own_tokenizer = checkpoint_tokenizer(checkpoint)  # resolved against the checkpoint, not the working directory
     if own_tokenizer:
         values["tokenizer_name_or_path"] = own_tokenizer

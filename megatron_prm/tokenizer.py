@@ -43,6 +43,9 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without BOS/EOS."""
 
+    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+        """:meth:`encode`, and where in ``text`` each token ends (a character offset)."""
+
     def pieces(self, ids: list[int]) -> list[str]:
         """The vocabulary pieces of ``ids`` (for error messages)."""
 
@@ -65,6 +68,19 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
+
+    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+        try:
+            pieces = self._sp.encode(text, return_type="proto").pieces  # sentencepiece 0.2.1 and later
+        except TypeError:
+            pieces = self._sp.encode(text, out_type="immutable_proto").pieces
+        # SentencePiece reports UTF-8 byte offsets into the input; map them to character offsets.
+        char_of_byte = [0] * (len(text.encode("utf-8")) + 1)
+        byte = 0
+        for index, char in enumerate(text):
+            byte += len(char.encode("utf-8"))
+            char_of_byte[byte] = index + 1
+        return [piece.id for piece in pieces], [char_of_byte[piece.end] for piece in pieces]
 
     def pieces(self, ids: list[int]) -> list[str]:
         return [self._sp.id_to_piece(i) for i in ids]
@@ -117,20 +133,31 @@ class HFTokenizer:
         template = getattr(self._tok, "chat_template", None)
         return template if template is None or isinstance(template, str) else json.dumps(template, sort_keys=True)
 
-    def chat_prefix_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """The ids of what the tokenizer's chat template renders before the content of a final assistant
-        turn that follows ``messages``: the whole conversation is rendered with a marker as that content
-        and cut at the marker, as a PRM is scored on the rendered conversation (Qwen2.5-Math-PRM's model
-        card). Templates run in transformers' sandboxed Jinja environment: a template cannot run code."""
+    def chat_prefix_text(self, messages: list[dict[str, str]]) -> str:
+        """What the tokenizer's chat template renders before the content of a final assistant turn that
+        follows ``messages``: the whole conversation is rendered with a marker as that content and cut at
+        the marker, as a PRM is scored on the rendered conversation (Qwen2.5-Math-PRM's model card).
+        Templates run in transformers' sandboxed Jinja environment: a template cannot run code."""
         rendered = self._tok.apply_chat_template([*messages, {"role": "assistant", "content": _STEPS_MARKER}],
                                                  tokenize=False)
         if rendered.count(_STEPS_MARKER) != 1:
             raise TokenizerError(f"the chat template of {self.name} does not render the assistant turn's content "
                                  "as it is, so the steps have no place in it")
-        return self.encode(rendered[:rendered.index(_STEPS_MARKER)])
+        return rendered[:rendered.index(_STEPS_MARKER)]
+
+    def chat_prefix_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The ids of :meth:`chat_prefix_text`."""
+        return self.encode(self.chat_prefix_text(messages))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
+
+    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+        if not self._tok.is_fast:
+            raise TokenizerError(f"{self.name} is a slow (Python) tokenizer without character offsets; "
+                                 "tokenization whole_text needs a fast one (tokenizer.json), or use per_step")
+        encoded = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(encoded["input_ids"]), [end for _, end in encoded["offset_mapping"]]
 
     def pieces(self, ids: list[int]) -> list[str]:
         return self._tok.convert_ids_to_tokens(ids)
@@ -216,12 +243,14 @@ def load_tokenizer(name_or_path: Optional[str]) -> Tokenizer:
 @dataclass(frozen=True)
 class SpecialTokenIds:
     """The placeholder id and the good/bad reward ids, each a single vocabulary entry; ``added`` names
-    those that were added to the tokenizer as special tokens."""
+    those that were added to the tokenizer as special tokens; ``placeholder_text`` is the step tag as
+    the run spells it."""
 
     placeholder: int
     good: int
     bad: int
     added: tuple[str, ...] = ()
+    placeholder_text: str = ""
 
     @property
     def reward_ids(self) -> tuple[int, int]:
@@ -256,6 +285,7 @@ def special_token_ids(tokenizer: Tokenizer, placeholder_token: str, reward_token
     ids = SpecialTokenIds(
         placeholder=found[0][0], good=found[1][0], bad=found[2][0],
         added=tuple(text for text, (_, added) in zip((placeholder_token, good, bad), found) if added),
+        placeholder_text=placeholder_token,
     )
     if len({ids.placeholder, ids.good, ids.bad}) != 3:
         raise TokenizerError(

@@ -27,7 +27,7 @@ from megatron_prm.checkpoint_io import CheckpointWriter
 from megatron_prm.config import ConfigError, RunConfig, TrainingArguments
 from megatron_prm.conversion.auto_import import start_from_hf_model
 from megatron_prm.data.batching import BatchLayout, Collator, MicroBatch
-from megatron_prm.data.pipeline import PreparedData, prepare_data, tokenize_job
+from megatron_prm.data.pipeline import PreparedData, prepare_data, tokenize_job, with_tokenization
 from megatron_prm.data.preprocess import RecordTokenizer
 from megatron_prm.data.store import store_prefix
 from megatron_prm.layout import ParallelLayout, resolve_layout
@@ -238,7 +238,7 @@ def setup(config: RunConfig) -> Run:
                      or args.resume_from_checkpoint == "auto", args.overwrite_output_dir)
     if args.export_hf_dir:
         check_export_dir(Path(args.export_hf_dir))
-    config = start_from_hf_model(config, int(os.environ.get("RANK", "0")))
+    config = start_from_hf_model(with_tokenization(config, resume_source), int(os.environ.get("RANK", "0")))
     tokenizer = RecordTokenizer(tokenize_job(config, config.data.train_dataset_path))
     arch = resolve_architecture(config.model, tokenizer.tokenizer.vocab_size, config.data.max_seq_len,
                                 config.prm.reward_head, added_tokens=len(tokenizer.special.added))

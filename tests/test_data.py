@@ -19,9 +19,13 @@ def special(mistral_tokenizer):
     return special_token_ids(mistral_tokenizer, "ки", ["+", "-"])
 
 
-def build(tokenizer, special, raw, max_seq_len=4096, max_prompt_len=2048, process_reward=True):
+def build(tokenizer, special, raw, max_seq_len=4096, max_prompt_len=2048, process_reward=True,
+          tokenization="per_step"):
+    """The sample of ``raw``; per_step by default: these goldens spell out its id-level assembly (whole_text is
+    tested in tests/test_whole_text.py)."""
     record = validate_record(raw, path="mem.jsonl", index=0, line=1, reward_tokens=REWARD)
-    builder = SampleBuilder(tokenizer, special, SampleOptions(max_seq_len, max_prompt_len, process_reward))
+    builder = SampleBuilder(tokenizer, special, SampleOptions(max_seq_len, max_prompt_len, process_reward,
+                                                              tokenization=tokenization))
     return builder.build(record, "mem.jsonl"), builder.report
 
 
@@ -66,13 +70,15 @@ def test_soft_labels_are_floats(mistral_tokenizer, special):
     assert sample.label_values.tolist() == [0.25, 1.0, 0.0]
 
 
-def test_truncation_drops_whole_trailing_steps_with_their_labels(mistral_tokenizer, special):
+@pytest.mark.parametrize("tokenization", ["per_step", "whole_text"])
+def test_truncation_drops_whole_trailing_steps_with_their_labels(mistral_tokenizer, special, tokenization):
     steps = [f"Step {i}: {i} + {i} = {2 * i}" for i in range(1, 9)]
     labels = ["+", "+", "-", "+", "-", "-", "+", "-"]
     raw = {"src": "Add things.", "responses": steps, "labels": labels}
-    full, _ = build(mistral_tokenizer, special, raw)
+    full, _ = build(mistral_tokenizer, special, raw, tokenization=tokenization)
     cut = int(full.label_positions[3]) + 1 + 3  # room for four steps and a bit, not five
-    sample, report = build(mistral_tokenizer, special, raw, max_seq_len=cut, max_prompt_len=16)
+    sample, report = build(mistral_tokenizer, special, raw, max_seq_len=cut, max_prompt_len=16,
+                           tokenization=tokenization)
     assert len(sample.label_positions) == 4
     assert sample.input_ids.tolist() == full.input_ids[:int(full.label_positions[3]) + 1].tolist()
     assert sample.label_positions.tolist() == full.label_positions[:4].tolist()

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 
 from megatron_prm.checkpoint_consistency import check_tied_embeddings
 from megatron_prm.checkpoint import CONFIG_NAME, MODEL_CONFIG_NAME, TOKENIZER_DIR, check_integrity, resolve_checkpoint
-from megatron_prm.config import ConfigError, PRMArguments, read_config_file
+from megatron_prm.config import LEGACY_TOKENIZATION, ConfigError, PRMArguments, read_config_file
 from megatron_prm.conversion.importer import DTYPES, copy_tokenizer_files
 from megatron_prm.conversion.mapping import (
     EMBEDDING,
@@ -165,7 +165,16 @@ def serving_info(checkpoint: Path, kind: str, architecture: str, dtype: torch.dt
     if not (checkpoint / TOKENIZER_DIR).is_dir():
         raise ConfigError(f"{checkpoint} carries no tokenizer/ directory: the step tag and reward token ids are unknown")
     return describe_serving(load_tokenizer(str(checkpoint / TOKENIZER_DIR)), kind, architecture, DTYPE_NAMES[dtype],
-                            prm.placeholder_token, prm.reward_token_list, str(model_dir))
+                            prm.placeholder_token, prm.reward_token_list, str(model_dir),
+                            trained_tokenization(checkpoint))
+
+
+def trained_tokenization(checkpoint: Path) -> Optional[str]:
+    """The tokenization the checkpoint's run trained with (per_step where its settings predate the key);
+    None for a checkpoint without run settings (an imported model)."""
+    if not (checkpoint / CONFIG_NAME).is_file():
+        return None
+    return read_config_file(checkpoint / CONFIG_NAME).get("tokenization") or LEGACY_TOKENIZATION
 
 
 def _serving_or_reason(checkpoint: Path, kind: str, architecture: str, dtype: torch.dtype, model_dir: Path,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_prm.config import ConfigError
+from megatron_prm.config import LEGACY_TOKENIZATION, TOKENIZATIONS, ConfigError
 from megatron_prm.model.architecture import PRM_CLASS_SUFFIX
 from megatron_prm.tokenizer import Tokenizer, single_token_id, special_token_ids
 
@@ -60,6 +60,9 @@ class ServingInfo:
     p_good_column: int
     vllm_version: str
     vllm_command: str
+    # How the run tokenized records: what to send the engine (README, "Serving"). None: not trained by a run
+    # of this project. Files written before the field existed come from per_step runs.
+    tokenization: Optional[str] = None
 
     def one_line(self, path: Path) -> str:
         tokens = (f", reward tokens {self.reward_token_pieces} (ids {self.reward_token_ids})"
@@ -89,7 +92,7 @@ def vllm_command(model_dir: str, kind: str, architecture: str, dtype: str, step_
 
 
 def describe_serving(tokenizer: Tokenizer, kind: str, architecture: str, dtype: str, step_tag: str,
-                     reward_tokens: list[str], model_dir: str) -> ServingInfo:
+                     reward_tokens: list[str], model_dir: str, tokenization: Optional[str] = None) -> ServingInfo:
     """The serving facts of an export, its ids read from its own ``tokenizer``."""
     if kind == MLP_HEAD:  # the head's two classes are not tokens
         step_tag_id, _ = single_token_id(tokenizer, step_tag, "the step tag (placeholder_token)")
@@ -102,7 +105,8 @@ def describe_serving(tokenizer: Tokenizer, kind: str, architecture: str, dtype: 
     return ServingInfo(export_kind=kind, architecture=architecture, dtype=dtype, step_tag=step_tag,
                        step_tag_id=step_tag_id, reward_tokens=reward, reward_token_ids=ids, reward_token_pieces=pieces,
                        output_classes=list(classes), p_good_column=classes.index("good"), vllm_version=VLLM_VERSION,
-                       vllm_command=vllm_command(model_dir, kind, architecture, dtype, step_tag_id, pieces))
+                       vllm_command=vllm_command(model_dir, kind, architecture, dtype, step_tag_id, pieces),
+                       tokenization=tokenization)
 
 
 def write_serving_info(directory: Path, info: ServingInfo) -> Path:
@@ -123,10 +127,14 @@ def read_serving_info(directory: Path) -> Optional[ServingInfo]:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: must hold a JSON object, got {type(values).__name__}")
     fields = {f.name for f in dataclasses.fields(ServingInfo)}
+    values.setdefault("tokenization", LEGACY_TOKENIZATION)
     missing = sorted(fields - set(values))
     if missing:
         raise ConfigError(f"{path}: lacks {', '.join(missing)}")
     info = ServingInfo(**{name: values[name] for name in fields})
+    if info.tokenization is not None and info.tokenization not in TOKENIZATIONS:
+        raise ConfigError(f"{path}: tokenization must be one of {', '.join(TOKENIZATIONS)} or null, got "
+                          f"{info.tokenization!r}")
     if not isinstance(info.step_tag, str) or not info.step_tag:
         raise ConfigError(f"{path}: step_tag must be a non-empty string, got {info.step_tag!r}")
     if info.reward_tokens is not None and (not isinstance(info.reward_tokens, list) or len(info.reward_tokens) != 2
@@ -136,14 +144,19 @@ def read_serving_info(directory: Path) -> Optional[ServingInfo]:
 
 
 def export_scoring_settings(hf_dir: Path, config: dict[str, Any]) -> list[str]:
-    """The step tag and reward tokens an export of this project was trained with, as ``score`` options (put
-    before the user's, which win): from its ``prm_serving.json``, else a token classifier's ``prm_step_tag``
-    (exports older than that file); none for a model this project did not export."""
+    """The step tag, reward tokens and tokenization an export of this project was trained with, as ``score``
+    options (put before the user's, which win): from its ``prm_serving.json``, else a token classifier's
+    ``prm_step_tag`` (exports older than that file, trained per step); none for a model this project did not
+    export."""
     info = read_serving_info(hf_dir)
     if info is not None:
         settings = [f"--placeholder_token={info.step_tag}"]
+        if info.tokenization is not None:
+            settings.append(f"--tokenization={info.tokenization}")
         if info.reward_tokens is not None:
             settings.append(f"--reward_tokens={','.join(info.reward_tokens)}")
         return settings
     step_tag = config.get("prm_step_tag")
-    return [f"--placeholder_token={step_tag}"] if isinstance(step_tag, str) and step_tag else []
+    if isinstance(step_tag, str) and step_tag:
+        return [f"--placeholder_token={step_tag}", f"--tokenization={LEGACY_TOKENIZATION}"]
+    return []

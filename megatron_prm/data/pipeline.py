@@ -9,11 +9,12 @@ from plans built once per epoch beside it (:mod:`megatron_prm.data.packing_plan`
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from megatron_prm.config import RunConfig
+from megatron_prm.config import DEFAULT_TOKENIZATION, LEGACY_TOKENIZATION, ConfigError, RunConfig, read_config_file
 from megatron_prm.data.batching import BatchLayout, eval_microbatches
 from megatron_prm.data.loader import BatchSource, IndexedBatches, PackedBatches, Packing, SampleSource, StreamedBatches
 from megatron_prm.data.one_rank import on_rank_zero
@@ -59,9 +60,28 @@ def tokenize_job(config: RunConfig, data_path: str) -> TokenizeJob:
         placeholder_token=config.prm.placeholder_token,
         reward_tokens=tuple(config.prm.reward_token_list),
         options=SampleOptions(config.data.max_seq_len, config.data.max_prompt_len, config.prm.process_reward,
-                              config.data.apply_chat_template, config.data.system_prompt),
+                              config.data.apply_chat_template, config.data.system_prompt,
+                              config.data.tokenization or DEFAULT_TOKENIZATION),
         skip_invalid=config.data.skip_invalid,
     )
+
+
+def with_tokenization(config: RunConfig, resume_source: Optional[str]) -> RunConfig:
+    """``config`` with its tokenization settled: a resumed run keeps the mode its checkpoint was trained with
+    (per_step for checkpoints that predate the setting) and refuses another; a new run takes the one asked
+    for, else the default."""
+    from megatron_prm.checkpoint import CONFIG_NAME, resolve_checkpoint
+
+    asked = config.data.tokenization
+    if resume_source is None:
+        mode = asked or DEFAULT_TOKENIZATION
+    else:
+        saved = resolve_checkpoint(resume_source) / CONFIG_NAME
+        mode = (read_config_file(saved) if saved.is_file() else {}).get("tokenization") or LEGACY_TOKENIZATION
+        if asked is not None and asked != mode:
+            raise ConfigError(f"tokenization {asked!r}: the checkpoint resumed from ({saved.parent}) was trained with "
+                              f"{mode!r}; a resume keeps it (leave tokenization unset, or start a new run)")
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenization=mode))
 
 
 def data_cache_dir(config: RunConfig) -> Path:

@@ -50,6 +50,7 @@ def store_identity(tokenizer: Tokenizer, special: SpecialTokenIds, job: Tokenize
         apply_chat_template=job.options.apply_chat_template,
         system_prompt=job.options.system_prompt,
         chat_template_digest=chat_template_digest(tokenizer) if job.options.apply_chat_template else None,
+        tokenization=job.options.tokenization,
     )
 
 

@@ -1,9 +1,17 @@
 """Records -> token-id samples with one label position per kept step.
 
-Sequences are assembled from token ids, never by tokenizing a joined string: ``"ки"`` alone and
-``" ки"`` inside text tokenize differently (OpenRLHF #509), so the placeholder id is appended after
-each step's ids and its position recorded. The count of placeholder ids must then equal the count of
-steps, which catches a placeholder hidden in the text.
+Two tokenizations (``SampleOptions.tokenization``):
+
+- ``whole_text``: the record is rendered once as text (prompt, then each step followed by the step tag)
+  and tokenized whole, as a serving engine tokenizes the text it is sent; the step tags are found in the
+  ids (:mod:`megatron_prm.data.whole_text`), and a record whose tags do not come out as exactly one tag id
+  each is refused (counted under ``skip_invalid``).
+- ``per_step``: sequences are assembled from token ids: the prompt's ids, then each step tokenized on its
+  own followed by the placeholder id. ``"ки"`` alone and ``" ки"`` inside text tokenize differently
+  (OpenRLHF #509); appending the id sidesteps that, but an engine sent the text sees other ids.
+
+Either way the count of placeholder ids must equal the count of steps, which catches a placeholder
+hidden in the text.
 
 Truncation works on whole steps: a prompt longer than ``max_prompt_len`` keeps its end (after BOS),
 trailing steps that do not fit ``max_seq_len`` are dropped together with their labels, and a record
@@ -20,6 +28,8 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 from megatron_prm.data.records import Record, RecordError, iter_raw_records, validate_record
+from megatron_prm.config import DEFAULT_TOKENIZATION, TOKENIZATIONS, WHOLE_TEXT
+from megatron_prm.data.whole_text import render, tag_spelling, tokenize_whole
 from megatron_prm.tokenizer import SpecialTokenIds, Tokenizer, TokenizerError
 from megatron_prm.progress import progress
 
@@ -33,6 +43,11 @@ class SampleOptions:
     process_reward: bool = True
     apply_chat_template: bool = False
     system_prompt: Optional[str] = None
+    tokenization: str = DEFAULT_TOKENIZATION  # WHOLE_TEXT or PER_STEP
+
+    def __post_init__(self) -> None:
+        if self.tokenization not in TOKENIZATIONS:
+            raise ValueError(f"tokenization must be one of {', '.join(TOKENIZATIONS)}, got {self.tokenization!r}")
 
 
 @dataclass
@@ -100,18 +115,23 @@ class DataReport:
         }
 
 
+def chat_messages(record: Record, options: SampleOptions) -> list[dict[str, str]]:
+    """The system prompt (if any) and the record's turns as user / assistant messages."""
+    messages = [{"role": "system", "content": options.system_prompt}] if options.system_prompt is not None else []
+    for turn, user in enumerate(record.src):
+        messages.append({"role": "user", "content": user})
+        if turn < len(record.tgt):
+            messages.append({"role": "assistant", "content": record.tgt[turn]})
+    return messages
+
+
 def prompt_ids(record: Record, tokenizer: Tokenizer, options: SampleOptions) -> list[int]:
-    """The ids before the first step. Plain: BOS, then the turns in conversation order, user turns as they
-    are, assistant turns + EOS. With ``apply_chat_template``: the tokenizer's chat template rendered over
-    the system prompt (if any) and the turns as user / assistant messages, up to the content of the
-    assistant turn that the steps make up."""
+    """The ids before the first step (``per_step``). Plain: BOS, then the turns in conversation order, user
+    turns as they are, assistant turns + EOS. With ``apply_chat_template``: the tokenizer's chat template
+    rendered over the system prompt (if any) and the turns as user / assistant messages, up to the content of
+    the assistant turn that the steps make up."""
     if options.apply_chat_template:
-        messages = [{"role": "system", "content": options.system_prompt}] if options.system_prompt is not None else []
-        for turn, user in enumerate(record.src):
-            messages.append({"role": "user", "content": user})
-            if turn < len(record.tgt):
-                messages.append({"role": "assistant", "content": record.tgt[turn]})
-        return tokenizer.chat_prefix_ids(messages)
+        return tokenizer.chat_prefix_ids(chat_messages(record, options))
     ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     for turn, user in enumerate(record.src):
         ids += tokenizer.encode(user)
@@ -134,6 +154,19 @@ class SampleBuilder:
         self.special = special
         self.options = options
         self.report = DataReport()
+        self._tag_text = (tag_spelling(tokenizer, special.placeholder_text, special.placeholder)
+                          if options.tokenization == WHOLE_TEXT else "")
+
+    def _whole_text_ids(self, record: Record, path) -> tuple[list[int], list[list[int]]]:
+        """The prompt's ids and each step's ids (ending with its tag) from the record tokenized whole."""
+        chat_prefix = (self.tokenizer.chat_prefix_text(chat_messages(record, self.options))
+                       if self.options.apply_chat_template else None)
+        bos = None if self.options.apply_chat_template else self.tokenizer.bos_id
+        tokens = tokenize_whole(render(record, self._tag_text, chat_prefix), self.tokenizer,
+                                self.special.placeholder, bos, record, path)
+        starts = [tokens.prompt_len] + [position + 1 for position in tokens.tag_positions[:-1]]
+        steps = [tokens.ids[start:stop + 1] for start, stop in zip(starts, tokens.tag_positions)]
+        return tokens.ids[:tokens.prompt_len], steps
 
     def _fail_if_placeholder(self, ids: list[int], record: Record, field_name: str, path) -> None:
         if self.special.placeholder in ids:
@@ -149,8 +182,12 @@ class SampleBuilder:
         """The sample of ``record``, or None when it is dropped (the reason is counted)."""
         opts = self.options
         report = self.report
-        prompt = prompt_ids(record, self.tokenizer, opts)
-        self._fail_if_placeholder(prompt, record, "src/tgt", path)
+        if opts.tokenization == WHOLE_TEXT:
+            prompt, steps = self._whole_text_ids(record, path)
+        else:
+            prompt = prompt_ids(record, self.tokenizer, opts)
+            self._fail_if_placeholder(prompt, record, "src/tgt", path)
+            steps = None
         truncated = False
         if len(prompt) > opts.max_prompt_len:
             if opts.apply_chat_template:
@@ -165,12 +202,15 @@ class SampleBuilder:
         ids = list(prompt)
         positions: list[int] = []
         for step_index, step in enumerate(record.responses):
-            step_ids = self.tokenizer.encode(step)
-            self._fail_if_placeholder(step_ids, record, f"responses[{step_index}]", path)
-            if len(ids) + len(step_ids) + 1 > opts.max_seq_len:
+            if steps is not None:
+                step_ids = steps[step_index]  # its tag included
+            else:
+                step_ids = self.tokenizer.encode(step)
+                self._fail_if_placeholder(step_ids, record, f"responses[{step_index}]", path)
+                step_ids.append(self.special.placeholder)
+            if len(ids) + len(step_ids) > opts.max_seq_len:
                 break
             ids += step_ids
-            ids.append(self.special.placeholder)
             positions.append(len(ids) - 1)
 
         kept_steps = len(positions)

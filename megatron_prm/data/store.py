@@ -12,7 +12,8 @@
 The trainer keeps only the offsets in memory and reads a sample's bytes with ``pread`` when a batch
 needs it, so its memory does not grow with the store (memory-mapping the files instead would count
 every page the kernel maps around each access, read-ahead included, as the trainer's resident memory). A store is refused when it was built with another tokenizer,
-other special tokens or other truncation options than the run asks for.
+other special tokens, other truncation options or another tokenization (``whole_text`` / ``per_step``,
+recorded in the sidecar's identity) than the run asks for.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from megatron_prm.config import LEGACY_TOKENIZATION
 from megatron_prm.data.samples import Sample
 
 STORE_VERSION = 1
@@ -54,6 +56,7 @@ class StoreIdentity:
     apply_chat_template: bool = False  # absent from stores written before chat prompts existed
     system_prompt: Optional[str] = None
     chat_template_digest: Optional[str] = None  # with apply_chat_template: which template rendered the prompts
+    tokenization: str = LEGACY_TOKENIZATION  # absent from stores written before whole_text existed
 
 
 def store_prefix(path: str | Path) -> Optional[Path]:
