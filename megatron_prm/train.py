@@ -244,6 +244,8 @@ def setup(config: RunConfig) -> Run:
                                 config.prm.reward_head, added_tokens=len(tokenizer.special.added))
     layout, layout_notes = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")), arch)
     runtime = init_runtime(args.device, args.seed, layout)
+    # fp8 / tp_comm_overlap without Transformer Engine stop here, before output_dir is touched
+    options = ModelBuildOptions.from_config(config, layout, runtime.use_transformer_engine, runtime.is_cpu, arch.moe)
     if args.overwrite_output_dir and resume_source is None and runtime.rank == 0:
         aside = move_earlier_run_aside(Path(args.output_dir))
         if aside is not None:
@@ -264,7 +266,6 @@ def setup(config: RunConfig) -> Run:
     logger.scalars("data", 0, data.reports,
                    line="\n".join(_describe_data(name, report) for name, report in data.reports.items()))
 
-    options = ModelBuildOptions.from_config(config, layout, runtime.use_transformer_engine, runtime.is_cpu, arch.moe)
     chunks = build_model_chunks(arch, tokenizer.special.reward_ids, config.data.max_seq_len, options)
     install_load_balancing(chunks, arch.moe, args.moe_aux_loss_coeff, layout)
     if (moe_note := pipeline_note(arch.moe, args.moe_aux_loss_coeff, layout)) is not None:

@@ -136,6 +136,7 @@ def test_tensorboard_dir_without_tensorboard(tmp_path):
 def test_fp8_without_transformer_engine(tmp_path):
     result = _train_without("transformer_engine", tmp_path, "--fp8", "hybrid", "--bf16", "true")
     _assert_one_line_error(result, "transformer_engine", "fp8", "NVIDIA's PyTorch containers")
+    assert not (tmp_path / "run").exists()  # refused before anything is written to output_dir
 
 
 def test_training_needs_no_apex(tmp_path):
