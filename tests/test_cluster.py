@@ -61,17 +61,22 @@ def test_slurm_script_dry_run_prints_plan_and_torchrun_lines(tmp_path):
     assert "TP 8 x CP 1 x PP 1 (VPP 1) x DP 2" in result.stderr
 
 
-@pytest.mark.parametrize("nodes", [1, 2])
-def test_long_trace_recipe_plans_context_parallel_layouts_on_8_and_16_gpus(nodes):
-    env = {**os.environ, "SLURM_NNODES": str(nodes), "DRY_RUN": "1", "PYTHON": sys.executable,
-           "CONFIG": "examples/configs/qwen2_5_7b_prm_32k.yaml", "MODEL_SHAPE": "examples/configs/qwen2_5_7b_config.json",
-           "TP": "4", "CP": "2", "SEQ_LEN": "32768", "PROMPT_LEN": "4096"}
+def _dry_run_on(nodes: int, **variables: str) -> tuple[dict, list[str]]:
+    """The SLURM script's dry run on ``nodes`` nodes with the script's ``variables``: plan's JSON and the lines."""
+    env = {**os.environ, "SLURM_NNODES": str(nodes), "DRY_RUN": "1", "PYTHON": sys.executable, **variables}
     env.pop("SLURM_JOB_NODELIST", None)
     result = subprocess.run(["bash", "examples/train_llama3_8b_prm.sh"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    plan = json.loads(next(line for line in lines if line.startswith("{")))
+    return json.loads(next(line for line in lines if line.startswith("{"))), lines
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_long_trace_recipe_plans_context_parallel_layouts_on_8_and_16_gpus(nodes):
+    plan, lines = _dry_run_on(nodes, CONFIG="examples/configs/qwen2_5_7b_prm_32k.yaml",
+                              MODEL_SHAPE="examples/configs/qwen2_5_7b_config.json", TP="4", CP="2", SEQ_LEN="32768",
+                              PROMPT_LEN="4096")
     assert plan["layout"]["tensor"] == 4 and plan["layout"]["context"] == 2 and plan["layout"]["data"] == nodes
     assert plan["estimated_total_bytes"] < 80 * 2**30 and not plan["recompute"]  # 32k activations fit without recompute
     torchrun = [line for line in lines if line.startswith("node ")]
@@ -82,14 +87,7 @@ def test_long_trace_recipe_plans_context_parallel_layouts_on_8_and_16_gpus(nodes
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_slurm_script_plans_expert_parallel_layouts_for_qwen3_30b_a3b(nodes):
     """EP=8 reaches plan and torchrun: Qwen3-30B-A3B's experts over 8 ranks, the dense part data parallel."""
-    env = {**os.environ, "SLURM_NNODES": str(nodes), "DRY_RUN": "1", "PYTHON": sys.executable,
-           "MODEL_SHAPE": "examples/configs/qwen3_30b_a3b_config.json", "TP": "1", "EP": "8"}
-    env.pop("SLURM_JOB_NODELIST", None)
-    result = subprocess.run(["bash", "examples/train_llama3_8b_prm.sh"], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    plan = json.loads(next(line for line in lines if line.startswith("{")))
+    plan, lines = _dry_run_on(nodes, MODEL_SHAPE="examples/configs/qwen3_30b_a3b_config.json", TP="1", EP="8")
     assert (plan["layout"]["tensor"], plan["layout"]["expert"], plan["layout"]["data"]) == (1, 8, 8 * nodes)
     assert plan["parameters"]["total"] == 30_532_122_624 and plan["estimated_total_bytes"] < 80 * 2**30
     torchrun = [line for line in lines if line.startswith("node ")]
