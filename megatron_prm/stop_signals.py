@@ -28,12 +28,15 @@ class StopSignals:
         self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
 
     def _record(self, signum: int, frame) -> None:
-        if signum == signal.SIGINT:
-            if self.received == signal.SIGINT:
-                raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        first_ctrl_c = signum == signal.SIGINT and self.received != signal.SIGINT
+        if signum == signal.SIGINT and not first_ctrl_c:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        # Recorded before the message: a second Ctrl-C may arrive while it is being printed (Python runs a
+        # handler between any two bytecodes, this one's included) and must find the first one recorded.
+        self.received = signum
+        if first_ctrl_c:
             print("Ctrl-C: saving at the end of this step, then stopping (Ctrl-C again stops at once, without "
                   "saving)", file=sys.stderr, flush=True)
-        self.received = signum
 
     @property
     def interrupted(self) -> bool:
