@@ -6,7 +6,8 @@ Per token, forward + backward (3 GEMMs each of 2 m n k FLOPs, hence the factor 6
   ``s x s`` scores under the causal mask) + ``q h`` (output projection), with ``q = n d`` and ``k = g d``;
 - MLP: ``3 h f`` (SwiGLU: gate, up and down projections); in a MoE layer the active experts only,
   ``3 h (f_e k + f_s)`` for ``k`` routed experts of ``f_e`` and a shared expert of ``f_s`` (0 if none); like
-  Megatron-LM, the router's ``h E`` and the shared-expert gate are not counted;
+  Megatron-LM, the router's ``h E`` and the shared-expert gate are not counted; a MoE model's dense layers
+  (Megatron-LM's ``moe_layer_freq`` zeros) count ``3 h f``;
 and once: ``h V`` for the logits over the padded vocabulary.
 
 Only the attention term depends on the sequence length. In a packed row each sample attends within
@@ -23,13 +24,13 @@ _GEMM_FACTOR = 6
 _SWIGLU_PROJECTIONS = 3
 
 
-_MOE_FIELDS = ("moe_ffn_hidden_size", "moe_router_topk", "moe_shared_expert_intermediate_size")
+_MOE_FIELDS = ("moe_ffn_hidden_size", "moe_router_topk", "moe_shared_expert_intermediate_size", "num_dense_layers")
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The shape of a GQA + SwiGLU transformer, in Megatron's names; with ``moe_router_topk`` > 0 every
-    layer's MLP is routed experts (``ffn_hidden_size`` is then unused)."""
+    """The shape of a GQA + SwiGLU transformer, in Megatron's names; with ``moe_router_topk`` > 0 the MLP
+    of every layer but ``num_dense_layers`` of them is routed experts (the dense ones have ``ffn_hidden_size``)."""
 
     num_layers: int
     hidden_size: int
@@ -41,6 +42,7 @@ class ModelShape:
     moe_ffn_hidden_size: int = 0
     moe_router_topk: int = 0  # 0: a dense model
     moe_shared_expert_intermediate_size: int = 0
+    num_dense_layers: int = 0  # in a MoE model: the layers with the dense MLP
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -49,6 +51,8 @@ class ModelShape:
                 raise ValueError(f"ModelShape.{name} must be an integer >= {lowest}, got {value!r}")
         if self.moe_router_topk and not self.moe_ffn_hidden_size:
             raise ValueError("ModelShape.moe_ffn_hidden_size must be positive in a MoE model")
+        if self.num_dense_layers and (not self.moe_router_topk or self.num_dense_layers >= self.num_layers):
+            raise ValueError("ModelShape.num_dense_layers counts the dense layers among a MoE model's sparse ones")
 
     @classmethod
     def from_architecture(cls, arch, padded_vocab_size: int) -> "ModelShape":
@@ -56,16 +60,18 @@ class ModelShape:
         moe = {}
         if arch.moe is not None:
             moe = dict(moe_ffn_hidden_size=arch.moe.moe_intermediate_size, moe_router_topk=arch.moe.num_experts_per_tok,
-                       moe_shared_expert_intermediate_size=arch.moe.shared_expert_intermediate_size or 0)
+                       moe_shared_expert_intermediate_size=arch.moe.shared_expert_intermediate_size or 0,
+                       num_dense_layers=arch.num_hidden_layers - arch.sparse_layer_count)
         return cls(**arch.megatron_shape(), vocab_size=padded_vocab_size, **moe)
 
     @property
-    def active_ffn_size(self) -> int:
-        """The intermediate size a token passes through per layer: the dense MLP's, or its routed experts'
-        together with the shared expert's."""
+    def active_ffn_size_over_layers(self) -> int:
+        """The intermediate sizes a token passes through, summed over the layers: the dense MLP's, or in a
+        sparse layer its routed experts' together with the shared expert's."""
         if not self.moe_router_topk:
-            return self.ffn_hidden_size
-        return self.moe_ffn_hidden_size * self.moe_router_topk + self.moe_shared_expert_intermediate_size
+            return self.num_layers * self.ffn_hidden_size
+        sparse = self.moe_ffn_hidden_size * self.moe_router_topk + self.moe_shared_expert_intermediate_size
+        return self.num_dense_layers * self.ffn_hidden_size + (self.num_layers - self.num_dense_layers) * sparse
 
 
 def _per_token_terms(shape: ModelShape, with_logits: bool) -> tuple[float, float]:
@@ -74,8 +80,8 @@ def _per_token_terms(shape: ModelShape, with_logits: bool) -> tuple[float, float
     query = shape.kv_channels * shape.num_attention_heads
     key_value = shape.kv_channels * shape.num_query_groups
     projections = h * (query + 2 * key_value) + query * h
-    mlp = _SWIGLU_PROJECTIONS * h * shape.active_ffn_size
-    fixed = _GEMM_FACTOR * shape.num_layers * (projections + mlp)
+    mlp = _SWIGLU_PROJECTIONS * h * shape.active_ffn_size_over_layers
+    fixed = _GEMM_FACTOR * (shape.num_layers * projections + mlp)
     if with_logits:
         fixed += _GEMM_FACTOR * h * shape.vocab_size
     # core attention: query x s / 2 (causal) x 2 (QK^T and scores x V) per token of a sequence of s tokens

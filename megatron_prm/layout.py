@@ -60,7 +60,7 @@ def model_split_problems(arch: Architecture, tp: int, pp: int, vpp: int = 1, ep:
         problems.append(
             f"num_key_value_heads (query groups) {arch.num_key_value_heads} is not divisible by tensor_parallel_degree {tp}"
         )
-    if arch.intermediate_size % tp and arch.moe is None:
+    if arch.intermediate_size % tp and arch.sparse_layer_count < arch.num_hidden_layers:  # a dense MLP
         problems.append(f"intermediate_size {arch.intermediate_size} is not divisible by tensor_parallel_degree {tp}")
     return problems + _expert_split_problems(arch, tp, ep, etp or tp)
 

@@ -53,6 +53,7 @@ class StageParameters:
     final_norm: int
     reward_head: int = 0  # reward_head: mlp (the lm_head reward reads rows of the output layer)
     output_layer_frozen: bool = False  # reward_head: mlp with untied embeddings: the LM head is unused
+    experts: int = 0  # of ``layers``: the routed experts' parameters (MoE bases)
 
     @property
     def total(self) -> int:
@@ -68,8 +69,8 @@ def _swiglu(h: int, f: int) -> int:
     return 3 * h * f  # gate, up and down projections
 
 
-def layer_parameters(arch: Architecture, tp: int, ep: int = 1, etp: Optional[int] = None) -> int:
-    """Parameters of one transformer layer held by one rank. A MoE layer's rank holds ``1 / ep`` of the
+def layer_parameters(arch: Architecture, layer: int, tp: int, ep: int = 1, etp: Optional[int] = None) -> int:
+    """Parameters of transformer layer ``layer`` held by one rank. A MoE layer's rank holds ``1 / ep`` of the
     experts, each split over ``etp`` (default ``tp``) expert-tensor-parallel ranks, the shared expert split
     like the dense MLP, and the router (and Qwen2-MoE's shared-expert gate) whole."""
     h, d = arch.hidden_size, arch.head_dim
@@ -78,14 +79,13 @@ def layer_parameters(arch: Architecture, tp: int, ep: int = 1, etp: Optional[int
     if arch.family.qkv_bias:
         sharded += (n + 2 * g) * d
     replicated = 2 * h + (2 * d if arch.family.qk_norm else 0)  # RMSNorm weights (Qwen3: per-head Q/K norms too)
+    if not arch.layer_is_sparse(layer):
+        return (sharded + _swiglu(h, arch.intermediate_size)) // tp + replicated
     moe = arch.moe
-    if moe is None:
-        sharded += _swiglu(h, arch.intermediate_size)
-    else:
-        replicated += moe.num_experts * h  # the router
-        if moe.shared_expert_intermediate_size:
-            sharded += _swiglu(h, moe.shared_expert_intermediate_size)
-            replicated += h  # its gate
+    replicated += moe.num_experts * h  # the router
+    if moe.shared_expert_intermediate_size:
+        sharded += _swiglu(h, moe.shared_expert_intermediate_size)
+        replicated += h  # its gate
     return sharded // tp + replicated + expert_parameters(arch, tp, ep, etp)
 
 
@@ -100,30 +100,40 @@ def model_parameters(arch: Architecture) -> dict[str, int]:
     """Parameters of the base model (the unpadded vocabulary, as HF counts them; no MLP reward head), and those a token
     passes through: of a MoE layer only its ``num_experts_per_tok`` routed experts (with the router and
     the shared expert); equal in a dense model."""
-    total_layer = layer_parameters(arch, 1)
+    layers = sum(layer_parameters(arch, layer, 1) for layer in range(arch.num_hidden_layers))
     inactive = 0
     if arch.moe is not None:
         moe = arch.moe
         inactive = (moe.num_experts - moe.num_experts_per_tok) * _swiglu(arch.hidden_size, moe.moe_intermediate_size)
     vocab = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
-    total = arch.num_hidden_layers * total_layer + vocab + arch.hidden_size
-    return {"total": total, "active_per_token": total - arch.num_hidden_layers * inactive}
+    total = layers + vocab + arch.hidden_size
+    return {"total": total, "active_per_token": total - arch.sparse_layer_count * inactive}
+
+
+def stage_layers(arch: Architecture, layout: ParallelLayout, stage: int) -> list[int]:
+    """The layers on pipeline stage ``stage``: its virtual chunks ``stage``, ``stage + pp``, ... of
+    ``layers / (pp x vpp)`` consecutive layers each, as Megatron-Core assigns them."""
+    pp = layout.pipeline_parallel_size
+    per_chunk = arch.num_hidden_layers // (pp * layout.virtual_pipeline_parallel_size)
+    return [layer for layer in range(arch.num_hidden_layers) if layer // per_chunk % pp == stage]
 
 
 def stage_parameters(arch: Architecture, layout: ParallelLayout, stage: int) -> StageParameters:
     """Parameters on one GPU of pipeline stage ``stage`` (all its virtual chunks)."""
     tp, pp = layout.tensor_parallel_size, layout.pipeline_parallel_size
+    ep, etp = layout.expert_parallel_size, layout.expert_tensor_size
     vocab_rows = padded_vocab_size(arch.vocab_size, tp) // tp * arch.hidden_size
     first, last = stage == 0, stage == pp - 1
     has_output = last and (not arch.tie_word_embeddings or pp > 1)  # tied + PP: the last stage keeps a copy
+    layers = stage_layers(arch, layout, stage)
     return StageParameters(
         embedding=vocab_rows if first else 0,
-        layers=arch.num_hidden_layers // pp * layer_parameters(arch, tp, layout.expert_parallel_size,
-                                                                layout.expert_tensor_size),
+        layers=sum(layer_parameters(arch, layer, tp, ep, etp) for layer in layers),
         output_layer=vocab_rows if has_output else 0,
         final_norm=arch.hidden_size if last else 0,
         reward_head=mlp_head_parameters(arch.hidden_size) if last and arch.reward_head == "mlp" else 0,
         output_layer_frozen=arch.reward_head == "mlp" and not arch.tie_word_embeddings,
+        experts=sum(arch.layer_is_sparse(layer) for layer in layers) * expert_parameters(arch, tp, ep, etp),
     )
 
 
@@ -143,12 +153,11 @@ def activation_bytes(arch: Architecture, layout: ParallelLayout, tokens: int, re
     return int(kept * pp)
 
 
-def checkpoint_figures(config: RunConfig, layout: ParallelLayout, stages: list[StageParameters],
-                       stage_experts: int = 0) -> dict:
+def checkpoint_figures(config: RunConfig, layout: ParallelLayout, stages: list[StageParameters]) -> dict:
     """Bytes of one checkpoint and what each rank writes and holds in host memory per save (see the
-    module docstring). ``stage_experts``: the routed experts' parameters among each stage's (MoE bases):
-    each of the EP x ETP ranks of a stage holds its own experts, saved by the stage's world / (EP x ETP x PP)
-    expert-data-parallel ranks, while the rest is split over TP and saved by the DP ranks."""
+    module docstring). A stage's routed experts (MoE bases) are held by each of its EP x ETP ranks, their
+    own, and saved by the stage's world / (EP x ETP x PP) expert-data-parallel ranks, while the rest is
+    split over TP and saved by the DP ranks."""
     t = config.training
     half = t.bf16 or t.fp16
     # Stored optimizer state: Adam's two moments, plus fp32 main weights under bf16/fp16 and always with
@@ -158,15 +167,16 @@ def checkpoint_figures(config: RunConfig, layout: ParallelLayout, stages: list[S
     tp, dp = layout.tensor_parallel_size, layout.data_parallel_size
     expert_ranks = layout.expert_parallel_size * layout.expert_tensor_size
     expert_data_parallel = tp * layout.context_parallel_size * dp // expert_ranks
-    dense_bytes = [(s.total - stage_experts) * weight + (s.trainable - stage_experts) * state for s in stages]
-    expert_bytes = stage_experts * (weight + state)
-    written = max(math.ceil(dense / dp) + math.ceil(expert_bytes / expert_data_parallel) for dense in dense_bytes)
+    dense_bytes = [(s.total - s.experts) * weight + (s.trainable - s.experts) * state for s in stages]
+    expert_bytes = [s.experts * (weight + state) for s in stages]
+    written = max(math.ceil(dense / dp) + math.ceil(experts / expert_data_parallel)
+                  for dense, experts in zip(dense_bytes, expert_bytes))
     gathered = 0
     if t.unified_checkpoint and layout.distributed_optimizer:
         heaviest = max(stages, key=lambda s: s.trainable)
         gathered = heaviest.trainable * state
     return {
-        "checkpoint_bytes": sum(dense_bytes) * tp + len(stages) * expert_bytes * expert_ranks,
+        "checkpoint_bytes": sum(dense_bytes) * tp + sum(expert_bytes) * expert_ranks,
         "written_per_rank_bytes": written,
         "host_staging_per_rank_bytes": written if t.async_save else 0,
         "gathered_on_data_parallel_rank0_bytes": gathered,
@@ -188,8 +198,7 @@ def plan(config: RunConfig, arch: Architecture, nodes: int, gpus_per_node: int, 
     params, trainable = heaviest.total, heaviest.trainable
     half = t.bf16 or t.fp16
     optimizer_bytes = trainable * (12 if half else 8)
-    experts = arch.num_hidden_layers // layout.pipeline_parallel_size * expert_parameters(
-        arch, layout.tensor_parallel_size, layout.expert_parallel_size, layout.expert_tensor_size)
+    experts = heaviest.experts
     if layout.distributed_optimizer:
         # The experts' state is sharded over the expert-data-parallel ranks (world / (EP x ETP x PP)), the
         # rest over the data-parallel ones, as Megatron's distributed optimizer keeps two groups.
@@ -227,7 +236,7 @@ def plan(config: RunConfig, arch: Architecture, nodes: int, gpus_per_node: int, 
         "recompute": config.parallel.recompute,
         "estimated_total_bytes": total,
         "gpu_memory_bytes": int(gpu_memory_gib * GIB),
-        "checkpoint": checkpoint_figures(config, layout, stages, experts),
+        "checkpoint": checkpoint_figures(config, layout, stages),
         "flops_per_token": flops_per_token(shape, seq_len, with_logits=False),
         "flops_per_token_with_lm_logits": flops_per_token(shape, seq_len, with_logits=True),
         "notes": notes,

@@ -111,8 +111,12 @@ QWEN2_MOE = {**LLAMA31, "model_type": "qwen2_moe", "rope_scaling": None, "num_ex
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"mlp_only_layers": [1]}, "dense layers between sparse ones"),
-    ({"decoder_sparse_step": 2}, "dense layers between sparse ones"),
+    ({"mlp_only_layers": [0, 5]}, r"mlp_only_layers \[5\] name layers beyond the 2 there are"),
+    ({"mlp_only_layers": [0, 1]}, "no layer of 'qwen2_moe' is sparse"),
+    ({"decoder_sparse_step": 4}, "no layer of 'qwen2_moe' is sparse"),
+    ({"decoder_sparse_step": 0}, "decoder_sparse_step must be a positive integer"),
+    ({"mlp_only_layers": "0"}, "mlp_only_layers must be a list of layer indices"),
+    ({"mlp_only_layers": [-1]}, "mlp_only_layers must list layer indices"),
     ({"num_experts_per_tok": 5}, "num_experts_per_tok 5 exceeds num_experts 4"),
     ({"shared_expert_intermediate_size": None}, "lacks shared_expert_intermediate_size"),
     ({"qkv_bias": False}, "qkv_bias False is not supported"),
@@ -120,6 +124,27 @@ QWEN2_MOE = {**LLAMA31, "model_type": "qwen2_moe", "rope_scaling": None, "num_ex
 def test_bad_moe_configs_are_refused(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
         resolve_architecture(ModelArguments(model_config=write_config(tmp_path, {**QWEN2_MOE, **change})), 256, 128)
+
+
+@pytest.mark.parametrize("step, only", [(1, []), (2, []), (1, [0, 3]), (3, [2]), (2, [5])])
+def test_sparse_layers_are_those_transformers_builds(step, only):
+    """``decoder_sparse_step`` / ``mlp_only_layers`` pick the same sparse layers as transformers' Qwen2-MoE
+    and Qwen3-MoE decoder layers; Mixtral's are all sparse whatever its config says."""
+    transformers = pytest.importorskip("transformers")
+    from megatron_prm.model.architecture import Architecture
+
+    shape = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=6, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=64, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=8,
+                 decoder_sparse_step=step, mlp_only_layers=only)
+    for name, extra in (("Qwen2Moe", {"shared_expert_intermediate_size": 8}), ("Qwen3Moe", {"head_dim": 8})):
+        config = getattr(transformers, f"{name}Config")(**shape, **extra)
+        model = getattr(transformers, f"{name}ForCausalLM")(config)
+        built = [type(layer.mlp).__name__.endswith("SparseMoeBlock") for layer in model.model.layers]
+        arch = Architecture.from_hf_config(config.to_dict(), name)
+        assert [arch.layer_is_sparse(i) for i in range(6)] == built, name
+        assert arch.mixed_layers == (0 < sum(built) < 6)
+    mixtral = Architecture.from_hf_config({**shape, "model_type": "mixtral", "num_local_experts": 2}, "mixtral")
+    assert all(mixtral.layer_is_sparse(i) for i in range(6))
 
 
 def test_expert_layout_is_checked(tmp_path):

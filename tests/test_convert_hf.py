@@ -72,7 +72,7 @@ def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def test_mapping_names_cover_the_built_model_under_both_spellings(config):
     """Every parameter of a built local-spec model is named by the table (local names), and every
     tensor of its checkpoint by the checkpoint (TE-spec) names."""
-    from megatron_prm.conversion.mapping import rules_for
+    from megatron_prm.conversion.mapping import checkpoint_key, rules_for
     from megatron_prm.layout import ParallelLayout
     from megatron_prm.model.architecture import Architecture
     from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
@@ -89,7 +89,7 @@ def test_mapping_names_cover_the_built_model_under_both_spellings(config):
     rules = rules_for(arch)
     assert local_names == {r.megatron_name(layer, spec="local") for r in rules
                            for layer in (range(arch.num_hidden_layers) if r.per_layer else [None])}
-    assert checkpoint_keys == {r.checkpoint_key for r in rules}
+    assert checkpoint_keys == {checkpoint_key(r, arch) for r in rules}
     assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in {
         r.megatron_name(0) for r in rules}  # the TE spec's module name
 

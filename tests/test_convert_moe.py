@@ -1,6 +1,7 @@
 """Mixture-of-Experts bases (Qwen3-MoE, Qwen2-MoE, Mixtral): HF import gives Megatron logits equal to
 transformers' (local experts, dropless all-to-all routing) under TP1, TP2 and PP2, and import -> export
-is bitwise with transformers' per-expert tensor names."""
+is bitwise with transformers' per-expert tensor names. The Qwen2-MoE model keeps its first layer dense
+(``mlp_only_layers``), so a model of mixed layers goes through every check too."""
 
 from __future__ import annotations
 
@@ -32,14 +33,15 @@ VOCAB = 300
 SHAPE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
              max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.1, num_experts_per_tok=2)
 # The two routings: renormalised top-k probabilities (Qwen3-MoE with norm_topk_prob, Mixtral) and the raw
-# softmax probabilities of the top k (Qwen2-MoE as Qwen1.5-MoE ships it), the latter with the shared expert.
+# softmax probabilities of the top k (Qwen2-MoE as Qwen1.5-MoE ships it), the latter with the shared expert
+# and a dense first layer (under PP2 one stage holds the dense layer, the other the sparse one).
 FAMILIES = {
     "qwen3_moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(
         **SHAPE, head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=4, norm_topk_prob=True,
         rope_theta=1000000.0)),
     "qwen2_moe": lambda: Qwen2MoeForCausalLM(Qwen2MoeConfig(
         **SHAPE, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
-        norm_topk_prob=False, rope_theta=1000000.0)),
+        norm_topk_prob=False, mlp_only_layers=[0], rope_theta=1000000.0)),
     "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**SHAPE, intermediate_size=32, num_local_experts=4,
                                                         rope_theta=1000000.0)),
 }
@@ -109,7 +111,7 @@ def test_routing_is_visible_in_the_logits(models):
     model = AutoModelForCausalLM.from_pretrained(paths["qwen2_moe"], dtype=torch.float32, norm_topk_prob=True)
     with torch.no_grad():
         assert (model(fixed_tokens(VOCAB)).logits - reference).abs().max() > 1e-3
-        for layer in model.model.layers:
+        for layer in model.model.layers[1:]:  # layer 0 is dense
             layer.mlp.gate.norm_topk_prob = False
             layer.mlp.shared_expert_gate.weight.zero_()  # sigmoid(0) = 1/2
         assert (model(fixed_tokens(VOCAB)).logits - reference).abs().max() > 1e-3
@@ -151,8 +153,9 @@ def test_every_moe_family_has_a_token_classifier_in_transformers():
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_mapping_names_cover_the_built_model(models, name):
     """Every parameter of the built local-spec MoE model is named by the table, and every tensor of its
-    checkpoint by the checkpoint names (experts stacked along their own axis); ``plan`` counts them all."""
-    from megatron_prm.conversion.mapping import rules_for
+    checkpoint by the checkpoint names (experts stacked along their own axis; each layer on its own keys in
+    the Qwen2-MoE model of mixed layers); ``plan`` counts them all."""
+    from megatron_prm.conversion.mapping import checkpoint_key, experts_of, layers_of, layers_stacked, rules_for
     from megatron_prm.layout import ParallelLayout
     from megatron_prm.model.architecture import Architecture, read_hf_config
     from megatron_prm.model.provider import ModelBuildOptions, build_model_chunks
@@ -161,6 +164,7 @@ def test_mapping_names_cover_the_built_model(models, name):
 
     _, paths = models
     arch = Architecture.from_hf_config(read_hf_config(paths[name]), name)
+    assert arch.mixed_layers == (name == "qwen2_moe")
     init_runtime("cpu", 0, ParallelLayout())
     try:
         (model,) = build_model_chunks(arch, (1, 2), 32, ModelBuildOptions(use_cpu_initialization=True))
@@ -172,15 +176,17 @@ def test_mapping_names_cover_the_built_model(models, name):
     assert stage_parameters(arch, ParallelLayout(), 0).total == built
     rules = rules_for(arch)
     assert local_names == {r.megatron_name(layer, spec="local", expert=expert) for r in rules
-                           for layer in (range(arch.num_hidden_layers) if r.per_layer else [None])
-                           for expert in (range(arch.moe.num_experts) if r.per_expert else [None])}
-    assert checkpoint_keys == {r.checkpoint_key for r in rules}
+                           for layer in layers_of(r, arch) for expert in experts_of(r, arch)}
+    assert checkpoint_keys == {checkpoint_key(r, arch, layer) for r in rules
+                               for layer in (layers_of(r, arch) if not layers_stacked(arch) else [None])}
+    assert "decoder.layers.pre_mlp_layernorm.weight" in checkpoint_keys or name == "qwen2_moe"  # as TE's MoE spec
 
 
 def test_plan_counts_every_parameter_and_the_active_ones(models):
     """``plan``'s total equals transformers' parameter count; per token only 2 of the 4 experts are active."""
+    from megatron_prm.layout import ParallelLayout
     from megatron_prm.model.architecture import Architecture, read_hf_config
-    from megatron_prm.plan import model_parameters
+    from megatron_prm.plan import expert_parameters, model_parameters, stage_parameters
 
     _, paths = models
     for name, hf in paths.items():
@@ -188,8 +194,13 @@ def test_plan_counts_every_parameter_and_the_active_ones(models):
         counted = model_parameters(arch)
         model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
         assert counted["total"] == sum(p.numel() for p in model.parameters()), name
-        idle_experts = 2 * 2 * 3 * 64 * 32  # 2 layers x 2 idle experts x (gate, up, down) x h x expert size
+        sparse_layers = 1 if name == "qwen2_moe" else 2
+        idle_experts = sparse_layers * 2 * 3 * 64 * 32  # 2 idle experts x (gate, up, down) x h x expert size per layer
         assert counted["active_per_token"] == counted["total"] - idle_experts, name
+    mixed = Architecture.from_hf_config(read_hf_config(paths["qwen2_moe"]), "qwen2_moe")
+    stages = [stage_parameters(mixed, ParallelLayout(pipeline_parallel_size=2), stage) for stage in (0, 1)]
+    assert [s.experts for s in stages] == [0, expert_parameters(mixed, 1)]  # the dense layer 0, the sparse layer 1
+    assert stages[1].layers - stages[0].layers == (4 * 3 * 64 * 32 + 4 * 64 + 3 * 64 * 48 + 64) - 3 * 64 * 96
 
 
 def test_plan_shards_the_experts_optimizer_state_over_expert_data_parallel_ranks():

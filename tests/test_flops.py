@@ -103,3 +103,21 @@ def test_moe_counts_the_active_experts_by_hand():
         "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 2 * 32 + 48, "num_hidden_layers": 2,
         "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 300}, "test"), 384)
     assert flops_per_token(dense, 10, with_logits=True) == flops_per_token(shape, 10, with_logits=True)
+
+
+def test_moe_dense_layers_count_the_dense_mlp():
+    """The same Qwen2-MoE with 4 layers, every second one sparse (decoder_sparse_step 2: layers 1 and 3) and
+    layer 1 kept dense too (mlp_only_layers [1]): 3 dense layers of 3 x 64 x 96 and 1 sparse one, as
+    Megatron-LM's formula weighs ffn_hidden_size by the share of moe_layer_freq zeros."""
+    arch = Architecture.from_hf_config({
+        "model_type": "qwen2_moe", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 300, "num_experts": 4,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+        "decoder_sparse_step": 2, "mlp_only_layers": [1]}, "test")
+    assert [arch.layer_is_sparse(i) for i in range(4)] == [False, False, False, True]
+    shape = ModelShape.from_architecture(arch, 384)
+    assert shape.num_dense_layers == 3
+    attention = 6144 + 640 + 4096
+    dense_mlp, sparse_mlp = 3 * 64 * 96, 12288 + 9216
+    per_token = 4 * attention + 3 * dense_mlp + sparse_mlp
+    assert flops_per_token(shape, 10, with_logits=False) == 3 * 2 * per_token

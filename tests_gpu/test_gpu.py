@@ -23,7 +23,7 @@ from megatron_prm.data.batching import collate, collate_packed
 from megatron_prm.data.packing import PackingOptions, pack
 from megatron_prm.data.samples import Sample
 from megatron_prm.loss import step_losses
-from megatron_prm.model.architecture import LlamaArchitecture
+from megatron_prm.model.architecture import Architecture
 
 TINY_RUN = {
     "num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
@@ -32,7 +32,7 @@ TINY_RUN = {
     "eval_steps": 1000, "save_steps": 1000, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
     "seed": 3,
 }
-ARCH = LlamaArchitecture(
+ARCH = Architecture(
     num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
     head_dim=16, vocab_size=512, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
     tie_word_embeddings=False, initializer_range=0.02,
@@ -199,14 +199,15 @@ def hf_checkpoints(tmp_path_factory, data):
     return root
 
 
-def megatron_model(checkpoint, bf16: bool):
+def megatron_model(checkpoint, bf16: bool, transformer_engine: bool = False):
     from megatron_prm.checkpoint import MODEL_CONFIG_NAME, load_model_weights
     from megatron_prm.model.architecture import read_hf_config
     from megatron_prm.model.provider import ModelBuildOptions, Precision, build_model_chunks
 
     config_path = checkpoint / MODEL_CONFIG_NAME
-    arch = LlamaArchitecture.from_hf_config(read_hf_config(config_path), str(config_path))
-    chunks = build_model_chunks(arch, (0, 1), 256, ModelBuildOptions(precision=Precision(bf16=bf16)))
+    arch = Architecture.from_hf_config(read_hf_config(config_path), str(config_path))
+    chunks = build_model_chunks(arch, (0, 1), 256, ModelBuildOptions(precision=Precision(bf16=bf16),
+                                                                     use_transformer_engine=transformer_engine))
     load_model_weights(chunks, checkpoint, arch)
     chunks[0].eval()
     return chunks[0]
@@ -237,6 +238,34 @@ def test_megatron_logits_equal_transformers_on_cuda(runtime, hf_checkpoints):
             reference = hf(ids).logits[0].float()
             mine = packed[start:start + len(item), : HF_SHAPE["vocab_size"]]
             assert (mine - reference).abs().max() < 0.05 * reference.abs().max(), start
+
+
+def test_moe_logits_equal_transformers_on_cuda(runtime, tmp_path):
+    """A tiny Qwen2-MoE (4 experts, top 2, a shared expert, the first layer dense) imported and run on the GPU:
+    Megatron-Core's MoE layer (all-to-all dispatcher; with Transformer Engine where it is installed, its layer
+    spec, grouped GEMM and the pre-MLP norm under TE's checkpoint name) gives transformers' logits."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from megatron_prm.conversion.importer import import_hf
+
+    torch.manual_seed(0)
+    Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+        intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
+        num_experts_per_tok=2, mlp_only_layers=[0], max_position_embeddings=256, initializer_range=0.1,
+    )).save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "megatron", progress=False)
+    tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(7)).cuda()
+    positions = torch.arange(64, device="cuda").expand(2, 64)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).cuda().eval()
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        model = megatron_model(tmp_path / "megatron", bf16=False,
+                               transformer_engine=importlib.util.find_spec("transformer_engine") is not None)
+        ours = model(tokens, positions).transpose(0, 1)[..., :512]
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2,

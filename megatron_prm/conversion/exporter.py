@@ -29,7 +29,11 @@ from megatron_prm.conversion.mapping import (
     LM_HEAD,
     ParamRule,
     Transform,
+    checkpoint_key,
+    experts_of,
     hf_shapes,
+    layers_of,
+    layers_stacked,
     megatron_shape,
     rules_for,
     to_hf,
@@ -84,31 +88,31 @@ class _SliceLoadPlanner(DefaultLoadPlanner):
         return self.state_dict[index.fqn].buffer
 
 
-def _load(reader: SafeFileSystemReader, rules: list[ParamRule], layer: Optional[int], metadata: dict) -> dict[str, torch.Tensor]:
-    """The Megatron tensors of ``rules`` for one layer (or the non-layer ones), read from the checkpoint."""
+def _load(reader: SafeFileSystemReader, rules: list[ParamRule], layer: Optional[int], arch: Architecture,
+          metadata: dict) -> list[torch.Tensor]:
+    """The Megatron tensors of ``rules`` for one layer (or the non-layer ones), read from the checkpoint
+    (by rule, in order): one slice of a stacked tensor, or the layer's own key in a model of mixed layers."""
     request = {}
+    sliced = []
     for rule in rules:
-        stored = metadata[rule.checkpoint_key]
+        key = checkpoint_key(rule, arch, layer)
+        stored = metadata[key]
         shape = tuple(stored.size)
-        if rule.per_layer:
-            request[rule.checkpoint_key] = _Slice(torch.empty((1,) + shape[1:], dtype=stored.properties.dtype),
-                                                  (layer,) + (0,) * (len(shape) - 1))
+        sliced.append(rule.per_layer and layers_stacked(arch))
+        if sliced[-1]:
+            request[key] = _Slice(torch.empty((1,) + shape[1:], dtype=stored.properties.dtype),
+                                  (layer,) + (0,) * (len(shape) - 1))
         else:
-            request[rule.checkpoint_key] = _Slice(torch.empty(shape, dtype=stored.properties.dtype), (0,) * len(shape))
+            request[key] = _Slice(torch.empty(shape, dtype=stored.properties.dtype), (0,) * len(shape))
     with load_errors_named(Path(reader.path), "the weights"), single_process_dcp():
         dcp.load(request, storage_reader=reader, planner=_SliceLoadPlanner(), no_dist=True)
-    return {key: piece.buffer[0] if rule.per_layer else piece.buffer
-            for rule, (key, piece) in zip(rules, request.items())}
-
-
-def _experts(rule: ParamRule, arch: Architecture) -> list[Optional[int]]:
-    return list(range(arch.moe.num_experts)) if rule.per_expert else [None]
+    return [piece.buffer[0] if one_slice else piece.buffer for one_slice, piece in zip(sliced, request.values())]
 
 
 def _hf_tensors(rule: ParamRule, layer: Optional[int], tensor: torch.Tensor, arch: Architecture):
     """(HF name, tensor) of one layer's Megatron tensor of ``rule``; an expert tensor gives every expert's
     own names (``mlp.experts.{i}.gate_proj.weight``), as transformers' ``save_pretrained`` writes them."""
-    for expert in _experts(rule, arch):
+    for expert in experts_of(rule, arch):
         piece = tensor if expert is None else tensor[expert]
         yield from zip(rule.hf_names(layer, expert), to_hf(rule, piece, arch))
 
@@ -116,18 +120,20 @@ def _hf_tensors(rule: ParamRule, layer: Optional[int], tensor: torch.Tensor, arc
 def _check_stored(metadata: dict, rules: tuple[ParamRule, ...], arch: Architecture, where: Path) -> None:
     problems = []
     for rule in rules:
-        stored = metadata.get(rule.checkpoint_key)
-        if stored is None or not hasattr(stored, "size"):
-            problems.append(f"{rule.checkpoint_key} is missing")
-            continue
-        size = tuple(stored.size)
-        expected = megatron_shape(rule, arch, padded_vocab=size[0])
-        if rule.per_layer:
-            expected = (arch.num_hidden_layers,) + expected
-        if size != expected or (rule.transform is Transform.VOCAB and size[0] < arch.vocab_size):
-            problems.append(f"{rule.checkpoint_key} has shape {list(size)}, {MODEL_CONFIG_NAME} implies {list(expected)}")
+        for layer in layers_of(rule, arch) if not layers_stacked(arch) else [None]:
+            key = checkpoint_key(rule, arch, layer)
+            stored = metadata.get(key)
+            if stored is None or not hasattr(stored, "size"):
+                problems.append(f"{key} is missing")
+                continue
+            size = tuple(stored.size)
+            expected = megatron_shape(rule, arch, padded_vocab=size[0])
+            if rule.per_layer and layers_stacked(arch):
+                expected = (arch.num_hidden_layers,) + expected
+            if size != expected or (rule.transform is Transform.VOCAB and size[0] < arch.vocab_size):
+                problems.append(f"{key} has shape {list(size)}, {MODEL_CONFIG_NAME} implies {list(expected)}")
     if problems:
-        raise CheckpointFormatError(f"{where} does not match its {MODEL_CONFIG_NAME}: " + "; ".join(problems))
+        raise CheckpointFormatError(f"{where} does not match its {MODEL_CONFIG_NAME}: " + "; ".join(problems[:8]))
 
 
 def _hf_config(saved: dict, arch: Architecture, dtype: torch.dtype, target: str) -> dict:
@@ -190,15 +196,16 @@ def _serving_or_reason(checkpoint: Path, kind: str, architecture: str, dtype: to
         return None, f"no {SERVING_FILE}: {err} (--step-tag / --reward-tokens name them)"
 
 
-def _reward_rows(reader: SafeFileSystemReader, rule: ParamRule, reward_ids: list[int],
+def _reward_rows(reader: SafeFileSystemReader, rule: ParamRule, arch: Architecture, reward_ids: list[int],
                  metadata: dict) -> torch.Tensor:
     """The LM-head (or tied embedding) rows of the good and bad tokens, ``[2, h]``, read row by row."""
-    stored = metadata[rule.checkpoint_key]
+    key = checkpoint_key(rule, arch)
+    stored = metadata[key]
     rows = []
     for row in reward_ids:
         piece = _Slice(torch.empty((1, stored.size[1]), dtype=stored.properties.dtype), (row, 0))
         with load_errors_named(Path(reader.path), "the reward rows"):
-            dcp.load({rule.checkpoint_key: piece}, storage_reader=reader, planner=_SliceLoadPlanner(), no_dist=True)
+            dcp.load({key: piece}, storage_reader=reader, planner=_SliceLoadPlanner(), no_dist=True)
         rows.append(piece.buffer)
     return torch.cat(rows)
 
@@ -222,7 +229,7 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
     metadata = reader.read_metadata().state_dict_metadata
     check_tied_embeddings(metadata, arch.tie_word_embeddings, checkpoint, MODEL_CONFIG_NAME)
     _check_stored(metadata, rules, arch, checkpoint)
-    target_dtype = DTYPES[dtype] if dtype else metadata[rules[0].checkpoint_key].properties.dtype
+    target_dtype = DTYPES[dtype] if dtype else metadata[checkpoint_key(rules[0], arch)].properties.dtype
     if target == TOKEN_CLASSIFIER and arch.reward_head == "mlp":
         raise ConfigError(f"{checkpoint} has an MLP reward head; a token classifier holds one linear layer "
                           "(export it as causal-lm: the *ForProcessRewardModel layout)")
@@ -236,12 +243,12 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
         rules = tuple(r for r in rules if r is not LM_HEAD)
     rules = tuple(r for r in rules if r.transform is not Transform.ZEROS)  # the unused LM head of an MLP PRM
 
-    layer_rules = [r for r in rules if r.per_layer]
     groups: list[tuple[Optional[int], list[ParamRule]]] = [(None, [rules[0]])]
-    groups += [(layer, layer_rules) for layer in range(arch.num_hidden_layers)]
+    groups += [(layer, [r for r in rules if r.per_layer and layer in layers_of(r, arch)])
+               for layer in range(arch.num_hidden_layers)]
     groups.append((None, [r for r in rules[1:] if not r.per_layer]))
     planned = [PlannedTensor(name, target_dtype, shape)
-               for layer, group in groups for rule in group for expert in _experts(rule, arch)
+               for layer, group in groups for rule in group for expert in experts_of(rule, arch)
                for name, shape in zip(rule.hf_names(layer, expert), hf_shapes(rule, arch))]
     if kind == TOKEN_CLASSIFIER:
         planned += [PlannedTensor("score.weight", target_dtype, (2, arch.hidden_size)),
@@ -250,12 +257,11 @@ def export_hf(megatron_dir: Path, out_dir: Path, dtype: Optional[str] = None,
     with staged_output(out_dir) as staging:
         writer = ShardedSafetensorsWriter(staging, planned, max_shard_bytes)
         for layer, group in show_progress(groups, desc="export", unit="layer", enabled=progress):
-            loaded = _load(reader, group, layer, metadata)
-            for rule in group:
-                for name, tensor in _hf_tensors(rule, layer, loaded.pop(rule.checkpoint_key), arch):
+            for rule, loaded in zip(group, _load(reader, group, layer, arch, metadata)):
+                for name, tensor in _hf_tensors(rule, layer, loaded, arch):
                     writer.write(name, tensor.to(target_dtype))
         if kind == TOKEN_CLASSIFIER:
-            rows = _reward_rows(reader, vocab_rule, serving.reward_token_ids, metadata)
+            rows = _reward_rows(reader, vocab_rule, arch, serving.reward_token_ids, metadata)
             writer.write("score.weight", rows.to(target_dtype))
             writer.write("score.bias", torch.zeros(2, dtype=target_dtype))
         writer.close()

@@ -19,7 +19,11 @@ from megatron_prm.conversion.mapping import (
     IGNORED_HF_SUFFIXES,
     ParamRule,
     Transform,
+    checkpoint_key,
+    experts_of,
     hf_shapes,
+    layers_of,
+    layers_stacked,
     megatron_shape,
     rules_for,
     to_megatron,
@@ -43,8 +47,8 @@ def check_tensors(reader: SafetensorsReader | ScoreRowsAsLMHead, rules: tuple[Pa
     """Every tensor the config implies is present with the implied shape, and nothing else is there."""
     expected: dict[str, tuple[int, ...]] = {}
     for rule in rules:
-        for layer in range(arch.num_hidden_layers) if rule.per_layer else [None]:
-            for expert in range(arch.moe.num_experts) if rule.per_expert else [None]:
+        for layer in layers_of(rule, arch):
+            for expert in experts_of(rule, arch):
                 expected.update(zip(rule.hf_names(layer, expert), hf_shapes(rule, arch)))
     present = reader.names()
     problems = [f"{name} is missing" for name in sorted(expected.keys() - present)]
@@ -123,13 +127,19 @@ def import_hf(hf_dir: Path, out_dir: Path, tensor_parallel: int = 1, pipeline_pa
     for rule in rules:
         shape = megatron_shape(rule, arch, padded_vocab)
         produce = converter(rule)
-        if rule.per_expert:
-            tensors[rule.checkpoint_key] = stacked_experts(shape[1:], target_dtype, arch.num_hidden_layers,
-                                                           arch.moe.num_experts, produce)
-        elif rule.per_layer:
-            tensors[rule.checkpoint_key] = stacked(shape, target_dtype, arch.num_hidden_layers, produce)
-        else:
-            tensors[rule.checkpoint_key] = whole(shape, target_dtype, produce)
+        if not rule.per_layer:
+            tensors[checkpoint_key(rule, arch)] = whole(shape, target_dtype, produce)
+        elif layers_stacked(arch):
+            layers = arch.num_hidden_layers
+            tensors[checkpoint_key(rule, arch)] = (
+                stacked_experts(shape[1:], target_dtype, layers, arch.moe.num_experts, produce) if rule.per_expert
+                else stacked(shape, target_dtype, layers, produce))
+        else:  # one key per layer; a layer's experts stacked along axis 0
+            for layer in layers_of(rule, arch):
+                tensors[checkpoint_key(rule, arch, layer)] = (
+                    stacked(shape[1:], target_dtype, arch.moe.num_experts,
+                            lambda expert, layer=layer, produce=produce: produce(layer, expert)) if rule.per_expert
+                    else whole(shape, target_dtype, lambda layer=layer, produce=produce: produce(layer)))
     total = sum(len(t.chunks) for t in tensors.values())
     with staged_output(out_dir) as staging, show_progress(total=total, desc="import", unit="tensor", enabled=progress) as bar:
         write_torch_dist(staging, tensors, on_chunk=lambda key: bar.update())

@@ -11,10 +11,16 @@ to the same checkpoint names. In the checkpoint, a layer's tensors are stacked a
 under one key without the layer index (``decoder.layers.self_attention.linear_qkv.weight``); an expert's
 tensors are stacked further along an expert axis, as Megatron's ``SequentialMLP`` and ``TEGroupedMLP``
 store them (``decoder.layers.mlp.experts.experts.linear_fc1.weight``: ``[layers, experts, 2 f, h]``).
+A MoE layer's norm before the MLP is its own module in both specs (``pre_mlp_layernorm``, as TE's MoE spec
+names it and Megatron-LM's MoE checkpoints store it). A model whose layers are not all alike (dense and
+sparse, Qwen's ``decoder_sparse_step`` / ``mlp_only_layers``) is stored as Megatron stores
+``non_homogeneous_layers``: every layer under its own keys (``decoder.layers.3.mlp.router.weight``), without
+the layer axis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Optional
@@ -40,6 +46,14 @@ class Transform(enum.Enum):
     ZEROS = "zeros"  # no HF tensor: zeros on import, not exported (the unused LM head of an MLP-head PRM)
 
 
+class LayerKind(enum.Enum):
+    """The layers a per-layer rule holds in: every one, or only the dense or the sparse (MoE) ones."""
+
+    ALL = "all"
+    DENSE = "dense"
+    SPARSE = "sparse"
+
+
 @dataclass(frozen=True)
 class ParamRule:
     hf: tuple[str, ...]
@@ -47,6 +61,7 @@ class ParamRule:
     transform: Transform
     tp_axis: Optional[int]  # None: replicated on every tensor-parallel rank
     local: Optional[str] = None  # the local layer spec's module name, where it differs
+    layers: LayerKind = LayerKind.ALL
 
     @property
     def per_layer(self) -> bool:
@@ -55,11 +70,6 @@ class ParamRule:
     @property
     def per_expert(self) -> bool:
         return EXPERT in self.megatron
-
-    @property
-    def checkpoint_key(self) -> str:
-        """The key in a torch_dist checkpoint (layers stacked along axis 0 under one key, experts along axis 1)."""
-        return self.megatron.replace(LAYER_PREFIX, "decoder.layers.").replace(LOCAL_EXPERT, CHECKPOINT_EXPERTS)
 
     def hf_names(self, layer: Optional[int] = None, expert: Optional[int] = None) -> list[str]:
         return [name.replace(LAYER, str(layer)).replace(EXPERT, str(expert)) for name in self.hf]
@@ -112,12 +122,15 @@ _MLP = LAYER_PREFIX + "mlp."
 
 
 def moe_rules(rules: tuple[ParamRule, ...], moe: MoEFamily) -> tuple[ParamRule, ...]:
-    """``rules`` of the dense relative with the MLP replaced by the router, every expert's SwiGLU MLP and,
-    in Qwen2-MoE, the shared expert and its gate (Megatron's ``moe_shared_expert_gate``)."""
+    """``rules`` of the dense relative, their MLP kept for the dense layers, and for the sparse layers the norm
+    before the MLP, the router, every expert's SwiGLU MLP and, in Qwen2-MoE, the shared expert and its gate
+    (Megatron's ``moe_shared_expert_gate``)."""
     block = _L + moe.hf_block + "."
     expert = block + "experts.{expert}."
     gate, up, down = moe.hf_projections
     sparse = (
+        ParamRule((_L + "post_attention_layernorm.weight",), LAYER_PREFIX + "pre_mlp_layernorm.weight",
+                  Transform.COPY, None),
         ParamRule((block + "gate.weight",), _MLP + "router.weight", Transform.COPY, None),
         ParamRule((expert + gate + ".weight", expert + up + ".weight"), _MLP + LOCAL_EXPERT + "linear_fc1.weight",
                   Transform.GATE_UP, 0),
@@ -131,9 +144,10 @@ def moe_rules(rules: tuple[ParamRule, ...], moe: MoEFamily) -> tuple[ParamRule, 
             ParamRule((shared + "down_proj.weight",), _MLP + "shared_experts.linear_fc2.weight", Transform.COPY, 1),
             ParamRule((block + "shared_expert_gate.weight",), _MLP + "shared_experts.gate_weight", Transform.COPY, None),
         )
-    dense = (_MLP + "linear_fc1.weight", _MLP + "linear_fc2.weight")
-    kept = tuple(r for r in rules if r.megatron not in dense)
-    return _after(kept, _MLP + "linear_fc1.layer_norm_weight", *sparse)
+    dense_mlp = (_MLP + "linear_fc1.layer_norm_weight", _MLP + "linear_fc1.weight", _MLP + "linear_fc2.weight")
+    marked = tuple(dataclasses.replace(r, layers=LayerKind.DENSE) if r.megatron in dense_mlp else r for r in rules)
+    return _after(marked, _MLP + "linear_fc2.weight",
+                  *(dataclasses.replace(r, layers=LayerKind.SPARSE) for r in sparse))
 
 
 FAMILY_RULES = {"llama": LLAMA_RULES, "mistral": MISTRAL_RULES, "qwen2": QWEN2_RULES, "qwen3": QWEN3_RULES}
@@ -147,16 +161,46 @@ IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def rules_for(arch: Architecture) -> tuple[ParamRule, ...]:
-    """The family's rules, without the output layer when the embeddings are tied. A model with an MLP
-    reward head has its ``score`` layers instead of an LM head (its unused output layer is zeros)."""
+    """The family's rules that hold in some layer of ``arch`` (a MoE model's dense MLP only where it keeps
+    dense layers), without the output layer when the embeddings are tied. A model with an MLP reward head
+    has its ``score`` layers instead of an LM head (its unused output layer is zeros)."""
     rules = FAMILY_RULES[arch.family.dense]
     if arch.family.moe is not None:
-        rules = moe_rules(rules, arch.family.moe)
+        rules = tuple(r for r in moe_rules(rules, arch.family.moe) if layers_of(r, arch))
     if arch.reward_head == "mlp":
         rules = tuple(r for r in rules if r is not LM_HEAD) + MLP_HEAD_RULES
         if not arch.tie_word_embeddings:
             rules += (ParamRule((), LM_HEAD.megatron, Transform.ZEROS, 0),)
     return tuple(r for r in rules if not (arch.tie_word_embeddings and r is LM_HEAD))
+
+
+def layers_of(rule: ParamRule, arch: Architecture) -> list[Optional[int]]:
+    """The layers holding the rule's tensors (``[None]`` for a tensor outside the layers)."""
+    if not rule.per_layer:
+        return [None]
+    return [layer for layer in range(arch.num_hidden_layers)
+            if rule.layers is LayerKind.ALL or (rule.layers is LayerKind.SPARSE) == arch.layer_is_sparse(layer)]
+
+
+def experts_of(rule: ParamRule, arch: Architecture) -> list[Optional[int]]:
+    """The experts holding the rule's tensors (``[None]`` for a tensor outside the experts)."""
+    return list(range(arch.moe.num_experts)) if rule.per_expert else [None]
+
+
+def layers_stacked(arch: Architecture) -> bool:
+    """Whether the checkpoint stacks the layers along a leading axis (every layer alike) or keys each on its own."""
+    return not arch.mixed_layers
+
+
+def checkpoint_key(rule: ParamRule, arch: Architecture, layer: Optional[int] = None) -> str:
+    """The rule's key in a torch_dist checkpoint: layers stacked along axis 0 under one key (experts along
+    the next), or, in a model of mixed layers, layer ``layer``'s own key (experts along axis 0)."""
+    key = rule.megatron.replace(LOCAL_EXPERT, CHECKPOINT_EXPERTS)
+    if rule.per_layer and not layers_stacked(arch):
+        if layer is None:
+            raise ValueError(f"{rule.megatron}: a model of mixed layers keys each layer on its own; name the layer")
+        return key.replace(LAYER, str(layer))
+    return key.replace(LAYER_PREFIX, "decoder.layers.")
 
 
 def _ffn_size(rule: ParamRule, arch: Architecture) -> int:

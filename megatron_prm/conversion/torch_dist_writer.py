@@ -105,13 +105,12 @@ def write_torch_dist(directory: Path, tensors: dict[str, LazyTensor],
 
 
 def stacked(shape: tuple[int, ...], dtype: torch.dtype, count: int,
-            produce_layer: Callable[[int], torch.Tensor]) -> LazyTensor:
-    """``count`` per-layer tensors of ``shape`` stacked along a leading layer axis, as Megatron stores
-    a transformer block's parameters (one chunk per layer)."""
+            produce: Callable[[int], torch.Tensor]) -> LazyTensor:
+    """``count`` tensors of ``shape`` stacked along a leading axis, as Megatron stores a transformer block's
+    parameters (one chunk per layer) or, in a model of mixed layers, one layer's experts."""
     chunks = tuple(
-        LazyChunk((layer,) + (0,) * len(shape), (1,) + shape,
-                  lambda layer=layer: produce_layer(layer).unsqueeze(0))
-        for layer in range(count)
+        LazyChunk((index,) + (0,) * len(shape), (1,) + shape, lambda index=index: produce(index).unsqueeze(0))
+        for index in range(count)
     )
     return LazyTensor((count,) + shape, dtype, chunks)
 

@@ -4,9 +4,9 @@ Qwen3-MoE), resolved from an HF ``config.json`` and/or explicit fields.
 The families share one network (pre-norm decoder, RMSNorm, SwiGLU, RoPE, grouped-query attention) and
 differ in a few traits, declared once in :data:`FAMILIES`: Qwen2 adds a bias to the Q, K and V
 projections; Qwen3 normalises every query and key head with its own RMSNorm (Megatron's
-``q_layernorm`` / ``k_layernorm``) and states ``head_dim`` explicitly. The MoE families replace every
-layer's MLP by routed experts (:mod:`megatron_prm.model.moe`); their attention is that of their dense
-relatives (Mixtral: Mistral's, Qwen2-MoE: Qwen2's, Qwen3-MoE: Qwen3's).
+``q_layernorm`` / ``k_layernorm``) and states ``head_dim`` explicitly. The MoE families replace the
+layers' MLP by routed experts (:mod:`megatron_prm.model.moe`; Qwen's may keep some layers dense); their
+attention is that of their dense relatives (Mixtral: Mistral's, Qwen2-MoE: Qwen2's, Qwen3-MoE: Qwen3's).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Family:
     hf_prefix: str  # transformers class names: {prefix}ForCausalLM, {prefix}ForTokenClassification
     qkv_bias: bool = False
     qk_norm: bool = False
-    moe: Optional[MoEFamily] = None  # a Mixture-of-Experts family: every layer's MLP is routed experts
+    moe: Optional[MoEFamily] = None  # a Mixture-of-Experts family: its (sparse) layers' MLP is routed experts
     dense_relative: Optional[str] = None  # a MoE family's dense family, whose attention it shares
 
     @property
@@ -41,7 +41,7 @@ class Family:
 
 
 _QWEN_MOE = dict(experts_keys=("num_experts", "num_local_experts"), expert_size_key="moe_intermediate_size",
-                 hf_block="mlp", hf_projections=("gate_proj", "up_proj", "down_proj"))
+                 hf_block="mlp", hf_projections=("gate_proj", "up_proj", "down_proj"), dense_layers_configurable=True)
 FAMILIES = {
     "llama": Family("llama", "Llama"),
     "mistral": Family("mistral", "Mistral"),
@@ -161,6 +161,14 @@ class Architecture:
         if self.moe is not None and (self.moe.shared_expert_intermediate_size is not None) != self.family.moe.shared_expert:
             raise ConfigError(f"model_type {self.model_type!r} "
                               f"{'needs' if self.family.moe.shared_expert else 'has no'} shared expert")
+        if self.moe is not None:
+            beyond = [layer for layer in self.moe.mlp_only_layers if layer >= self.num_hidden_layers]
+            if beyond:
+                raise ConfigError(f"mlp_only_layers {beyond} name layers beyond the {self.num_hidden_layers} there are")
+            if not any(self.layer_is_sparse(layer) for layer in range(self.num_hidden_layers)):
+                raise ConfigError(f"no layer of {self.model_type!r} is sparse (decoder_sparse_step "
+                                  f"{self.moe.decoder_sparse_step}, mlp_only_layers {list(self.moe.mlp_only_layers)}): "
+                                  "a model without experts is its dense family")
         if self.reward_head not in REWARD_HEADS:
             raise ConfigError(f"reward_head must be one of {', '.join(REWARD_HEADS)}, got {self.reward_head!r}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -175,6 +183,20 @@ class Architecture:
     @property
     def family(self) -> Family:
         return FAMILIES[self.model_type]
+
+    def layer_is_sparse(self, layer: int) -> bool:
+        """Whether layer ``layer`` (from 0) has routed experts rather than the dense MLP."""
+        return self.moe is not None and self.moe.is_sparse(layer)
+
+    @property
+    def sparse_layer_count(self) -> int:
+        return sum(self.layer_is_sparse(layer) for layer in range(self.num_hidden_layers))
+
+    @property
+    def mixed_layers(self) -> bool:
+        """Dense and sparse layers in one model: Megatron builds them from a per-layer pattern
+        (``moe_layer_freq``) and stores each layer's tensors under its own checkpoint keys."""
+        return 0 < self.sparse_layer_count < self.num_hidden_layers
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], where: str) -> "Architecture":

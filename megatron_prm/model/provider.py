@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_prm import megatron_compat, optional
 from megatron_prm.config import ConfigError, RunConfig
@@ -165,6 +166,9 @@ def _moe_settings(arch: Architecture, options: ModelBuildOptions) -> dict:
     shared = moe.shared_expert_intermediate_size
     return {
         "num_moe_experts": moe.num_experts,
+        # Qwen's dense layers among the sparse ones: Megatron's per-layer pattern (1: MoE). Every layer alike
+        # stays the integer 1, whose checkpoint stacks the layers along one axis.
+        "moe_layer_freq": [int(arch.layer_is_sparse(i)) for i in range(arch.num_hidden_layers)] if arch.mixed_layers else 1,
         "moe_router_topk": moe.num_experts_per_tok,
         "moe_ffn_hidden_size": moe.moe_intermediate_size,
         # HF takes a softmax over all experts, then the top k, renormalised if norm_topk_prob (always in
@@ -251,13 +255,36 @@ def layer_spec(config: TransformerConfig, options: ModelBuildOptions, vp_stage: 
     sequence parallelism, and :class:`PackedSDPAttention`, which supports packed rows; Qwen3's per-head
     Q/K norms are :class:`RMSNorm` too (their gradients, partial per tensor-parallel rank, are summed by
     Megatron's ``finalize_model_grads`` under ``qk_layernorm``). ``full_attn`` recompute swaps in
-    :class:`RecomputedSelfAttention`.
+    :class:`RecomputedSelfAttention`. A MoE model with dense layers among its sparse ones gets each layer's
+    kind from ``moe_layer_freq``, for the layers of this chunk.
     """
+    te = options.use_transformer_engine
+    layer = _one_layer_spec(config, options, config.num_moe_experts)
+    if isinstance(config.moe_layer_freq, list):
+        dense = _one_layer_spec(config, options, None)
+        first = get_transformer_layer_offset(config, vp_stage=vp_stage)
+        pattern = config.moe_layer_freq[first:first + get_num_layers_to_build(config, vp_stage=vp_stage)]
+        specs = [layer if sparse else dense for sparse in pattern]
+    elif te:
+        return layer  # TransformerBlock repeats it, with TE's final norm
+    else:
+        specs = [layer] * get_num_layers_to_build(config, vp_stage=vp_stage)
+    if te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        final_norm = RMSNorm
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=specs,
+                                                                                     layer_norm=final_norm))
+
+
+def _one_layer_spec(config: TransformerConfig, options: ModelBuildOptions, num_experts: Optional[int]) -> ModuleSpec:
+    """One decoder layer: with routed experts where ``num_experts`` is set, else with the dense MLP."""
     qk_norm = config.qk_layernorm
-    experts = dict(num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm)
+    experts = dict(num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm)
     if options.use_transformer_engine:
         layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm, **experts)
-        final_norm = None
     else:
         layer = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm, **experts))
         layer.submodules.input_layernorm = RMSNorm
@@ -267,15 +294,15 @@ def layer_spec(config: TransformerConfig, options: ModelBuildOptions, vp_stage: 
         if qk_norm:
             attention.q_layernorm = RMSNorm
             attention.k_layernorm = RMSNorm
-        final_norm = RMSNorm
+        if num_experts:
+            # TE's MoE layer stores its pre-MLP norm as pre_mlp_layernorm (no linear to fuse it into); the
+            # local spec would rename it after the dense MLP's fused norm. One name for both specs.
+            keys = layer.submodules.sharded_state_dict_keys_map
+            layer.submodules.sharded_state_dict_keys_map = {k: v for k, v in keys.items() if k != "pre_mlp_layernorm."}
     if options.recompute is not None and options.recompute.granularity == "full_attn":
         layer = copy.deepcopy(layer)
         layer.submodules.self_attention.module = RecomputedSelfAttention
-    if final_norm is None:
-        return layer
-    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return ModuleSpec(module=TransformerBlock,
-                      submodules=TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=final_norm))
+    return layer
 
 
 def _initialize_te_userbuffers(tokens: int, hidden_size: int, tensor_parallel_size: int, fp8: bool) -> None:
