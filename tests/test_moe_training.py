@@ -100,33 +100,57 @@ def test_expert_parallel_training_equals_one_process(workdir):
     assert len(idle) <= 2, idle
 
 
-def test_expert_parallel_gradients_equal_one_process(tmp_path):
-    """Three training steps of a Qwen2-MoE with a shared expert and a dense middle layer: EP2 (two data-parallel
-    ranks of two micro batches, two experts each) against one process with every expert and all four micro
-    batches. Every parameter's gradient (each expert's under its global index), the loss, the load-balancing
-    loss and the gradient norm agree at every step (measured: gradients within 5.7e-7 of each other at step
-    3, where Adam has spread the first steps' rounding; within 1e-7 at step 1)."""
-    script = str(REPO / "tests" / "expert_parallel_grads.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, script, str(tmp_path / "ep1.safetensors"), "1"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, env=env)
-    assert single.returncode == 0, single.stderr[-4000:]
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                             "127.0.0.1", "--master-port", str(free_port()), script, str(tmp_path / "ep2.safetensors"),
-                             "2", str(tmp_path / "ep1.safetensors")], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env=env)
-    assert double.returncode == 0, double.stderr[-4000:]
-    expected, got = load_file(tmp_path / "ep1.safetensors"), load_file(tmp_path / "ep2.safetensors")
+def expert_parallel_grads(out, ep: int, tp: int, pp: int, aux: bool, reference=None) -> dict[str, torch.Tensor]:
+    """tests/expert_parallel_grads.py's three training steps (see its docstring), run in EP x TP x PP processes."""
+    processes = ep * tp * pp
+    script = [str(REPO / "tests" / "expert_parallel_grads.py"), str(out), str(ep), str(tp), str(pp), str(int(aux)),
+              *([str(reference)] if reference else [])]
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-addr",
+        "127.0.0.1", "--master-port", str(free_port())]
+    result = subprocess.run([*launcher, *script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return load_file(out)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The one-process references, with the load-balancing loss and without it."""
+    folder = tmp_path_factory.mktemp("expert_parallel_grads")
+    references = {}
+    for aux in (True, False):
+        references[aux] = folder / f"one_process_aux{int(aux)}.safetensors"
+        expert_parallel_grads(references[aux], 1, 1, 1, aux)
+    return references
+
+
+# EP2 alone: two data-parallel ranks, two experts each; with TP2 + SP (4 processes, experts whole on each
+# tensor-parallel rank: expert_tensor_parallel_degree 1); with PP2 (4 processes; the dense layer on the first
+# stage), without the load-balancing loss, which pipeline parallelism replaces by Megatron-Core's.
+@pytest.mark.parametrize("tp, pp, aux", [(1, 1, True), (2, 1, True), (1, 2, False)], ids=["ep2", "ep2_tp2_sp", "ep2_pp2"])
+def test_expert_parallel_gradients_equal_one_process(one_process, tmp_path, tp, pp, aux):
+    """Three training steps of a Qwen2-MoE with a shared expert and a dense second layer against one process
+    holding every expert and all four micro batches: every parameter's gradient (the tensor-parallel shards
+    put together, layers and experts under their global indices) within 1e-6 at every step, and the losses,
+    load-balancing losses and gradient norms within 1e-6 relative (measured: gradients within 5e-7, losses
+    within 2.5e-7 relative)."""
+    expected = load_file(one_process[aux])
+    got = expert_parallel_grads(tmp_path / "ep2.safetensors", 2, tp, pp, aux, one_process[aux])
     assert expected.keys() == got.keys()
+    for key in (k for k in expected if k.startswith("param.")):
+        assert torch.equal(got[key], expected[key]), key  # the same starting weights
     gradients = [key for key in expected if key.startswith("grad.")]
     assert {key.split(".", 2)[1] for key in gradients} == {"0", "1", "2"}
-    assert sum(".local_experts.3." in key for key in gradients) == 3 * 2 * 2  # steps x sparse layers x fc1/fc2
+    assert sum(".local_experts.3." in key for key in gradients) == 3 * 3 * 2  # steps x sparse layers x fc1/fc2
     for key in gradients:
         assert expected[key].abs().max() > 0, key
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    figures = ("loss", "grad_norm") + (("moe_load_balancing_loss",) if aux else ())
+    assert ("moe_load_balancing_loss.0" in expected) == aux
     for step in range(3):
         assert got[f"labelled_steps.{step}"] == expected[f"labelled_steps.{step}"]
-        for figure in ("loss", "moe_load_balancing_loss", "grad_norm"):
+        for figure in figures:
             assert got[f"{figure}.{step}"].item() == pytest.approx(expected[f"{figure}.{step}"].item(), rel=1e-6)
 
 
