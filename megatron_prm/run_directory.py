@@ -32,6 +32,7 @@ _ASIDE_SUFFIX = ".old"
 _CHECKPOINT = re.compile(r"^iter_(\d{7,})$")
 _LATEST_VALUE = re.compile(r"^iter_\d{7,}(\.tmp)?$")
 EARLIER_RUN_PREFIX = "earlier_run_"
+ROLLED_BACK_PREFIX = "rolled_back_"
 
 
 class CheckpointError(ConfigError):
@@ -221,6 +222,24 @@ def check_output_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
             "resume with resume_from_checkpoint (latest / auto), choose another output_dir, or set "
             "overwrite_output_dir: true (the earlier files are moved aside, not deleted)"
         )
+
+
+def move_later_checkpoints_aside(run_dir: Path, resumed: Path) -> tuple[Optional[Path], list[str]]:
+    """A resume in ``run_dir`` from its checkpoint ``resumed`` while later ones exist (a rollback, say after
+    a loss spike): the resumed run would overwrite and prune them. ``latest`` first names ``resumed``, then
+    the later checkpoints move into ``rolled_back_<UTC time>/`` inside the run directory, kept whole. A kill
+    in between leaves ``latest`` naming a complete checkpoint, and the next resume moves what is left.
+    Returns that directory and the names moved (None and [] when there were none)."""
+    step = checkpoint_step(resumed.name)
+    later = [path for later_step, path in checkpoints(run_dir).items() if step is not None and later_step > step]
+    if not later:
+        return None, []
+    _write_atomically(run_dir / LATEST, resumed.name + "\n")
+    aside = run_dir / (ROLLED_BACK_PREFIX + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f"))
+    aside.mkdir()
+    for path in later:
+        path.rename(aside / path.name)
+    return aside, [path.name for path in later]
 
 
 def move_earlier_run_aside(run_dir: Path) -> Optional[Path]:

@@ -49,6 +49,7 @@ from megatron_prm.run_directory import (
     checkpoints,
     check_output_dir,
     move_earlier_run_aside,
+    move_later_checkpoints_aside,
     read_latest,
     resolve_checkpoint,
 )
@@ -250,6 +251,12 @@ def setup(config: RunConfig) -> Run:
         aside = move_earlier_run_aside(Path(args.output_dir))
         if aside is not None:
             print(f"overwrite_output_dir: the earlier files of {args.output_dir} are now in {aside}", flush=True)
+    if _resumes_in_place(resume_source, Path(args.output_dir)) and runtime.rank == 0:
+        resumed = resolve_checkpoint(resume_source)
+        aside, moved = move_later_checkpoints_aside(Path(args.output_dir), resumed)
+        if aside is not None:
+            print(f"resuming from {resumed.name}, earlier than the run's newest checkpoint: {', '.join(moved)} "
+                  f"moved to {aside} (kept, not overwritten)", flush=True)
     dist.barrier()
     if runtime.rank == 0:
         record_launch(config, runtime.world_size)

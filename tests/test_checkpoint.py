@@ -100,6 +100,24 @@ def test_resume_under_other_layouts(tmp_path, config_path):
         assert losses(output)[4] == pytest.approx(step4, rel=1e-5)
 
 
+@pytest.mark.one_leg
+def test_resuming_from_an_earlier_checkpoint_keeps_the_later_ones(tmp_path, config_path):
+    """A rollback: resuming in place from iter 2 while iter 4 and iter 6 exist moves those two, whole, into a
+    rolled_back_* directory before anything is saved; the resumed run writes its own iter 4 and iter 6 and
+    prunes nothing of the earlier ones."""
+    run = tmp_path / "run"
+    train(config_path, run, save_steps=2)
+    manifests = {name: (run / name / "manifest.json").read_bytes() for name in ("iter_0000004", "iter_0000006")}
+    result = train(config_path, run, save_steps=2, save_total_limit=1, resume_from_checkpoint=str(run / "iter_0000002"))
+    (aside,) = [path for path in run.iterdir() if path.name.startswith("rolled_back_")]
+    assert f"iter_0000004, iter_0000006 moved to {aside}" in result.stdout
+    assert sorted(path.name for path in aside.iterdir()) == ["iter_0000004", "iter_0000006"]
+    assert {name: (aside / name / "manifest.json").read_bytes() for name in manifests} == manifests
+    assert (run / "latest").read_text().strip() == "iter_0000006"
+    assert (run / "iter_0000006" / "manifest.json").read_bytes() != manifests["iter_0000006"]  # the new run's
+    assert losses(run)[6] == pytest.approx(read_log(run, "train")[5]["loss"], rel=1e-6)  # the same steps again
+
+
 def test_distributed_optimizer_state_reshards_when_saved_unified(tmp_path, config_path):
     common = {"sharding": "stage1", "max_steps": 4, "save_steps": 3}
     unified = tmp_path / "unified"
