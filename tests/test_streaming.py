@@ -60,6 +60,21 @@ def test_shuffle_buffer_is_seeded_and_epochs_differ(records):
     assert a[:RECORDS] != a[RECORDS:] and a[:RECORDS] != list(range(RECORDS))
 
 
+def test_a_bad_record_read_by_a_worker_process_is_reported_as_itself(tmp_path, records):
+    """A malformed record met in a DataLoader worker reaches the training process as its RecordError (file,
+    record, line, field), not as torch's RuntimeError quoting the worker's traceback."""
+    lines = records.read_text().splitlines()
+    lines[5] = json.dumps({"src": "q", "responses": 5})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    stream = SampleStream(job(bad), StreamShard(0, 1, seed=3, shuffle_buffer_size=4), num_workers=1)
+    with pytest.raises(RecordError) as caught:
+        for _ in range(RECORDS):
+            next(stream)
+    assert str(caught.value) == (f"{bad}: record 5 (line 6), field 'responses': must be a non-empty list of step "
+                                 "strings")
+
+
 def test_json_array_is_refused(tmp_path):
     path = tmp_path / "array.json"
     path.write_text(json.dumps([{"src": "q", "responses": ["a"], "labels": ["+"]}]))

@@ -111,7 +111,7 @@ class _EpochBatches:
         if self.position + size > len(self._units(self.epoch)):
             self.epoch, self.position = self.epoch + 1, 0
             if size > len(self._units(self.epoch)):
-                raise ValueError(f"epoch {self.epoch} has {len(self._units(self.epoch))} {self.unit_name}, fewer "
+                raise ConfigError(f"epoch {self.epoch} has {len(self._units(self.epoch))} {self.unit_name}, fewer "
                                  f"than one global batch of {size}")
         units = self._units(self.epoch)
         start = self.position + self.rank * self._per_rank()
@@ -125,7 +125,7 @@ class _EpochBatches:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != self.kind:
-            raise ValueError(f"the checkpoint's data position is for {state.get('kind')!r} batches, this run reads "
+            raise ConfigError(f"the checkpoint's data position is for {state.get('kind')!r} batches, this run reads "
                              f"{self.kind!r} batches")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.epoch_ended = bool(state["epoch_ended"])
@@ -256,7 +256,7 @@ class StreamedBatches:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "streamed":
-            raise ValueError(f"the checkpoint's data position is for {state.get('kind')!r} batches, this run "
+            raise ConfigError(f"the checkpoint's data position is for {state.get('kind')!r} batches, this run "
                              "streams (lazy)")
         self.stream.load_state_dict(state["stream"])
         if self.packing is not None:

@@ -30,10 +30,12 @@ from typing import Iterator, Optional
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from megatron_prm.config import ConfigError
 from megatron_prm.data.preprocess import WORKER_START_METHOD, RecordTokenizer, TokenizeJob
 from megatron_prm.data.records import (GZIP_ERRORS, RecordError, decode_line, is_json_array, open_data,
                                        parse_json_line, truncated_gzip)
 from megatron_prm.data.samples import Sample
+from megatron_prm.error_boundary import INPUT_ERRORS
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,14 @@ def _read_block(handle, path: str, start: ReaderPosition, share: ReaderShare,
     return own, offsets, index, line_no
 
 
+@dataclass(frozen=True)
+class WorkerFailure:
+    """The error that stopped a DataLoader worker, sent to the training process as an item: raised in a
+    worker, torch would re-raise it as a RuntimeError that quotes the worker's traceback."""
+
+    error: BaseException
+
+
 class StreamingSamples(IterableDataset):
     """An endless stream of this reader's ``(worker, position after the sample, sample)``, epoch after
     epoch, from the given start positions (one per DataLoader worker)."""
@@ -152,12 +162,21 @@ class StreamingSamples(IterableDataset):
     def __init__(self, job: TokenizeJob, shard: StreamShard, starts: Optional[list[Optional[ReaderPosition]]] = None):
         super().__init__()
         if is_json_array(job.data_path):
-            raise ValueError(f"{job.data_path}: lazy=True streams JSONL; this file is a JSON array")
+            raise ConfigError(f"{job.data_path}: lazy=True streams JSONL; this file is a JSON array")
         self.job = job
         self.shard = shard
         self.starts = starts
 
-    def __iter__(self) -> Iterator[tuple[int, ReaderPosition, Sample]]:
+    def __iter__(self) -> Iterator[tuple[int, ReaderPosition, Sample] | "WorkerFailure"]:
+        if get_worker_info() is None:
+            yield from self._samples()
+            return
+        try:
+            yield from self._samples()
+        except INPUT_ERRORS as err:  # a bad record or file: handed to the training process to report
+            yield WorkerFailure(err)
+
+    def _samples(self) -> Iterator[tuple[int, ReaderPosition, Sample]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         reader = self.shard.data_parallel_rank * workers + worker
@@ -177,7 +196,7 @@ class StreamingSamples(IterableDataset):
                 end = handle.tell()
                 if not raw:  # end of the share: the next epoch
                     if not produced_in_epoch:
-                        raise ValueError(f"{self.job.data_path}: reader {reader} of {readers} has no usable record")
+                        raise ConfigError(f"{self.job.data_path}: reader {reader} of {readers} has no usable record")
                     position, produced_in_epoch = ReaderPosition(epoch=position.epoch + 1, offset=epoch_start), False
                     continue
                 try:
@@ -215,7 +234,10 @@ class SampleStream:
             self._loader = iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is, **workers))
         wanted = self.next_worker
         while not self._early.get(wanted):
-            worker, position, sample = next(self._loader)
+            item = next(self._loader)
+            if isinstance(item, WorkerFailure):
+                raise item.error
+            worker, position, sample = item
             self._early.setdefault(worker, []).append((position, sample))
         position, sample = self._early[wanted].pop(0)
         self.positions[wanted] = position
@@ -234,12 +256,12 @@ class SampleStream:
         """Continue from ``state`` (before the first sample is read); the readers must be the same."""
         readers = self.shard.data_parallel_size * len(self.positions)
         if state["readers"] != readers:
-            raise ValueError(
+            raise ConfigError(
                 f"the stream was read by {state['readers']} readers (data-parallel size x dataloader_num_workers) "
                 f"and this run has {readers}: a lazy stream resumes only with the same number of readers"
             )
         if state.get("sharding") != "byte ranges":
-            raise ValueError("the stream position was saved by a version whose readers each read the whole file; "
+            raise ConfigError("the stream position was saved by a version whose readers each read the whole file; "
                              "readers now read byte ranges and cannot continue it (start a new run from the "
                              "checkpoint's weights with model_name_or_path)")
         assert self._loader is None, "load the stream position before reading"
