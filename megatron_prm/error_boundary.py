@@ -42,6 +42,23 @@ def describe(err: BaseException, own: tuple[type[BaseException], ...] = ()) -> s
     return f"{text or type(err).__name__} ({type(err).__name__})"
 
 
+def stop_child_processes() -> None:
+    """A stop at once (Ctrl-C): end this process's multiprocessing children (DataLoader workers, an
+    asynchronous checkpoint writer, the manager process a checkpoint save was starting) before it exits,
+    while the exception still holds their pipes open, so that none is orphaned or prints a traceback about
+    its vanished parent. SIGKILL, because a forked child inherits the training's stop-signal handlers;
+    torch's SIGCHLD handler, which would report the DataLoader workers' end as an error, is reset first."""
+    import multiprocessing
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = multiprocessing.active_children()
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=10)
+
+
 def run_guarded(prog: str, command: Callable[[], Optional[int]], own: tuple[type[BaseException], ...] = (),
                 debug: bool = False) -> int:
     """Run ``command``; the project's errors ``own`` and input errors become ``PROG: error: ...`` on stderr
@@ -51,6 +68,7 @@ def run_guarded(prog: str, command: Callable[[], Optional[int]], own: tuple[type
     except KeyboardInterrupt:
         if debug_requested(debug):
             raise
+        stop_child_processes()
         print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
         return INTERRUPTED_STATUS
     except (*own, *INPUT_ERRORS) as err:

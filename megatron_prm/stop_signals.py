@@ -10,6 +10,7 @@ workers and how the job requeues itself. A second Ctrl-C stops at once, without 
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Optional
@@ -18,14 +19,30 @@ import torch
 import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_recording = False  # a StopSignals is installed in this process
+
+
+def _ignore_stop_signals_in_child() -> None:
+    """A process forked while the training records stop signals (Megatron's checkpoint writer workers, the
+    manager process of a save) ignores them: a Ctrl-C in the terminal reaches every process of the group,
+    and the parent decides (it finishes the save after a first one, and kills its children after a second
+    one); the inherited handler would raise KeyboardInterrupt inside the writer instead."""
+    if _recording:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+os.register_at_fork(after_in_child=_ignore_stop_signals_in_child)
 
 
 class StopSignals:
     """Records SIGTERM / SIGUSR1 / SIGINT from creation until :meth:`restore`."""
 
     def __init__(self) -> None:
+        global _recording
         self.received: Optional[int] = None
         self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+        _recording = True
 
     def _record(self, signum: int, frame) -> None:
         first_ctrl_c = signum == signal.SIGINT and self.received != signal.SIGINT
@@ -57,5 +74,7 @@ class StopSignals:
         return signal.Signals(self.received).name if self.received else ""
 
     def restore(self) -> None:
+        global _recording
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        _recording = False

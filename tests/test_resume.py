@@ -219,12 +219,11 @@ def test_a_stop_signal_saves_stops_cleanly_and_auto_resumes_exactly_one_process(
     assert process.returncode == status, text[-3000:]
     assert f"received {sig.name}: saved the checkpoint of step" in text and "Traceback" not in text, text[-3000:]
     stopped = int((output / "latest").read_text().strip()[len("iter_"):])
-    assert 2 <= stopped < 5
+    assert 2 <= stopped < 8  # the step under way when the signal came (later on a loaded machine), not the end
     process = start(run_config, output, 1, "--resume_from_checkpoint", "auto")
     text = process.communicate(timeout=300)[0]
     assert process.returncode == 0 and f"at step {stopped}" in text, text[-3000:]
     got = losses(output)
-    assert stopped + 3 <= 8
     assert [got[s] for s in range(1, 9)] == [expected[s] for s in range(1, 9)]  # bitwise
 
 
@@ -276,3 +275,43 @@ def test_kill_at_random_steps_then_signal_resumes_exactly_stage1_two_ranks(tmp_p
     assert process.returncode == 0, text[-3000:]
     got = losses(output)
     assert [got[s] for s in range(1, 9)] == [expected[s] for s in range(1, 9)]  # bitwise
+
+
+def _report_stop_signal_handlers(queue) -> None:
+    queue.put([signal.getsignal(sig) == signal.SIG_IGN for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)])
+
+
+def test_processes_forked_during_training_ignore_stop_signals_and_a_hard_stop_ends_them():
+    """A Ctrl-C reaches every process of the terminal's group: a process forked while the training records stop
+    signals (Megatron's checkpoint writer workers, a save's manager process) ignores them instead of raising
+    KeyboardInterrupt in the writer; one forked after restore keeps the usual handlers. A stop at once kills the
+    children that are left (none orphaned, none printing about its vanished parent)."""
+    import multiprocessing
+
+    from megatron_prm.error_boundary import stop_child_processes
+    from megatron_prm.stop_signals import StopSignals
+
+    fork = multiprocessing.get_context("fork")
+    queue = fork.Queue()
+    signals = StopSignals()
+    try:
+        child = fork.Process(target=_report_stop_signal_handlers, args=(queue,))
+        child.start()
+        assert queue.get(timeout=60) == [True, True, True]
+        child.join(timeout=60)
+    finally:
+        signals.restore()
+    child = fork.Process(target=_report_stop_signal_handlers, args=(queue,))
+    child.start()
+    assert queue.get(timeout=60) == [False, False, False]
+    child.join(timeout=60)
+
+    previous_sigchld = signal.getsignal(signal.SIGCHLD)
+    sleepers = [fork.Process(target=signal.pause) for _ in range(2)]
+    for sleeper in sleepers:
+        sleeper.start()
+    try:
+        stop_child_processes()
+    finally:
+        signal.signal(signal.SIGCHLD, previous_sigchld)
+    assert [sleeper.exitcode for sleeper in sleepers] == [-signal.SIGKILL] * 2

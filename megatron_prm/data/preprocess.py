@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,9 @@ _worker: Optional[RecordTokenizer] = None
 
 def _init_worker(job: TokenizeJob) -> None:
     global _worker
+    # Ctrl-C reaches the whole process group: the parent stops the pool (error_boundary.stop_child_processes),
+    # a worker must not print a KeyboardInterrupt traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker = RecordTokenizer(job)
 
 
