@@ -281,6 +281,8 @@ def _report_stop_signal_handlers(queue) -> None:
     queue.put([signal.getsignal(sig) == signal.SIG_IGN for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)])
 
 
+# The test forks from its multi-threaded process on purpose, as Megatron's checkpoint writer does in training.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
 def test_processes_forked_during_training_ignore_stop_signals_and_a_hard_stop_ends_them():
     """A Ctrl-C reaches every process of the terminal's group: a process forked while the training records stop
     signals (Megatron's checkpoint writer workers, a save's manager process) ignores them instead of raising
