@@ -1,11 +1,12 @@
 """Losses and gradients of three training steps of a tiny MoE PRM under expert parallelism, alone or with
-tensor or pipeline parallelism (tests/test_moe_training.py).
+tensor or pipeline parallelism, or under context parallelism (tests/test_moe_training.py).
 
-``python tests/expert_parallel_grads.py OUT EP TP PP AUX [REFERENCE]`` (under torchrun with EP x TP x PP
+``python tests/expert_parallel_grads.py OUT EP TP PP CP AUX [REFERENCE]`` (under torchrun with EP x TP x PP x CP
 processes when that is more than one): builds a tiny Qwen2-MoE (4 experts, top 2, a shared expert; four
 layers, the second one dense) from a fixed seed, or with the weights of REFERENCE (the OUT of a one-process
 run) cut to this rank's shards: its 4 / EP experts (whole: expert tensor parallelism 1), its
-tensor-parallel shard of the rest (sequence parallelism on), its pipeline stage's layers. AUX 1 trains with
+tensor-parallel shard of the rest (sequence parallelism on), its pipeline stage's layers; under context
+parallelism each rank holds its chunks of every sequence (the load-balancing loss pooled over them). AUX 1 trains with
 the load-balancing loss (the base's coefficient), 0 without (pipeline parallelism replaces it by
 Megatron-Core's own, which one process does not compute). Trains three optimizer steps with the training's
 own step (``train.train_step``: Megatron DDP, ``finalize_model_grads``), each over a global batch of four
@@ -69,9 +70,10 @@ def whole_name(name: str, layer_offset: int, ep_rank: int, ep: int) -> str:
                   global_name(name, layer_offset))
 
 
-def main(out: str, ep: int, tp: int, pp: int, aux: bool, reference: str | None) -> None:
-    layout = ParallelLayout(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=ep,
-                            expert_parallel_size=ep, expert_tensor_parallel_size=1, sequence_parallel=tp > 1)
+def main(out: str, ep: int, tp: int, pp: int, cp: int, aux: bool, reference: str | None) -> None:
+    layout = ParallelLayout(tensor_parallel_size=tp, pipeline_parallel_size=pp, context_parallel_size=cp,
+                            data_parallel_size=ep, expert_parallel_size=ep, expert_tensor_parallel_size=1,
+                            sequence_parallel=tp > 1)
     runtime = init_runtime("cpu", 0, layout)
     torch.manual_seed(0)
     chunks = build_model_chunks(ARCH, (7, 200), 128, ModelBuildOptions(layout=layout, use_cpu_initialization=True))
@@ -107,11 +109,11 @@ def main(out: str, ep: int, tp: int, pp: int, aux: bool, reference: str | None) 
     if torch.distributed.get_rank() == 0:
         result = {}
         for tensors in parts:
-            result.update(tensors)  # replicas (tensor- and data-parallel ranks) hold the same tensors and figures
+            result.update(tensors)  # replicas (tensor-, context- and data-parallel ranks) hold the same tensors
         save_file({key: value.contiguous() for key, value in result.items()}, out)
     shutdown()
 
 
 if __name__ == "__main__":
-    out, ep, tp, pp, aux, *reference = sys.argv[1:]
-    main(out, int(ep), int(tp), int(pp), aux == "1", reference[0] if reference else None)
+    out, ep, tp, pp, cp, aux, *reference = sys.argv[1:]
+    main(out, int(ep), int(tp), int(pp), int(cp), aux == "1", reference[0] if reference else None)
