@@ -231,15 +231,13 @@ def move_later_checkpoints_aside(run_dir: Path, resumed: Path) -> tuple[Optional
     in between leaves ``latest`` naming a complete checkpoint, and the next resume moves what is left.
     Returns that directory and the names moved (None and [] when there were none)."""
     step = checkpoint_step(resumed.name)
-    later = [path for later_step, path in checkpoints(run_dir).items() if step is not None and later_step > step]
+    if step is None:
+        return None, []
+    later = [path.name for later_step, path in checkpoints(run_dir).items() if later_step > step]
     if not later:
         return None, []
     _write_atomically(run_dir / LATEST, resumed.name + "\n")
-    aside = run_dir / (ROLLED_BACK_PREFIX + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f"))
-    aside.mkdir()
-    for path in later:
-        path.rename(aside / path.name)
-    return aside, [path.name for path in later]
+    return _move_into_new_directory(run_dir, ROLLED_BACK_PREFIX, later), later
 
 
 def move_earlier_run_aside(run_dir: Path) -> Optional[Path]:
@@ -248,8 +246,13 @@ def move_earlier_run_aside(run_dir: Path) -> Optional[Path]:
     present = _earlier_files(run_dir) if run_dir.is_dir() else []
     if not present:
         return None
-    aside = run_dir / (EARLIER_RUN_PREFIX + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f"))
+    return _move_into_new_directory(run_dir, EARLIER_RUN_PREFIX, present)
+
+
+def _move_into_new_directory(run_dir: Path, prefix: str, names: list[str]) -> Path:
+    """Move ``names`` of ``run_dir`` into a new ``<prefix><UTC time>/`` inside it; returns that directory."""
+    aside = run_dir / (prefix + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f"))
     aside.mkdir()
-    for name in present:
+    for name in names:
         (run_dir / name).rename(aside / name)
     return aside

@@ -112,7 +112,7 @@ class _EpochBatches:
             self.epoch, self.position = self.epoch + 1, 0
             if size > len(self._units(self.epoch)):
                 raise ConfigError(f"epoch {self.epoch} has {len(self._units(self.epoch))} {self.unit_name}, fewer "
-                                 f"than one global batch of {size}")
+                                  f"than one global batch of {size}")
         units = self._units(self.epoch)
         start = self.position + self.rank * self._per_rank()
         mine = units[start:start + self._per_rank()]
@@ -126,7 +126,7 @@ class _EpochBatches:
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != self.kind:
             raise ConfigError(f"the checkpoint's data position is for {state.get('kind')!r} batches, this run reads "
-                             f"{self.kind!r} batches")
+                              f"{self.kind!r} batches")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.epoch_ended = bool(state["epoch_ended"])
 
@@ -257,7 +257,7 @@ class StreamedBatches:
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "streamed":
             raise ConfigError(f"the checkpoint's data position is for {state.get('kind')!r} batches, this run "
-                             "streams (lazy)")
+                              "streams (lazy)")
         self.stream.load_state_dict(state["stream"])
         if self.packing is not None:
             for _ in range(int(state["rows_taken"])):

@@ -262,8 +262,8 @@ class SampleStream:
             )
         if state.get("sharding") != "byte ranges":
             raise ConfigError("the stream position was saved by a version whose readers each read the whole file; "
-                             "readers now read byte ranges and cannot continue it (start a new run from the "
-                             "checkpoint's weights with model_name_or_path)")
+                              "readers now read byte ranges and cannot continue it (start a new run from the "
+                              "checkpoint's weights with model_name_or_path)")
         assert self._loader is None, "load the stream position before reading"
         self.positions = [ReaderPosition(**p) if p is not None else None for p in state["positions"]]
         self.next_worker = int(state["next_worker"])

@@ -165,7 +165,7 @@ class Architecture:
             beyond = [layer for layer in self.moe.mlp_only_layers if layer >= self.num_hidden_layers]
             if beyond:
                 raise ConfigError(f"mlp_only_layers {beyond} name layers beyond the {self.num_hidden_layers} there are")
-            if not any(self.layer_is_sparse(layer) for layer in range(self.num_hidden_layers)):
+            if self.sparse_layer_count == 0:
                 raise ConfigError(f"no layer of {self.model_type!r} is sparse (decoder_sparse_step "
                                   f"{self.moe.decoder_sparse_step}, mlp_only_layers {list(self.moe.mlp_only_layers)}): "
                                   "a model without experts is its dense family")
