@@ -81,17 +81,27 @@ def spawn_ranks(target, world_size: int, timeout: int = 120) -> list:
     return sorted(results.get(timeout=5) for _ in range(world_size))
 
 
+def python_command(args: list[str], nproc: int = 1) -> list[str]:
+    """``python ARGS``, under torchrun with ``nproc`` processes when that is more than one."""
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+
+
+def run_script(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A helper script of tests/ (``args``: its path and arguments) in fresh processes; a failure fails the test."""
+    result = subprocess.run(python_command(args, nproc), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
 def run_cli(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``megatron-prm ARGS`` in fresh processes (torchrun for nproc > 1); with ``check``, a non-zero
     exit fails the test."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        command = [sys.executable, "-m", "megatron_prm", *args]
-    else:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_prm", *args,
-        ]
+    command = python_command(["-m", "megatron_prm", *args], nproc)
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")

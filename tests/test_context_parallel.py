@@ -4,15 +4,13 @@ The training runs under CP x TP, CP x PP and CP x DP are in tests/test_parallel.
 a packed CP2 run in tests/test_checkpoint.py.
 """
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, run_cli
+from conftest import REPO, run_cli, run_script
 from megatron_prm.config import ConfigError, load_config
 from megatron_prm.context_chunks import chunk_indices, gathered_order, rank_positions
 from megatron_prm.data.batching import collate_packed
@@ -64,13 +62,7 @@ def _cp_run(out, family, fmt, cp, tp=1, pp=1, reference=None):
     script = [str(REPO / "tests" / "context_parallel_grads.py"), str(out), family, fmt, str(cp)]
     if reference is not None:
         script += [str(tp), str(pp), str(reference)]
-    processes = cp * tp * pp
-    command = [sys.executable, *script] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-addr",
-        "127.0.0.1", "--master-port", str(free_port()), *script]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_script(script, cp * tp * pp)
     return load_file(out)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MISTRAL, REPO, free_port, run_cli
+from conftest import MISTRAL, REPO, run_cli, run_script
 
 pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -128,14 +128,7 @@ def test_megatron_logits_equal_transformers(models, tmp_path, tp, pp, padding):
     out = tmp_path / "logits.pt"
     checkpoints = [str(root / f"{name}-{padding}") for name in FAMILIES]
     script = [str(REPO / "tests" / "lm_logits.py"), str(out), str(tp), str(pp), *checkpoints]
-    if tp * pp == 1:
-        command = [sys.executable, *script]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * pp),
-                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *script]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_script(script, tp * pp)
     megatron = torch.load(out, weights_only=True)
     reference = {name: hf_logits(paths[name]) for name in FAMILIES}
     for name, checkpoint in zip(FAMILIES, checkpoints):

@@ -6,15 +6,12 @@ is bitwise with transformers' per-expert tensor names. The Qwen2-MoE model keeps
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port
+from conftest import REPO, run_script
 
 pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -87,15 +84,7 @@ def test_megatron_logits_equal_transformers(models, tmp_path, tp, pp, ep):
     out = tmp_path / "logits.pt"
     checkpoints = [str(root / f"{name}-megatron") for name in FAMILIES]
     script = [str(REPO / "tests" / "lm_logits.py"), str(out), str(tp), str(pp), "--ep", str(ep), *checkpoints]
-    processes = tp * pp * ep
-    if processes == 1:
-        command = [sys.executable, *script]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *script]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_script(script, tp * pp * ep)
     megatron = torch.load(out, weights_only=True)
     for name, checkpoint in zip(FAMILIES, checkpoints):
         reference = hf_logits(paths[name])

@@ -4,15 +4,12 @@ by all-to-all) trains exactly like one process holding every expert, gradient by
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MISTRAL, REPO, free_port, read_log, run_cli
+from conftest import MISTRAL, REPO, read_log, run_cli, run_script
 from megatron_prm.data.synthetic import write_dataset
 
 pytest.importorskip("transformers")
@@ -102,15 +99,9 @@ def test_expert_parallel_training_equals_one_process(workdir):
 
 def expert_parallel_grads(out, ep: int, tp: int, pp: int, cp: int, aux: bool, reference=None) -> dict[str, torch.Tensor]:
     """tests/expert_parallel_grads.py's three training steps (see its docstring), in EP x TP x PP x CP processes."""
-    processes = ep * tp * pp * cp
     script = [str(REPO / "tests" / "expert_parallel_grads.py"), str(out), str(ep), str(tp), str(pp), str(cp), str(int(aux)),
               *([str(reference)] if reference else [])]
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-addr",
-        "127.0.0.1", "--master-port", str(free_port())]
-    result = subprocess.run([*launcher, *script], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_script(script, ep * tp * pp * cp)
     return load_file(out)
 
 
